@@ -1,0 +1,287 @@
+"""Data sources: every one returns uint8 images (N, H, W, 3), int64 labels and class names.
+
+    cifar100     torchvision's CIFAR-100 (python pickle format), downloaded when absent
+    imagefolder  a directory or .tar/.tar.gz of [split/]<class>/<image> (any Kaggle image set)
+    digits       the embedded default: scikit-learn's bundled 8x8 digits as 32x32 RGB
+
+plus the competition's OOD test files (`distortionNN.npy`, uint8 (5*N, 32, 32, 3),
+severity-major). All images live in memory as uint8: CIFAR-100 is 150 MB, and nothing
+decodes files per training step.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import re
+import tarfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from competition.files import CompetitionError, atomic_path
+
+SOURCES = ("digits", "cifar100", "imagefolder")
+OOD_URL = "https://github.com/DL4DS/ood-test-files/raw/main/ood-test/{name}"
+OOD_FILES = 19
+SEVERITIES = 5
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageSet:
+    images: np.ndarray  # (N, H, W, 3) uint8
+    labels: np.ndarray  # (N,) int64
+    classes: list[str]
+
+    def __post_init__(self):
+        check_images(self.images, "images")
+        if self.labels.shape != (len(self.images),):
+            raise CompetitionError(f"{len(self.images)} images but labels of shape {self.labels.shape}")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
+            raise CompetitionError(
+                f"labels must lie in 0..{len(self.classes) - 1}, found {self.labels.min()}..{self.labels.max()}")
+
+
+def check_images(images: np.ndarray, where: str) -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        desc = f"{images.dtype} {images.shape}" if isinstance(images, np.ndarray) else type(images).__name__
+        raise CompetitionError(f"{where}: expected uint8 images of shape (N, H, W, 3), got {desc}")
+
+
+def load(source: str, split: str = "train", data_dir: str | os.PathLike = "data",
+         path: str | os.PathLike | None = None, download: bool = True) -> ImageSet | None:
+    """Load one split of a data source. Returns None when the source has no such split
+    (an image folder without `test/`)."""
+    if source == "digits":
+        return load_digits(split)
+    if source == "cifar100":
+        return load_cifar100(data_dir, split, download)
+    if source == "imagefolder":
+        if path is None:
+            raise CompetitionError("--dataset imagefolder needs --data PATH (a folder or .tar.gz of <class>/<image>)")
+        return load_imagefolder(path, split, cache_dir=Path(data_dir) / "cache")
+    raise CompetitionError(f"unknown dataset {source!r}; choose one of {', '.join(SOURCES)}")
+
+
+# ---------------------------------------------------------------------------- digits
+def load_digits(split: str = "train") -> ImageSet:
+    """scikit-learn's 1,797 bundled 8x8 digits, upscaled to 32x32 and tinted per class
+    so that colour matters a little, as it does in CIFAR. The 'test' split is a fixed
+    stratified 20%, so the pipeline has a clean test set offline."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    grey = (d.images / 16.0).astype(np.float32)  # (N, 8, 8) in [0, 1]
+    big = np.kron(grey, np.ones((4, 4), np.float32))  # nearest 8 -> 32; blur below softens it
+    big = (big + np.roll(big, 1, 1) + np.roll(big, 1, 2) + np.roll(big, (1, 1), (1, 2))) / 4
+    rng = np.random.default_rng(0)
+    tint = rng.uniform(0.5, 1.0, size=(10, 3)).astype(np.float32)
+    rgb = big[..., None] * tint[d.target][:, None, None, :]
+    images = np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
+    labels = d.target.astype(np.int64)
+    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
+    idx = {"train": idx_train, "test": idx_test}.get(split)
+    if idx is None:
+        raise CompetitionError(f"digits has splits 'train' and 'test', not {split!r}")
+    return ImageSet(images[idx], labels[idx], [str(i) for i in range(10)])
+
+
+# ---------------------------------------------------------------------------- cifar100
+def load_cifar100(data_dir, split: str = "train", download: bool = True) -> ImageSet:
+    """CIFAR-100 from `data_dir/cifar-100-python/`; downloaded there with torchvision when absent.
+
+    The pickles are read directly rather than through torchvision.datasets.CIFAR100, which
+    insists on the md5 of the official archive: a converted or partial copy would be refused
+    with a message that does not say which file is wrong.
+    """
+    root = Path(data_dir) / "cifar-100-python"
+    if split not in ("train", "test"):
+        raise CompetitionError(f"cifar100 has splits 'train' and 'test', not {split!r}")
+    if not (root / split).exists():
+        if not download:
+            raise CompetitionError(f"{root / split} is missing: put the extracted cifar-100-python/ folder in "
+                                   f"{Path(data_dir).resolve()} (or allow the download)")
+        try:
+            from torchvision.datasets import CIFAR100
+            CIFAR100(root=str(data_dir), train=split == "train", download=True)
+        except Exception as e:  # no network, proxy, disk full: one message with the fix
+            raise CompetitionError(
+                f"could not download CIFAR-100 into {Path(data_dir).resolve()} ({type(e).__name__}: {e}). "
+                f"Offline? Copy the extracted cifar-100-python/ folder (train, test, meta) there.") from None
+    batch = _unpickle(root / split)
+    meta = _unpickle(root / "meta")
+    try:
+        flat = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"fine_labels"], dtype=np.int64)
+        classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"fine_label_names"]]
+    except KeyError as e:
+        raise CompetitionError(f"{root}: pickle lacks the key {e}; is this the python version of CIFAR-100?") from None
+    if flat.ndim != 2 or flat.shape[1] != 3 * 32 * 32:
+        raise CompetitionError(f"{root / split}: data has shape {flat.shape}, expected (N, 3072)")
+    images = flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()  # CHW rows -> NHWC
+    return ImageSet(images, labels, classes)
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except FileNotFoundError:
+        raise CompetitionError(f"{path} is missing: the cifar-100-python/ folder needs train, test and meta") from None
+    except Exception as e:
+        raise CompetitionError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}); "
+                               f"delete the folder and download it again") from None
+
+
+# ---------------------------------------------------------------------------- imagefolder
+def load_imagefolder(path, split: str = "train", cache_dir=None, size: int | None = None) -> ImageSet | None:
+    """Images under `[split/]<class>/<image>` in a directory or a .tar/.tar.gz; classes sorted.
+
+    Decoded arrays are cached as .npz in `cache_dir`, keyed by the source's path, size and
+    mtime, so the second load of CIFAR-10's 50,000 JPEGs takes a second instead of ~20.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CompetitionError(f"{path} does not exist: give a folder or .tar.gz of <class>/<image> files")
+    cache = None
+    if cache_dir is not None:
+        st = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{split}|{size}".encode()).hexdigest()[:16]
+        cache = Path(cache_dir) / f"{path.name.split('.')[0]}-{split}-{key}.npz"
+        if cache.exists():
+            with np.load(cache, allow_pickle=False) as z:
+                return ImageSet(z["images"], z["labels"], [str(c) for c in z["classes"]])
+    entries = list(_iter_image_files(path))  # (relative parts, bytes loader)
+    if not entries:
+        raise CompetitionError(f"{path}: no image files found (expected [split/]<class>/<image>.jpg)")
+    entries = _select_split(entries, split, path)
+    if entries is None:
+        return None
+    classes = sorted({parts[-2] for parts, _ in entries})
+    class_index = {c: i for i, c in enumerate(classes)}
+    images, labels = [], []
+    for parts, data in entries:
+        images.append(_decode(data, "/".join(parts), path, size))
+        labels.append(class_index[parts[-2]])
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise CompetitionError(f"{path}: images have different sizes {sorted(shapes)[:3]}...; "
+                               f"pass size=... (--image-size) to resize them on load")
+    result = ImageSet(np.stack(images), np.asarray(labels, np.int64), classes)
+    if cache is not None:
+        with atomic_path(cache, ".npz") as tmp:
+            np.savez(tmp, images=result.images, labels=result.labels, classes=np.asarray(classes))
+    return result
+
+
+def _iter_image_files(path: Path):
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                yield p.relative_to(path).parts, p.read_bytes()
+        return
+    try:
+        # Streaming mode ("r|*") reads the archive once, front to back: no index of 50k members.
+        with tarfile.open(path, "r|*") as tar:
+            for m in tar:
+                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
+                    parts = tuple(p for p in Path(m.name).parts if p not in (".", ""))
+                    yield parts, tar.extractfile(m).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise CompetitionError(f"{path} is not a readable folder or .tar/.tar.gz archive ({e})") from None
+
+
+def _select_split(entries, split: str, path: Path):
+    """Keep `split/<class>/<image>` entries when the tree has split folders; a tree of bare
+    `<class>/<image>` is all 'train'."""
+    if any(len(parts) < 2 for parts, _ in entries):
+        bad = next("/".join(p) for p, _ in entries if len(p) < 2)
+        raise CompetitionError(f"{path}: {bad} is not inside a class folder (expected <class>/<image>)")
+    has_split = all(len(parts) >= 3 for parts, _ in entries)
+    if not has_split:
+        return entries if split == "train" else None
+    chosen = [(parts, d) for parts, d in entries if parts[-3] == split]
+    return chosen or None
+
+
+def _decode(data: bytes, name: str, source: Path, size: int | None) -> np.ndarray:
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except Exception as e:
+        raise CompetitionError(f"{source}: cannot decode {name} ({e}); remove or replace that file") from None
+
+
+# ---------------------------------------------------------------------------- OOD files
+def ood_name(i: int) -> str:
+    return f"distortion{i:02d}.npy"
+
+
+def ood_files(ood_dir, expected: int | None = OOD_FILES, download: bool = False) -> list[Path]:
+    """The validated list of `distortionNN.npy` files in `ood_dir`, numbered 00.. with no gaps.
+
+    `expected` files are required (19 for the competition; None accepts any count >= 1).
+    With download=True, missing files are fetched from the public repository first.
+    """
+    ood_dir = Path(ood_dir)
+    if download and expected is not None:
+        missing = [ood_name(i) for i in range(expected) if not (ood_dir / ood_name(i)).exists()]
+        for name in missing:
+            _download_ood(ood_dir, name)
+    if not ood_dir.is_dir():
+        raise CompetitionError(f"OOD directory {ood_dir} does not exist: put distortion00.npy .. distortion18.npy "
+                               f"there (from DL4DS/ood-test-files, ood-test/) or pass --download")
+    found = sorted(p for p in ood_dir.glob("distortion*.npy") if re.fullmatch(r"distortion\d{2}\.npy", p.name))
+    count = expected if expected is not None else len(found)
+    want = [ood_dir / ood_name(i) for i in range(count)]
+    missing = [p.name for p in want if not p.exists()]
+    if missing or not want:
+        raise CompetitionError(f"{ood_dir}: missing {', '.join(missing) or 'all distortionNN.npy files'}; "
+                               f"expected distortion00.npy .. {ood_name(max(count - 1, 0))}")
+    return want
+
+
+def open_ood(path, image_shape: tuple[int, int] | None = (32, 32)) -> np.ndarray:
+    """Memory-map one OOD file after checking it: uint8, (5*N, H, W, 3), readable to the end.
+
+    Memory-mapped so that predicting 19 x 50,000 images never holds more than a batch.
+    """
+    path = Path(path)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise CompetitionError(f"{path} is missing") from None
+    except Exception as e:  # a truncated file fails here: mmap cannot cover the declared shape
+        raise CompetitionError(f"{path} is not a readable .npy file ({type(e).__name__}: {e}); "
+                               f"it is probably truncated: download it again") from None
+    if arr.dtype != np.uint8:
+        raise CompetitionError(f"{path}: dtype {arr.dtype}, expected uint8 images")
+    if arr.ndim != 4 or arr.shape[-1] != 3 or (image_shape and arr.shape[1:3] != tuple(image_shape)):
+        want = f"(5*N, {image_shape[0]}, {image_shape[1]}, 3)" if image_shape else "(5*N, H, W, 3)"
+        raise CompetitionError(f"{path}: shape {arr.shape}, expected {want}")
+    if arr.shape[0] == 0 or arr.shape[0] % SEVERITIES:
+        raise CompetitionError(f"{path}: {arr.shape[0]} rows is not a positive multiple of {SEVERITIES} severities")
+    return arr
+
+
+def _download_ood(ood_dir: Path, name: str) -> None:
+    url = OOD_URL.format(name=name)
+    try:
+        with atomic_path(ood_dir / name, ".npy") as tmp:
+            with urllib.request.urlopen(url, timeout=60) as r, open(tmp, "wb") as f:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+            if Path(tmp).read_bytes()[:6] != b"\x93NUMPY":  # an LFS pointer or an HTML error page
+                raise OSError("the response is not a .npy file")
+    except Exception as e:
+        raise CompetitionError(f"could not download {url} into {ood_dir} ({e}). Offline? Copy the 19 "
+                               f"distortionNN.npy files of DL4DS/ood-test-files (ood-test/) there.") from None

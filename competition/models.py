@@ -1,0 +1,151 @@
+"""Architectures, built by name: `build_model(name, num_classes, **model_args)`.
+
+    simple_cnn    Part 1: conv blocks (conv-BN-ReLU x2, max-pool) and an MLP head
+    resnet18      Part 2: from scratch; stem="cifar" (3x3 stride 1, no max-pool, native 32x32)
+                  or stem="imagenet" (7x7 stride 2 + max-pool, for upscaled input)
+    resnet50      Part 3: ImageNet-pretrained (timm weights, or a local file) with a new head
+    mobilenet_v1  studies: depthwise-separable stack of the MobileNet paper, CIFAR strides
+    mobilenet_v2  studies: inverted residuals and linear bottlenecks (torchvision), CIFAR strides
+
+A plain dict registry, like timm's `@register_model` without the machinery. Every model
+exposes `param_groups()` names (module-name prefixes) for progressive unfreezing via
+`UNFREEZE_GROUPS`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from competition.files import CompetitionError
+
+# -------------------------------------------------------------------- Part 1: simple CNN
+
+
+def simple_cnn(num_classes: int, widths=(64, 128, 256), hidden: int = 256, dropout: float = 0.2,
+               convs_per_block: int = 2) -> nn.Module:
+    """Conv blocks (conv3x3-BN-ReLU x convs_per_block, then 2x2 max-pool), global max-pool, MLP."""
+    layers, c_in = [], 3
+    for w in widths:
+        for _ in range(convs_per_block):
+            layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            c_in = w
+        layers.append(nn.MaxPool2d(2))
+    # Global max-pool rather than flatten: the head then works at any input size.
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, hidden), nn.ReLU(inplace=True),
+                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+    return nn.Sequential(nn.Sequential(*layers), head)
+
+
+# -------------------------------------------------------------------- Parts 2 and 3: ResNets
+
+
+def resnet18(num_classes: int, stem: str = "cifar") -> nn.Module:
+    import timm
+
+    model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes)
+    if stem == "cifar":
+        # 32x32 input through a stride-2 7x7 conv and a max-pool leaves 8x8 at layer1 and 1x1 at
+        # layer4; the 3x3 stride-1 stem keeps 32x32 -> 4x4, the usual CIFAR ResNet layout.
+        model.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif stem != "imagenet":
+        raise CompetitionError(f"resnet18: stem must be 'cifar' or 'imagenet', not {stem!r}")
+    return model
+
+
+def resnet50(num_classes: int, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+    """timm's ResNet-50; `weights` is a local file (timm or torchvision state dict, .pth or
+    .safetensors) loaded through timm's own pretrained path, so offline machines use the same
+    code as the hub download. The 1000-class ImageNet head is dropped for a new one."""
+    import timm
+
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise CompetitionError(f"--weights {path}: no such file (an ImageNet ResNet-50 state dict, .pth or "
+                                   f".safetensors)")
+        try:
+            return timm.create_model("resnet50", pretrained=True, num_classes=num_classes,
+                                     pretrained_cfg_overlay=dict(file=str(path.resolve())))
+        except Exception as e:
+            raise CompetitionError(f"{path} is not a ResNet-50 state dict timm can load ({type(e).__name__}: "
+                                   f"{str(e)[:300]})") from None
+    if not pretrained:
+        return timm.create_model("resnet50", pretrained=False, num_classes=num_classes)
+    try:
+        return timm.create_model("resnet50", pretrained=True, num_classes=num_classes)
+    except Exception as e:  # offline, hub down, no disk: say how to run without the network
+        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise CompetitionError(
+            f"could not fetch ImageNet ResNet-50 weights from the Hugging Face hub{offline}: "
+            f"{type(e).__name__}: {str(e)[:200]}. Offline? Save timm's resnet50 state dict to a file on a "
+            f"machine with internet and pass weights=PATH (--weights PATH)") from None
+
+
+# ResNet stages from the head down to the stem: what progressive unfreezing opens, in order.
+RESNET_GROUPS = {"head": ["fc"], "layer4": ["layer4"], "layer3": ["layer3"], "layer2": ["layer2"],
+                 "layer1": ["layer1"], "stem": ["conv1", "bn1"]}
+
+MODELS = {"simple_cnn": simple_cnn, "resnet18": resnet18, "resnet50": resnet50}
+
+
+def register(name: str):
+    def deco(fn):
+        MODELS[name] = fn
+        return fn
+    return deco
+
+
+def build_model(name: str, num_classes: int, **model_args) -> nn.Module:
+    if name not in MODELS:
+        _load_study_models()
+    if name not in MODELS:
+        raise CompetitionError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    try:
+        return MODELS[name](num_classes, **model_args)
+    except TypeError as e:
+        raise CompetitionError(f"model {name}: bad model_args {model_args} ({e})") from None
+
+
+def _load_study_models():
+    # The MobileNets of the ablation studies live in their own module and register themselves.
+    try:
+        import competition.mobilenets  # noqa: F401
+    except ImportError:
+        pass
+
+
+def model_from_config(cfg: dict) -> nn.Module:
+    args = dict(cfg.get("model_args") or {})
+    if cfg["model"] == "resnet50":
+        args.setdefault("pretrained", bool(cfg.get("pretrained")))
+        args.setdefault("weights", cfg.get("weights"))
+    return build_model(cfg["model"], cfg["num_classes"], **args)
+
+
+def set_trainable(model: nn.Module, prefixes: list[str] | None) -> int:
+    """Let only parameters under the given module-name prefixes learn (None: all). Returns how many
+    parameter tensors require grad."""
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(prefixes is None or any(name == q or name.startswith(q + ".") for q in prefixes))
+        n += p.requires_grad
+    return n
+
+
+def unfrozen_prefixes(schedule: dict | None, epoch: int) -> list[str] | None:
+    """Module prefixes open at `epoch` under a progressive-unfreezing schedule
+    `{epoch: [group or prefix, ...]}` (groups as in RESNET_GROUPS; 'all' opens everything)."""
+    if not schedule:
+        return None
+    opened: list[str] = []
+    for start in sorted(int(k) for k in schedule):
+        if start <= epoch:
+            for g in schedule[start] if start in schedule else schedule[str(start)]:
+                if g == "all":
+                    return None
+                opened += RESNET_GROUPS.get(g, [g])
+    return opened

@@ -1,0 +1,242 @@
+"""Submission CSVs: write them, check them against the OOD files, send them to Kaggle.
+
+The format (one row per OOD image, in file order):
+
+    id,label
+    distortion00_1_0,42          distortion{NN}_{severity}_{index}: file NN, severity 1..5,
+    distortion00_1_1,7           index 0..N-1 within that severity (file rows are severity-major,
+    ...                          so row r of a file with 5*N rows is severity r // N + 1, index r % N)
+    distortion18_5_9999,3        label: class index 0..C-1
+
+    python -m competition.submit --check submissions/demo.csv --ood-dir data/ood-test
+    python -m competition.submit submissions/demo.csv -m "part 3, 5 folds" --competition SLUG --ood-dir data/ood-test
+
+Submitting validates first, then uses the Kaggle API (the same call as
+`kaggle competitions submit -c SLUG -f FILE -m MSG`). Credentials: ~/.kaggle/kaggle.json, or
+KAGGLE_USERNAME + KAGGLE_KEY, or KAGGLE_API_TOKEN. The competition slug comes from
+--competition, else the KAGGLE_COMPETITION environment variable.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from competition.data import SEVERITIES, ood_files, open_ood
+from competition.files import CompetitionError, atomic_path, cli
+
+HEADER = "id,label"
+ID_PATTERN = r"distortion(\d{2})_([1-9]\d*)_(\d+)"
+
+
+def submission_ids(rows_per_file: list[int]) -> list[str]:
+    """Ids in file order for OOD files of `rows_per_file` rows each (5*N: five severities of N)."""
+    ids = []
+    for f, rows in enumerate(rows_per_file):
+        if rows <= 0 or rows % SEVERITIES:
+            raise CompetitionError(f"distortion{f:02d}: {rows} rows is not a positive multiple of {SEVERITIES}")
+        n = rows // SEVERITIES
+        ids += [f"distortion{f:02d}_{s}_{i}" for s in range(1, SEVERITIES + 1) for i in range(n)]
+    return ids
+
+
+def write_submission(path, labels: np.ndarray, rows_per_file: list[int]) -> Path:
+    """Write the CSV for `labels` (one class index per OOD row, in file order), atomically."""
+    labels = np.asarray(labels)
+    total = sum(rows_per_file)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise CompetitionError(f"labels must be a 1-D integer array (argmax of the logits), got {labels.dtype} "
+                               f"{labels.shape}")
+    if len(labels) != total:
+        raise CompetitionError(f"{len(labels)} labels for {total} OOD rows ({len(rows_per_file)} files); "
+                               f"predict every row of every distortionNN.npy")
+    if total and labels.min() < 0:
+        raise CompetitionError(f"labels must be class indices >= 0, found {labels.min()}")
+    path = Path(path)
+    frame = pd.DataFrame({"id": submission_ids(rows_per_file), "label": labels.astype(np.int64)})
+    with atomic_path(path, ".csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    return path
+
+
+def ood_rows(ood_dir) -> list[int]:
+    """Rows per OOD file (5*N each), from the .npy headers: nothing is loaded."""
+    return [open_ood(p, image_shape=None).shape[0] for p in ood_files(ood_dir, expected=None)]
+
+
+def check_submission(path, ood_dir=None, rows_per_file: list[int] | None = None,
+                     num_classes: int = 100) -> pd.DataFrame:
+    """Validate a submission CSV and return it (id: str, label: int64).
+
+    Rows are checked against `ood_dir`'s files if given, else against `rows_per_file`, else
+    against the ids' own files and counts (order and format only). Row numbers in messages
+    count data rows from 1, header excluded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CompetitionError(f"{path} does not exist: write it with competition.ensemble (or write_submission)")
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM from Excel is not a header error
+        header = f.readline().rstrip("\r\n")
+    if header != HEADER:
+        raise CompetitionError(f"{path}: header is {header!r}, expected {HEADER!r} (exactly, first line)")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except Exception as e:  # ragged rows, binary junk
+        raise CompetitionError(f"{path} is not a readable CSV ({type(e).__name__}: {e})") from None
+    if list(frame.columns) != ["id", "label"]:
+        raise CompetitionError(f"{path}: columns {list(frame.columns)}, expected ['id', 'label']")
+    if frame.empty:
+        raise CompetitionError(f"{path} has a header but no rows")
+    ids = frame["id"].to_numpy()
+
+    bad = np.flatnonzero(~frame["id"].str.fullmatch(ID_PATTERN).to_numpy(dtype=bool))
+    if len(bad):
+        r = bad[0]
+        raise CompetitionError(f"{path}: row {r + 1}: id {ids[r]!r} is not of the form distortionNN_S_I "
+                               f"(file NN, severity S 1..{SEVERITIES}, index I)")
+    dup = np.flatnonzero(frame["id"].duplicated().to_numpy())
+    if len(dup):
+        r = dup[0]
+        first = int(np.flatnonzero(ids == ids[r])[0])
+        raise CompetitionError(f"{path}: row {r + 1}: id {ids[r]} appears again (first at row {first + 1}); "
+                               f"each OOD image needs exactly one row")
+
+    if ood_dir is not None:
+        rows_per_file = ood_rows(ood_dir)
+        source = f"the {len(rows_per_file)} files in {ood_dir}"
+    elif rows_per_file is not None:
+        source = f"{len(rows_per_file)} OOD files of {'/'.join(map(str, sorted(set(rows_per_file))))} rows"
+    else:
+        rows_per_file, source = _rows_from_ids(frame["id"]), "the files its ids name"
+    expected = np.asarray(submission_ids(rows_per_file), dtype=object)
+    if len(ids) != len(expected):
+        n = min(len(ids), len(expected))
+        diff = np.flatnonzero(ids[:n] != expected[:n])
+        where = (f"; first difference at row {diff[0] + 1}: id {expected[diff[0]]} expected, found {ids[diff[0]]}"
+                 if len(diff) else f"; row {n + 1} onwards " + ("missing" if len(ids) < len(expected) else "extra"))
+        raise CompetitionError(f"{path}: {len(ids)} rows, expected {len(expected)} for {source}{where}")
+    diff = np.flatnonzero(ids != expected)
+    if len(diff):
+        r = diff[0]
+        raise CompetitionError(f"{path}: row {r + 1}: id {expected[r]} expected, found {ids[r]}; rows must be in "
+                               f"file order (distortion, then severity, then index)")
+
+    labels = frame["label"]
+    bad = np.flatnonzero(~labels.str.fullmatch(r"\d+").to_numpy(dtype=bool))
+    if len(bad):
+        r = bad[0]
+        raise CompetitionError(f"{path}: row {r + 1} ({ids[r]}): label {labels.iloc[r]!r} is not an integer "
+                               f"class index 0..{num_classes - 1}")
+    huge = labels.str.len().to_numpy() > 18  # would overflow int64; out of range in any case
+    values = np.where(huge, "-1", labels.to_numpy()).astype(np.int64)
+    bad = np.flatnonzero(huge | (values >= num_classes))
+    if len(bad):
+        r = bad[0]
+        raise CompetitionError(f"{path}: row {r + 1} ({ids[r]}): label {labels.iloc[r]} is out of range "
+                               f"0..{num_classes - 1} (wrong --num-classes, or labels not class indices?)")
+    return pd.DataFrame({"id": frame["id"], "label": values})
+
+
+def _rows_from_ids(ids: pd.Series) -> list[int]:
+    """Rows per file implied by the ids alone: files 00..K-1 each with a multiple of 5 rows."""
+    files = ids.str.slice(10, 12).astype(int)  # "distortionNN_..." -> NN
+    counts = files.value_counts().sort_index()
+    want = list(range(len(counts)))
+    if list(counts.index) != want:
+        missing = sorted(set(range(int(counts.index.max()) + 1)) - set(counts.index))
+        raise CompetitionError(f"ids skip distortion{missing[0]:02d}: every OOD file 00..{counts.index.max():02d} "
+                               f"needs its rows")
+    rows = []
+    for f, c in counts.items():
+        if c % SEVERITIES:
+            raise CompetitionError(f"distortion{f:02d} has {c} rows, not a multiple of {SEVERITIES} severities: "
+                                   f"a row is missing or extra (pass --ood-dir to find which)")
+        rows.append(int(c))
+    return rows
+
+
+def resolve_competition(competition: str | None) -> str:
+    """The competition slug: the argument, else $KAGGLE_COMPETITION, else a clear error."""
+    competition = competition or os.environ.get("KAGGLE_COMPETITION")
+    if not competition:
+        raise CompetitionError("no competition: pass --competition SLUG (the name in "
+                               "kaggle.com/competitions/SLUG) or set KAGGLE_COMPETITION")
+    return competition
+
+
+def kaggle_submit(path, message: str, competition: str | None = None) -> str:
+    """Submit `path` to a Kaggle competition; returns Kaggle's reply.
+
+    `competition` defaults to the KAGGLE_COMPETITION environment variable. kaggle is imported
+    here, not at the top: it authenticates on import, so the rest of this module works without
+    credentials.
+    """
+    competition = resolve_competition(competition)
+    path = Path(path)
+    if not path.is_file():
+        raise CompetitionError(f"{path} does not exist")
+    how = ("set credentials: save kaggle.json (kaggle.com -> Settings -> API -> Create New Token) to "
+           "~/.kaggle/kaggle.json (chmod 600), or export KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN)")
+    # kaggle prints its help and calls exit(1) when no credentials are found (2.x; 1.x raises
+    # OSError on import): capture both so the user gets one line.
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise):
+            import kaggle
+
+            api = kaggle.api
+            api.authenticate()
+    except ImportError as e:
+        raise CompetitionError(f"the kaggle package is not usable ({e}): pip install kaggle six") from None
+    except (Exception, SystemExit) as e:
+        detail = f" ({type(e).__name__}: {e})" if not isinstance(e, SystemExit) else ""
+        raise CompetitionError(f"Kaggle authentication failed{detail}; {how}") from None
+    try:
+        reply = api.competition_submit(str(path), message, competition)
+    except Exception as e:  # 401 bad key, 403 rules not accepted, 404 wrong slug, no network
+        raise CompetitionError(f"Kaggle refused {path.name} for competition {competition!r} ({type(e).__name__}: "
+                               f"{e}); check the slug, that you accepted the competition's rules, and the "
+                               f"daily submission limit") from None
+    text = getattr(reply, "message", None) or str(reply)
+    if "Could not submit" in text:
+        raise CompetitionError(f"Kaggle upload of {path} failed: {text}; try again")
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Check a submission CSV, or check and submit it to Kaggle.",
+                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("file", nargs="?", help="submission CSV to check and submit")
+    p.add_argument("--check", metavar="FILE", help="only check FILE, do not submit")
+    p.add_argument("-m", "--message", help="submission message (required to submit)")
+    p.add_argument("--competition", help="Kaggle competition slug (default: $KAGGLE_COMPETITION)")
+    p.add_argument("--ood-dir", help="folder of distortionNN.npy to check row counts against")
+    p.add_argument("--num-classes", type=int, default=100)
+    args = p.parse_args(argv)
+
+    path = args.check or args.file
+    if path is None:
+        p.error("give a FILE to submit, or --check FILE")
+    if args.check and args.file:
+        p.error("--check FILE checks only; give either --check FILE or FILE -m MSG")
+    if not args.check and not args.message:
+        p.error("submitting needs -m MESSAGE (or use --check FILE to only check)")
+    # Before the check, which takes seconds on 950,000 rows.
+    competition = None if args.check else resolve_competition(args.competition)
+    frame = check_submission(path, ood_dir=args.ood_dir, num_classes=args.num_classes)
+    files = frame["id"].str.slice(10, 12).nunique()
+    against = f"the OOD files in {args.ood_dir}" if args.ood_dir else "its own ids (pass --ood-dir to check counts)"
+    print(f"ok: {path}: {len(frame)} rows, {files} files x {SEVERITIES} severities, "
+          f"{frame['label'].nunique()} distinct labels; checked against {against}")
+    if args.check:
+        return
+    print(kaggle_submit(path, args.message, competition))
+
+
+if __name__ == "__main__":
+    cli(main)()
