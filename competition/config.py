@@ -5,6 +5,7 @@ silently trains with a default.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -14,11 +15,21 @@ from competition.files import CompetitionError
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+class _Loader(yaml.SafeLoader):
+    """safe_load, except that 1e-3 is a float: YAML 1.1 wants a dot (1.0e-3) and reads `lr=1e-3`
+    as the string '1e-3', which would only fail (or not) deep inside the optimizer."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def read_yaml(path) -> dict:
     path = Path(path)
     try:
         with open(path) as f:
-            out = yaml.safe_load(f) or {}
+            out = yaml.load(f, Loader=_Loader) or {}
     except FileNotFoundError:
         raise CompetitionError(f"config {path} does not exist") from None
     except yaml.YAMLError as e:
@@ -28,10 +39,14 @@ def read_yaml(path) -> dict:
     return out
 
 
-def preset_path(name: str) -> Path:
+def preset_path(name: str, near: Path | None = None) -> Path:
+    """A preset by name (configs/<name>.yaml) or a .yaml path; a relative path in `extends:` is
+    looked up next to the preset that names it first, then from the working directory."""
     p = Path(name)
-    if p.suffix in (".yaml", ".yml") and p.exists():
-        return p
+    if p.suffix in (".yaml", ".yml"):
+        for q in ([near / p] if near is not None and not p.is_absolute() else []) + [p]:
+            if q.exists():
+                return q
     p = CONFIG_DIR / f"{name}.yaml"
     if not p.exists():
         names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml") if q.stem != "base")
@@ -39,13 +54,14 @@ def preset_path(name: str) -> Path:
     return p
 
 
-def load_preset(name: str, _seen=()) -> dict:
-    if name in _seen:
-        raise CompetitionError(f"preset {name} extends itself through {' -> '.join(_seen)}")
-    cfg = read_yaml(preset_path(name))
+def load_preset(name: str, _seen=(), _near: Path | None = None) -> dict:
+    path = preset_path(name, _near).resolve()
+    if path in _seen:
+        raise CompetitionError(f"preset {name} extends itself through {' -> '.join(p.stem for p in _seen)}")
+    cfg = read_yaml(path)
     parent = cfg.pop("extends", None)
     if parent:
-        cfg = merge(load_preset(parent, _seen + (name,)), cfg)
+        cfg = merge(load_preset(str(parent), _seen + (path,), path.parent), cfg)
     return cfg
 
 
@@ -60,15 +76,22 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise CompetitionError(f"override {text!r} must look like key=value (e.g. lr=0.05)")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value.strip() else None
+    return key.strip().split("."), yaml.load(value, Loader=_Loader) if value.strip() else None
 
 
 def load_config(presets: list[str] = (), overrides: list[str] = ()) -> dict:
     base = read_yaml(CONFIG_DIR / "base.yaml")
-    cfg = dict(base)
+    cfg, by_part = dict(base), []
     for name in presets:
         if name:
-            cfg = merge(cfg, load_preset(name))
+            preset = load_preset(name)
+            # `by_part: {2: {...}}` in a generic preset (demo.yaml) applies only to that part, so
+            # one preset can shrink every part in its own way.
+            by_part.append(preset.pop("by_part", None) or {})
+            cfg = merge(cfg, preset)
+    for table in by_part:
+        part_cfg = table.get(cfg.get("part")) or table.get(str(cfg.get("part"))) or {}
+        cfg = merge(cfg, part_cfg)
     for text in overrides:
         keys, value = parse_override(text)
         node = cfg

@@ -150,8 +150,7 @@ def load_imagefolder(path, split: str = "train", cache_dir=None, size: int | Non
         raise CompetitionError(f"{path} does not exist: give a folder or .tar.gz of <class>/<image> files")
     cache = None
     if cache_dir is not None:
-        st = path.stat()
-        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{split}|{size}".encode()).hexdigest()[:16]
+        key = hashlib.sha1(f"{path.resolve()}|{_source_stamp(path)}|{split}|{size}".encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"{path.name.split('.')[0]}-{split}-{key}.npz"
         if cache.exists():
             with np.load(cache, allow_pickle=False) as z:
@@ -177,6 +176,20 @@ def load_imagefolder(path, split: str = "train", cache_dir=None, size: int | Non
         with atomic_path(cache, ".npz") as tmp:
             np.savez(tmp, images=result.images, labels=result.labels, classes=np.asarray(classes))
     return result
+
+
+def _source_stamp(path: Path) -> str:
+    """What the cache key changes with: an archive's size and mtime; for a folder, every image
+    file's path, size and mtime (a file added to train/cat/ leaves the top folder's mtime alone)."""
+    if not path.is_dir():
+        st = path.stat()
+        return f"{st.st_size}|{st.st_mtime_ns}"
+    h = hashlib.sha1()
+    for p in sorted(path.rglob("*")):
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def _iter_image_files(path: Path):

@@ -42,10 +42,11 @@ def simple_cnn(num_classes: int, widths=(64, 128, 256), hidden: int = 256, dropo
 # -------------------------------------------------------------------- Parts 2 and 3: ResNets
 
 
-def resnet18(num_classes: int, stem: str = "cifar") -> nn.Module:
+def resnet18(num_classes: int, stem: str = "cifar", channels=(64, 128, 256, 512)) -> nn.Module:
+    """`channels` narrows the four stages (the demo uses (16, 32, 64, 128) to fit a CPU minute)."""
     import timm
 
-    model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=num_classes, channels=tuple(channels))
     if stem == "cifar":
         # 32x32 input through a stride-2 7x7 conv and a max-pool leaves 8x8 at layer1 and 1x1 at
         # layer4; the 3x3 stride-1 stem keeps 32x32 -> 4x4, the usual CIFAR ResNet layout.
@@ -149,3 +150,57 @@ def unfrozen_prefixes(schedule: dict | None, epoch: int) -> list[str] | None:
                     return None
                 opened += RESNET_GROUPS.get(g, [g])
     return opened
+
+
+def load_run_model(run_dir, which: str = "best", map_location="cpu") -> tuple[nn.Module, dict]:
+    """The trained model of a run folder (`best.pt` or `last.pt`) and its resolved config.
+
+    The architecture is rebuilt from the config without fetching ImageNet weights: the
+    checkpoint already holds every trained parameter."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    path = run_dir / f"{which}.pt"
+    if not path.exists():
+        raise CompetitionError(f"{path} is missing: train this run first (python competition/train.py ...) "
+                               f"or check the run folder name")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        cfg = ckpt.get("config") or yaml.safe_load((run_dir / "config.yaml").read_text())
+        model = model_from_config({**cfg, "pretrained": False, "weights": None,
+                                   "model_args": {k: v for k, v in (cfg.get("model_args") or {}).items()
+                                                  if k not in ("pretrained", "weights")}})
+        model.load_state_dict(ckpt["model"])
+    except CompetitionError:
+        raise
+    except Exception as e:
+        raise CompetitionError(f"{path} could not be loaded ({type(e).__name__}: {str(e)[:300]}); "
+                               f"it may be truncated: retrain the run or restore the file") from None
+    return model.eval(), cfg
+
+
+def save_random_resnet50(path) -> Path:
+    """A randomly initialised ResNet-50 with the ImageNet head, saved like real weights: the
+    offline demo's stand-in for pretrained weights (it is NOT pretrained; runs made with it
+    say so in their config), and the tests' way through the local-weights path."""
+    import timm
+    from competition.files import atomic_path
+
+    path = Path(path)
+    with atomic_path(path, ".pth") as tmp:
+        torch.save(timm.create_model("resnet50", pretrained=False).state_dict(), tmp)
+    return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from competition.files import cli
+
+    def main(argv=None):
+        p = argparse.ArgumentParser(description="python -m competition.models --random-resnet50 PATH: save a "
+                                                "random-weight ImageNet ResNet-50 state dict (offline demo)")
+        p.add_argument("--random-resnet50", required=True, metavar="PATH")
+        print(save_random_resnet50(p.parse_args(argv).random_resnet50))
+
+    cli(main)()

@@ -1,0 +1,147 @@
+"""Augmentation and input preprocessing.
+
+Two places, chosen by cost:
+
+* per image, on the CPU, in DataLoader workers: albumentations pipelines on uint8 HWC arrays
+  (`cpu_pipeline`: `basic` geometry, or `strong` = basic + colour, blur, noise, JPEG and
+  dropout, the corruption families the OOD test set is made of);
+* per batch, on the device: flip + translate as one gather on the uint8 batch (`flip_translate`),
+  then `to_input` (uint8 NHWC -> normalised float NCHW, resized to the model's size), then timm's
+  RandomErasing and Mixup/CutMix on the float batch (`BatchAugment`).
+
+`to_input` is also the *only* preprocessing path of prediction: the run's saved config holds
+image_size, mean and std, so OOD, validation and training images are prepared identically.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from competition.files import CompetitionError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def input_stats(images: np.ndarray, norm: str, max_images: int = 10_000) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units for `norm`: data (these images), imagenet, none."""
+    if norm == "imagenet":
+        return list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if norm == "none":
+        return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
+    if norm != "data":
+        raise CompetitionError(f"norm must be data, imagenet or none, not {norm!r}")
+    step = max(1, len(images) // max_images)  # a strided subset estimates the statistics to <0.1%
+    x = images[::step].reshape(-1, 3).astype(np.float64) / 255.0
+    return x.mean(0).round(5).tolist(), np.maximum(x.std(0), 1e-3).round(5).tolist()
+
+
+def to_input(images: torch.Tensor, mean, std, image_size: int | None = None,
+             channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B, H, W, 3) on any device -> float32 (B, 3, S, S), normalised.
+
+    Resizing happens here, batched on the device, so a 32x32 dataset feeds a 224x224 ImageNet
+    model without any per-image CPU work (and without holding 224x224 copies in memory)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise CompetitionError(f"expected a uint8 (B, H, W, 3) batch, got {images.dtype} {tuple(images.shape)}")
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    if image_size and (x.shape[-2], x.shape[-1]) != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                          antialias=image_size < x.shape[-1])
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
+    idx = idx.abs()
+    return torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
+
+
+def flip_translate(images: torch.Tensor, flip: bool = True, translate: int = 0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random horizontal flip and random shift of up to `translate` pixels (reflect padding) of a
+    uint8 (B, H, W, C) batch, as one gather: a few microseconds per batch on a GPU, versus
+    torchvision transforms per image in workers (airbench's trick)."""
+    if not flip and not translate:
+        return images
+    b, h, w, _ = images.shape
+    dev = images.device
+    rows = torch.arange(h, device=dev).expand(b, h)
+    cols = torch.arange(w, device=dev).expand(b, w)
+    if translate:
+        shift = torch.randint(-translate, translate + 1, (b, 2), device="cpu", generator=generator).to(dev)
+        rows = _reflect(rows + shift[:, :1], h)
+        cols = _reflect(cols + shift[:, 1:], w)
+    if flip:
+        mirror = torch.rand(b, 1, generator=generator).to(dev) < 0.5
+        cols = torch.where(mirror, w - 1 - cols, cols)
+    batch = torch.arange(b, device=dev)[:, None, None]
+    return images[batch, rows[:, :, None], cols[:, None, :]]
+
+
+class BatchAugment:
+    """Device-side float-batch augmentation from the config: timm RandomErasing, then timm
+    Mixup/CutMix (which returns soft targets, label smoothing folded in)."""
+
+    def __init__(self, cfg: dict, num_classes: int, device):
+        from timm.data import Mixup
+        from timm.data.random_erasing import RandomErasing
+
+        self.erase = None
+        if cfg.get("random_erasing"):
+            # mode "pixel": per-pixel normal noise in normalised units, as in timm's training recipes.
+            self.erase = RandomErasing(probability=cfg["random_erasing"], mode="pixel", device=str(device))
+        self.mix = None
+        if cfg.get("mixup") or cfg.get("cutmix"):
+            self.mix = Mixup(mixup_alpha=cfg.get("mixup") or 0.0, cutmix_alpha=cfg.get("cutmix") or 0.0,
+                             prob=cfg.get("mix_prob", 1.0), label_smoothing=cfg.get("label_smoothing") or 0.0,
+                             num_classes=num_classes)
+
+    @property
+    def soft_targets(self) -> bool:
+        return self.mix is not None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        if self.erase is not None:
+            x = self.erase(x)
+        if self.mix is not None:
+            if len(x) % 2:  # timm's Mixup pairs each image with its mirror in the batch
+                x, y = x[:-1], y[:-1]
+            x, y = self.mix(x, y)
+        return x, y
+
+
+def cpu_pipeline(kind: str):
+    """Per-image albumentations pipeline on uint8 HWC (None for `none`).
+
+    `strong` adds the corruption families of the OOD set (noise, blur, colour, JPEG, dropout) so
+    the model has seen their like; the report that added it from a later epoch found it hurt
+    early convergence but helped once the model had begun to fit (`strong_aug_epoch`)."""
+    if kind in (None, "none"):
+        return None
+    import albumentations as A
+    import cv2
+
+    basic = [
+        A.HorizontalFlip(p=0.5),
+        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.1, 0.1), rotate=(-12, 12),
+                 border_mode=cv2.BORDER_REFLECT_101, p=0.7),
+    ]
+    if kind == "basic":
+        return A.Compose(basic)
+    if kind != "strong":
+        raise CompetitionError(f"cpu_aug must be none, basic or strong, not {kind!r}")
+    strong = basic + [
+        A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.6),
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 3)), A.MotionBlur(blur_limit=(3, 5)),
+                 A.Defocus(radius=(1, 2))], p=0.3),
+        A.OneOf([A.GaussNoise(std_range=(0.02, 0.1)), A.ISONoise(), A.MultiplicativeNoise(multiplier=(0.85, 1.15))],
+                p=0.3),
+        A.ImageCompression(quality_range=(30, 90), p=0.25),
+        A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(0.2, 0.4), hole_width_range=(0.2, 0.4),
+                        fill=0, p=0.3),
+    ]
+    return A.Compose(strong)

@@ -1,0 +1,73 @@
+"""Optimizers, learning-rate schedules and batch-size schedules, from timm where it has them.
+
+Schedules run on a continuous epoch clock: after each optimizer update the loop calls
+`scheduler.step_update(epoch + fraction_done)`. Warmup, cycle lengths and milestones are
+therefore all in epochs, and stay right when the batch size (hence the number of updates
+per epoch) changes under a batch-size schedule.
+"""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from competition.files import CompetitionError
+
+OPTIMIZERS = ("sgd", "adamw", "adam", "radam")
+
+
+def make_optimizer(model: nn.Module, cfg: dict):
+    """timm's create_optimizer_v2: parameter groups with no weight decay on norms and biases
+    (`no_decay_norm_bias`) and, when `layer_decay` is set, discriminative learning rates (each
+    stage below the head gets lr * layer_decay^depth, through timm's group_matcher)."""
+    from timm.optim import create_optimizer_v2
+
+    name = cfg["optimizer"]
+    if name not in OPTIMIZERS:
+        raise CompetitionError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {name!r}")
+    kwargs = {}
+    if name == "sgd":
+        # timm's "sgd" is Nesterov SGD; "momentum" is classical momentum SGD.
+        name = "sgd" if cfg.get("nesterov", True) else "momentum"
+        kwargs["momentum"] = cfg.get("momentum", 0.9)
+    layer_decay = cfg.get("layer_decay")
+    if layer_decay and not hasattr(model, "group_matcher"):
+        raise CompetitionError(f"layer_decay needs a timm model with stages (resnet18/resnet50), not {cfg['model']}")
+    return create_optimizer_v2(model, opt=name, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                               filter_bias_and_bn=cfg.get("no_decay_norm_bias", True),
+                               layer_decay=layer_decay, **kwargs)
+
+
+def make_scheduler(optimizer, cfg: dict):
+    """timm scheduler on the epoch clock (t_in_epochs=False: stepped per update by the loop).
+
+    cosine: linear warmup, then cosine annealing to min_lr with warm restarts every
+            cycle_epochs (x cycle_mul each time, peak x cycle_decay); one cycle if unset
+    step:   multiply by step_gamma at each of step_milestones (epochs)
+    const:  constant after warmup (the 'constant' arm of the schedule study)
+    """
+    from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+
+    epochs, warmup = cfg["epochs"], float(cfg.get("warmup_epochs") or 0.0)
+    common = dict(warmup_t=warmup, warmup_lr_init=cfg.get("warmup_lr", 1e-5), warmup_prefix=True, t_in_epochs=False)
+    if cfg["sched"] == "cosine":
+        cycle = cfg.get("cycle_epochs") or max(epochs - warmup, 1e-6)
+        return CosineLRScheduler(optimizer, t_initial=cycle, lr_min=cfg.get("min_lr", 0.0),
+                                 cycle_mul=cfg.get("cycle_mul", 1.0), cycle_decay=cfg.get("cycle_decay", 1.0),
+                                 cycle_limit=10_000 if cfg.get("cycle_epochs") else 1, **common)
+    if cfg["sched"] in ("step", "const"):
+        milestones = list(cfg.get("step_milestones") or []) if cfg["sched"] == "step" else []
+        return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=cfg.get("step_gamma", 0.1), **common)
+    raise CompetitionError(f"sched must be cosine, step or const, not {cfg['sched']!r}")
+
+
+def batch_size_at(cfg: dict, epoch: int) -> int:
+    """Per-process batch size at `epoch` under the batch-size schedule (Smith et al. 2018:
+    multiply the batch by a factor where a step schedule would divide the learning rate)."""
+    grow = sum(1 for m in cfg.get("batch_size_milestones") or [] if epoch >= m)
+    return int(cfg["batch_size"] * (cfg.get("batch_size_factor") or 1) ** grow)
+
+
+def updates_per_epoch(n_train: int, batch_size: int, grad_accum: int = 1, drop_last: bool = False) -> int:
+    batches = n_train // batch_size if drop_last else math.ceil(n_train / batch_size)
+    return math.ceil(max(batches, 1) / grad_accum)

@@ -1,0 +1,530 @@
+"""Stage 2: train one model on the training folds and write its out-of-fold logits.
+
+    python competition/train.py --part 1                      # CPU or one GPU
+    python competition/train.py --preset part1_cpu            # CIFAR-10 stand-in, 2 CPU cores, < 150 s
+    accelerate launch competition/train.py --part 3 --fold 0  # every GPU of the machine
+    accelerate launch --num_processes 8 competition/train.py --part 2 --fold 3 --seed 1
+    python competition/train.py --part 2 epochs=30 lr=0.05 model_args.stem=imagenet image_size=64
+    python competition/train.py --part 2 --resume             # continue the same run exactly
+    python competition/train.py --part 3 --find-batch-size    # images/s per batch size, then exit
+
+Config: competition/configs/base.yaml <- part<N>.yaml <- --preset NAME(s) <- key=value overrides.
+The run lands in models/<presets>-f<fold>-s<seed>/ (or models/<name>/): config.yaml (resolved),
+checkpoints/ (Accelerate state each epoch), best.pt, last.pt, metrics.csv, curves.png and
+oof_logits.npy + oof_index.npy (the held-out fold, best weights, rows of the folds CSV).
+
+One loop for every part and every device: Accelerate places the model, shards the batches
+across processes, runs bf16 autocast on GPUs and accumulates gradients; only the main
+process writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch competition/train.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from competition import augment, data, folds, models, optim
+from competition.config import load_config, save_config
+from competition.files import CompetitionError, atomic_path, cli, save_npy, save_text
+
+# ---------------------------------------------------------------------------- data
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """uint8 images held in memory; a batch is one fancy-index, not N __getitem__ calls.
+
+    Returns (images uint8 (B, H, W, 3), labels int64 (B,), sample indices int64 (B,)); the
+    indices let gathered predictions be matched to rows of the folds CSV."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, rows: np.ndarray, transform=None):
+        self.images, self.labels, self.rows, self.transform = images, labels, rows, transform
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitems__(self, positions):
+        rows = self.rows[np.asarray(positions)]
+        x = self.images[rows]
+        if self.transform is not None:
+            x = np.stack([self.transform(image=im)["image"] for im in x])
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(self.labels[rows]), torch.from_numpy(rows)
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+
+def _as_batch(batch):  # __getitems__ already returns the batch; keeps workers picklable
+    return batch
+
+
+def split_indices(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out rows for cfg['fold'] from folds/<dataset>.csv (written with the
+    defaults, k=5 seed 0, when it does not exist yet)."""
+    name = folds.dataset_name(cfg["dataset"], cfg.get("data"))
+    path = folds.folds_path(name, cfg["folds_dir"])
+    if not path.exists() and accelerator.is_main_process:
+        folds.write_folds(folds.folds_frame(labels), path)
+        print(f"wrote {path} (k=5, seed=0); run `python -m competition.folds` to choose others")
+    accelerator.wait_for_everyone()
+    frame = folds.read_folds(path)
+    if len(frame) != len(labels) or not np.array_equal(frame["label"].to_numpy(), labels):
+        raise CompetitionError(f"{path} was made for a different dataset ({len(frame)} rows, this one has "
+                               f"{len(labels)} images); rerun `python -m competition.folds --force` for it")
+    fold = frame["fold"].to_numpy()
+    k = int(fold.max()) + 1
+    if cfg["fold"] == -1:
+        return np.arange(len(labels)), np.arange(0)
+    if not 0 <= cfg["fold"] < k:
+        raise CompetitionError(f"fold={cfg['fold']} but {path} has folds 0..{k - 1} (or -1 to train on all)")
+    return np.flatnonzero(fold != cfg["fold"]), np.flatnonzero(fold == cfg["fold"])
+
+
+def subset(rows: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    if not n or n >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+
+
+# ---------------------------------------------------------------------------- state
+
+
+class LoopState:
+    """Everything of the loop that must survive a resume, checkpointed with Accelerate."""
+
+    def __init__(self):
+        self.epoch, self.updates, self.best_acc, self.best_epoch, self.bad_epochs = 0, 0, -1.0, -1, 0
+        self.history: list[dict] = []
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "checkpoints").glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader, cfg: dict, accelerator) -> tuple[torch.Tensor, ...]:
+    """Logits, labels and rows of every sample in `loader`, gathered across processes
+    (gather_for_metrics drops the samples padded onto the last shard)."""
+    model.eval()
+    outs, ys, rows = [], [], []
+    for x, y, r in loader:
+        with accelerator.autocast():
+            logits = model(augment.to_input(x, cfg["mean"], cfg["std"], cfg["image_size"], cfg["channels_last"]))
+        logits, y, r = accelerator.gather_for_metrics((logits.float(), y, r))
+        outs.append(logits.cpu()), ys.append(y.cpu()), rows.append(r.cpu())
+    if not outs:
+        return torch.zeros(0, cfg["num_classes"]), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    return torch.cat(outs), torch.cat(ys), torch.cat(rows)
+
+
+def loss_acc(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    if not len(labels):
+        return float("nan"), float("nan")
+    return (nn.functional.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item())
+
+
+# ---------------------------------------------------------------------------- config and run folder
+
+
+def resolve(args, overrides: list[str]) -> tuple[dict, list[str]]:
+    presets = [f"part{args.part}"] if args.part is not None else []
+    presets += args.preset or []
+    if not presets:
+        presets = ["part1"]
+    cfg = load_config(presets, overrides)
+    for key in ("fold", "seed", "name", "weights"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.part is not None:
+        cfg["part"] = args.part
+    # "part1 + part1_cpu" names the run part1_cpu; "part3 + demo" names it part3-demo.
+    names = [p for i, p in enumerate(presets) if not any(q.startswith(p) for q in presets[i + 1:])]
+    cfg["preset"] = "-".join(Path(p).stem for p in names)
+    return cfg, presets
+
+
+def run_folder(cfg: dict) -> Path:
+    return Path(cfg["models_dir"]) / (cfg.get("name") or f"{cfg['preset']}-f{cfg['fold']}-s{cfg['seed']}")
+
+
+def _comparable(cfg: dict) -> dict:
+    return {k: v for k, v in cfg.items() if k not in ("progress", "log_with", "workers", "run_dir")}
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
+    """Train the run `cfg` describes; returns its folder. See the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+    run_dir = run_folder(cfg)
+    cfg["run_dir"] = str(run_dir)
+    mp = cfg["mixed_precision"]
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    if cfg["log_with"] == "wandb" and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")  # never block on a login prompt
+    accelerator = Accelerator(
+        mixed_precision=mp, gradient_accumulation_steps=cfg["grad_accum"], log_with=cfg["log_with"],
+        project_config=ProjectConfiguration(project_dir=str(run_dir), automatic_checkpoint_naming=True,
+                                            total_limit=2),
+        # Frozen stages get no gradient while progressive unfreezing holds them; DDP must know.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(cfg["unfreeze"]))])
+    main = accelerator.is_main_process
+    say = accelerator.print
+
+    # ---- run folder: a finished run with the same config is skipped, anything else is explicit
+    ckpt = _latest_checkpoint(run_dir)
+    if (run_dir / "config.yaml").exists() and not resume and not force:
+        old = _load_yaml(run_dir / "config.yaml")
+        done = (run_dir / "last.pt").exists()
+        same = _comparable({k: v for k, v in old.items() if k in cfg}) == _comparable(
+            {k: v for k, v in cfg.items() if k in old and k not in ("num_classes", "classes", "mean", "std")}
+            | {k: old[k] for k in ("num_classes", "classes", "mean", "std") if k in old})
+        if done and same:
+            say(f"{run_dir}: already trained with this config; skipping (--force retrains)")
+            return run_dir
+        raise CompetitionError(
+            f"{run_dir} already holds a {'finished' if done else 'partial'} run"
+            f"{' with a different config' if not same else ''}: pass --resume to continue it, --force to "
+            f"delete and retrain it, or name=NEW for a new run")
+    if resume and ckpt is None:
+        raise CompetitionError(f"--resume: {run_dir}/checkpoints holds no checkpoint to resume from")
+    if force and not resume and main and run_dir.exists():
+        shutil.rmtree(run_dir)
+    accelerator.wait_for_everyone()
+
+    # ---- data
+    t_start = time.time()
+    set_seed(cfg["seed"])
+    ds = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
+    train_rows, val_rows = split_indices(cfg, ds.labels, accelerator)
+    train_rows = subset(train_rows, cfg["train_subset"], cfg["seed"])
+    cfg["num_classes"], cfg["classes"] = len(ds.classes), list(ds.classes)
+    cfg["mean"], cfg["std"] = augment.input_stats(ds.images[train_rows], cfg["norm"])
+    if cfg["image_size"] is None:
+        cfg["image_size"] = ds.images.shape[1]
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    say(f"run {run_dir}: {cfg['model']} on {cfg['dataset']} fold {cfg['fold']}: {len(train_rows)} train / "
+        f"{len(val_rows)} held-out images, {cfg['num_classes']} classes, {accelerator.num_processes} process(es) "
+        f"on {accelerator.device}, precision {mp}")
+
+    val_eval_rows = subset(val_rows, cfg["val_subset"], cfg["seed"] + 1)
+    n_train_eval = int(cfg.get("eval_train") or 0)
+    train_eval_rows = subset(train_rows, n_train_eval, cfg["seed"] + 2) if n_train_eval else np.arange(0)
+
+    def eval_loader(rows):
+        bs = max(cfg["batch_size"], 256)
+        return accelerator.prepare(torch.utils.data.DataLoader(
+            ArrayDataset(ds.images, ds.labels, rows), batch_size=bs, shuffle=False, collate_fn=_as_batch))
+
+    val_loader = eval_loader(val_eval_rows) if len(val_eval_rows) else None
+    train_eval_loader = eval_loader(train_eval_rows) if len(train_eval_rows) else None
+
+    # One sampler generator, reseeded from (seed, epoch) before each epoch: the shuffle order of
+    # an epoch does not depend on whether the run was resumed.
+    shuffle_gen = torch.Generator()
+    loaders: dict = {}
+
+    def train_loader(epoch: int):
+        bs = optim.batch_size_at(cfg, epoch)
+        kind = "strong" if cfg["strong_aug_epoch"] is not None and epoch >= cfg["strong_aug_epoch"] else cfg["cpu_aug"]
+        if (bs, kind) not in loaders:
+            workers = cfg["workers"] if kind not in (None, "none") else 0
+            dl = torch.utils.data.DataLoader(
+                ArrayDataset(ds.images, ds.labels, train_rows, augment.cpu_pipeline(kind)), batch_size=bs,
+                sampler=torch.utils.data.RandomSampler(range(len(train_rows)), generator=shuffle_gen),
+                drop_last=len(train_rows) >= bs * accelerator.num_processes, collate_fn=_as_batch,
+                num_workers=workers, pin_memory=torch.cuda.is_available())
+            loaders[(bs, kind)] = accelerator.prepare(dl)
+        shuffle_gen.manual_seed(cfg["seed"] * 100_003 + epoch)
+        return loaders[(bs, kind)], bs, kind
+
+    # ---- model, optimizer, schedule
+    model = models.model_from_config(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = optim.make_optimizer(model, cfg)
+    scheduler = optim.make_scheduler(optimizer, cfg)
+    ema = None
+    if cfg["ema"]:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(model, decay=cfg["ema"], device=accelerator.device)
+    if cfg["compile"]:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    net = accelerator.unwrap_model(model)
+    batch_aug = augment.BatchAugment(cfg, cfg["num_classes"], accelerator.device)
+    if cfg["mixup"] or cfg["cutmix"]:
+        from timm.loss import SoftTargetCrossEntropy
+        loss_fn = SoftTargetCrossEntropy()  # Mixup already folded label smoothing into the targets
+    else:
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"] or 0.0)
+
+    # timm schedulers stay out of prepare (Accelerate would step them once per process); they and
+    # the loop state are checkpointed alongside the model.
+    state = LoopState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    if resume:
+        accelerator.load_state(str(ckpt))
+        # With automatic naming the next save would otherwise reuse checkpoint_0 and collide.
+        accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1
+        say(f"resumed from {ckpt} at epoch {state.epoch}")
+    if cfg["log_with"]:
+        try:
+            accelerator.init_trackers(run_dir.name.replace("/", "_"), config={
+                k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.items()
+                if k != "classes"})
+        except Exception as e:
+            raise CompetitionError(f"log_with={cfg['log_with']}: could not start the tracker ({e}); "
+                                   f"pip install {cfg['log_with']}, or drop log_with") from None
+    say(f"{cfg['model']}: {n_params / 1e6:.2f} M parameters; {cfg['epochs']} epochs, batch {cfg['batch_size']} x "
+        f"{accelerator.num_processes} process(es) x {cfg['grad_accum']} accumulation, {cfg['optimizer']} lr "
+        f"{cfg['lr']}, {cfg['sched']} schedule")
+
+    # ---- epochs
+    from tqdm.auto import tqdm
+
+    t_loop = time.time()
+    stop = False
+    while state.epoch < cfg["epochs"] and not stop:
+        epoch = state.epoch
+        prefixes = models.unfrozen_prefixes(cfg["unfreeze"], epoch)
+        if cfg["unfreeze"]:
+            n_open = models.set_trainable(net, prefixes)
+            say(f"epoch {epoch + 1}: training {'all' if prefixes is None else prefixes} ({n_open} tensors)")
+        loader, bs, kind = train_loader(epoch)
+        model.train()
+        t0, seen = time.time(), 0
+        loss_sum = torch.zeros((), device=accelerator.device)
+        correct = torch.zeros((), device=accelerator.device)
+        steps = len(loader)
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
+                   disable=not (main and cfg["progress"]), dynamic_ncols=True)
+        for i, (x, y, _) in enumerate(loader):
+            with accelerator.accumulate(model):
+                x = augment.flip_translate(x, cfg["flip"], cfg["translate"])
+                x = augment.to_input(x, cfg["mean"], cfg["std"], cfg["image_size"], cfg["channels_last"])
+                x, target = batch_aug(x, y)
+                y = y[: len(x)]
+                logits = model(x)
+                loss = loss_fn(logits, target)
+                accelerator.backward(loss)
+                if cfg["grad_clip"] and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                state.updates += 1
+                scheduler.step_update(epoch + (i + 1) / steps)
+                if ema is not None:
+                    ema.update(net, step=state.updates)
+            loss_sum += loss.detach() * len(x)
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(x)
+            if i % 25 == 0 or i == steps - 1:
+                if not torch.isfinite(loss_sum):  # checked every 25 steps: each check is a device sync
+                    raise CompetitionError(
+                        f"{run_dir}: the training loss became {loss_sum.item()} in epoch {epoch + 1} (step {i}); "
+                        f"lower lr (now {cfg['lr']}), set grad_clip=1.0 or mixed_precision=no, then rerun with "
+                        f"--force (or --resume from the last good epoch)")
+                bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.3f}", lr=f"{_lr(optimizer):.2g}")
+            bar.update(1)
+        bar.close()
+        seen_all = accelerator.reduce(torch.tensor(float(seen), device=accelerator.device), "sum").item()
+        train_loss = accelerator.reduce(loss_sum, "sum").item() / max(seen_all, 1)
+        train_acc = accelerator.reduce(correct.float(), "sum").item() / max(seen_all, 1)
+        train_time = time.time() - t0
+
+        eval_model = ema.module if ema is not None else net
+        val_loss, val_acc = loss_acc(*predict_loader(eval_model, val_loader, cfg, accelerator)[:2]) \
+            if val_loader is not None else (float("nan"), float("nan"))
+        row = dict(epoch=epoch + 1, lr=_lr(optimizer), batch_size=bs, updates=state.updates, cpu_aug=kind,
+                   train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc)
+        if train_eval_loader is not None:
+            row["train_eval_loss"], row["train_eval_acc"] = loss_acc(
+                *predict_loader(eval_model, train_eval_loader, cfg, accelerator)[:2])
+        row.update(epoch_time_s=round(time.time() - t0, 2), images_per_s=round(seen_all / train_time, 1))
+        state.history.append(row)
+        state.epoch += 1
+
+        improved = val_loader is None or val_acc > state.best_acc
+        if improved:
+            state.best_acc, state.best_epoch, state.bad_epochs = val_acc, epoch + 1, 0
+        else:
+            state.bad_epochs += 1
+        if main:
+            sd = _state_dict(eval_model)
+            if improved:
+                _save_weights(run_dir / "best.pt", sd, cfg, row)
+            write_metrics(run_dir, state.history)
+        accelerator.save_state()
+        if cfg["log_with"]:
+            accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
+        eta = (cfg["epochs"] - state.epoch) * (time.time() - t0)
+        say(f"epoch {epoch + 1}/{cfg['epochs']}  loss {train_loss:.4f} acc {train_acc:.4f}  val_loss {val_loss:.4f} "
+            f"val_acc {val_acc:.4f}  lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s {row['images_per_s']:.0f} img/s"
+            f"  ETA {eta / 60:.1f} min" + ("  *" if improved and val_loader is not None else ""))
+        if cfg["patience"] and state.bad_epochs >= cfg["patience"]:
+            say(f"early stop: no better val_acc for {cfg['patience']} epochs (best {state.best_acc:.4f} at "
+                f"epoch {state.best_epoch})")
+            stop = True
+    loop_time = time.time() - t_loop
+
+    # ---- last weights, then out-of-fold logits with the best weights
+    accelerator.wait_for_everyone()
+    eval_model = ema.module if ema is not None else net
+    if main:
+        _save_weights(run_dir / "last.pt", _state_dict(eval_model), cfg, state.history[-1] if state.history else {})
+    accelerator.wait_for_everyone()
+    if len(val_rows):
+        best = torch.load(run_dir / "best.pt", map_location=accelerator.device, weights_only=False)
+        eval_model.load_state_dict(best["model"])
+        logits, labels, rows = predict_loader(eval_model, eval_loader(val_rows), cfg, accelerator)
+        if main:
+            order = torch.argsort(rows)
+            save_npy(run_dir / "oof_logits.npy", logits[order].numpy().astype(np.float32))
+            save_npy(run_dir / "oof_index.npy", rows[order].numpy().astype(np.int64))
+        oof_loss, oof_acc = loss_acc(logits, labels)
+        say(f"out-of-fold: {len(rows)} images, accuracy {oof_acc:.4f}, loss {oof_loss:.4f} (best epoch "
+            f"{state.best_epoch})")
+    if cfg["log_with"]:
+        accelerator.end_training()
+    say(f"done: {run_dir}  training loop {loop_time:.1f} s, total {time.time() - t_start:.1f} s")
+    return run_dir
+
+
+def _lr(optimizer) -> float:
+    return max(g["lr"] for g in optimizer.param_groups)
+
+
+def _state_dict(model: nn.Module) -> dict:
+    sd = model.state_dict()
+    return {k.removeprefix("_orig_mod."): v.detach().cpu() for k, v in sd.items()}
+
+
+def _save_weights(path: Path, sd: dict, cfg: dict, row: dict) -> None:
+    with atomic_path(path, ".pt") as tmp:
+        torch.save({"model": sd, "config": cfg, "metrics": row}, tmp)
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """metrics.csv (one row per epoch) and curves.png (loss, accuracy, learning rate)."""
+    from competition.curves import plot_run
+
+    frame = pd.DataFrame(history)
+    with atomic_path(run_dir / "metrics.csv", ".csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    plot_run(frame, run_dir / "curves.png", title=run_dir.name)
+
+
+# ---------------------------------------------------------------------------- batch size finder
+
+
+def find_batch_size(cfg: dict, start: int = 16, limit: int = 4096, steps: int = 3) -> int:
+    """Time forward+backward+step at doubling batch sizes until memory runs out or images/s
+    stops improving; print the table and return the fastest size (the public starter's
+    finder only looked for the largest size that fits, which is rarely the fastest)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    cfg = {**cfg, "num_classes": cfg.get("num_classes") or 100, "mean": [0.5] * 3, "std": [0.25] * 3}
+    size = cfg["image_size"] or 32
+    model = models.model_from_config({**cfg, "pretrained": False, "weights": None}).to(accelerator.device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    model, opt = accelerator.prepare(model, opt)
+    results, bs, best = [], start, (0.0, start)
+    while bs <= limit:
+        try:
+            x = torch.randint(0, 256, (bs, 32, 32, 3), dtype=torch.uint8, device=accelerator.device)
+            y = torch.randint(0, cfg["num_classes"], (bs,), device=accelerator.device)
+            for i in range(steps + 1):
+                if i == 1:
+                    _sync()
+                    t0 = time.time()
+                loss = nn.functional.cross_entropy(model(augment.to_input(x, cfg["mean"], cfg["std"], size,
+                                                                           cfg["channels_last"])), y)
+                accelerator.backward(loss)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            _sync()
+            ips = bs * steps / (time.time() - t0)
+        except torch.OutOfMemoryError:
+            print(f"batch {bs}: out of memory")
+            break
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        results.append((bs, ips, mem))
+        print(f"batch {bs:5d}: {ips:9.1f} images/s, peak {mem:.1f} GiB")
+        if ips > best[0]:
+            best = (ips, bs)
+        elif ips < 0.9 * best[0]:
+            break
+        bs *= 2
+    print(f"fastest: batch_size={best[1]} ({best[0]:.0f} images/s at image_size {size}); pass batch_size={best[1]}")
+    return best[1]
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", type=int, choices=(1, 2, 3), help="1 simple CNN | 2 ResNet-18 | 3 pretrained ResNet-50")
+    p.add_argument("--preset", action="append", help="competition/configs/NAME.yaml (or a path); repeatable")
+    p.add_argument("--fold", type=int, help="held-out fold (-1: train on every image)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--name", help="run folder under models/ (default <presets>-f<fold>-s<seed>)")
+    p.add_argument("--weights", help="Part 3: local ImageNet ResNet-50 weights file (offline machines)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="delete an existing run folder of this name and retrain")
+    p.add_argument("--find-batch-size", action="store_true", help="time batch sizes on this device, then exit")
+    p.add_argument("overrides", nargs="*", help="config key=value (see competition/configs/base.yaml)")
+    args = p.parse_args(argv)
+    cfg, _ = resolve(args, args.overrides)
+    if args.find_batch_size:
+        return find_batch_size(cfg)
+    return train(cfg, resume=args.resume, force=args.force)
+
+
+if __name__ == "__main__":
+    cli(main)()
