@@ -7,9 +7,8 @@
     mobilenet_v1  studies: depthwise-separable stack of the MobileNet paper, CIFAR strides
     mobilenet_v2  studies: inverted residuals and linear bottlenecks (torchvision), CIFAR strides
 
-A plain dict registry, like timm's `@register_model` without the machinery. Every model
-exposes `param_groups()` names (module-name prefixes) for progressive unfreezing via
-`UNFREEZE_GROUPS`.
+A plain dict registry, like timm's `@register_model` without the machinery. Progressive
+unfreezing opens module-name prefixes; `RESNET_GROUPS` names the ResNet stages.
 """
 from __future__ import annotations
 
@@ -130,6 +129,12 @@ def model_from_config(cfg: dict) -> nn.Module:
 def set_trainable(model: nn.Module, prefixes: list[str] | None) -> int:
     """Let only parameters under the given module-name prefixes learn (None: all). Returns how many
     parameter tensors require grad."""
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [q for q in prefixes or [] if not any(n == q or n.startswith(q + ".") for n in names)]
+    if unknown:  # a typo would otherwise silently freeze the whole model
+        tops = sorted({n.split(".")[0] for n in names})
+        raise CompetitionError(f"unfreeze: {unknown} match no parameter of this model; its top-level modules are "
+                               f"{tops} (groups: {', '.join(RESNET_GROUPS)}, all)")
     n = 0
     for name, p in model.named_parameters():
         p.requires_grad_(prefixes is None or any(name == q or name.startswith(q + ".") for q in prefixes))

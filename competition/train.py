@@ -168,8 +168,12 @@ def run_folder(cfg: dict) -> Path:
     return Path(cfg["models_dir"]) / (cfg.get("name") or f"{cfg['preset']}-f{cfg['fold']}-s{cfg['seed']}")
 
 
+# Keys train() derives from the data, and keys that do not change what a run learns.
+_NOT_COMPARED = {"num_classes", "classes", "mean", "std", "run_dir", "progress", "log_with", "workers", "stop_after"}
+
+
 def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in ("progress", "log_with", "workers", "run_dir")}
+    return {k: v for k, v in cfg.items() if k not in _NOT_COMPARED}
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -188,6 +192,8 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
     if cfg["log_with"] == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # never block on a login prompt
     accelerator = Accelerator(
+        # Several processes without a GPU (torchrun on a CPU box) need Accelerate's gloo backend.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1,
         mixed_precision=mp, gradient_accumulation_steps=cfg["grad_accum"], log_with=cfg["log_with"],
         project_config=ProjectConfiguration(project_dir=str(run_dir), automatic_checkpoint_naming=True,
                                             total_limit=2),
@@ -201,9 +207,7 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
     if (run_dir / "config.yaml").exists() and not resume and not force:
         old = _load_yaml(run_dir / "config.yaml")
         done = (run_dir / "last.pt").exists()
-        same = _comparable({k: v for k, v in old.items() if k in cfg}) == _comparable(
-            {k: v for k, v in cfg.items() if k in old and k not in ("num_classes", "classes", "mean", "std")}
-            | {k: old[k] for k in ("num_classes", "classes", "mean", "std") if k in old})
+        same = _comparable(old) == _comparable(cfg)
         if done and same:
             say(f"{run_dir}: already trained with this config; skipping (--force retrains)")
             return run_dir
@@ -393,6 +397,9 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
         say(f"epoch {epoch + 1}/{cfg['epochs']}  loss {train_loss:.4f} acc {train_acc:.4f}  val_loss {val_loss:.4f} "
             f"val_acc {val_acc:.4f}  lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s {row['images_per_s']:.0f} img/s"
             f"  ETA {eta / 60:.1f} min" + ("  *" if improved and val_loader is not None else ""))
+        if cfg["stop_after"] and state.epoch >= cfg["stop_after"] and state.epoch < cfg["epochs"]:
+            say(f"stop_after={cfg['stop_after']}: stopping after epoch {state.epoch}; continue with --resume")
+            return run_dir
         if cfg["patience"] and state.bad_epochs >= cfg["patience"]:
             say(f"early stop: no better val_acc for {cfg['patience']} epochs (best {state.best_acc:.4f} at "
                 f"epoch {state.best_epoch})")
@@ -406,7 +413,7 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
         _save_weights(run_dir / "last.pt", _state_dict(eval_model), cfg, state.history[-1] if state.history else {})
     accelerator.wait_for_everyone()
     if len(val_rows):
-        best = torch.load(run_dir / "best.pt", map_location=accelerator.device, weights_only=False)
+        best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
         eval_model.load_state_dict(best["model"])
         logits, labels, rows = predict_loader(eval_model, eval_loader(val_rows), cfg, accelerator)
         if main:
@@ -519,7 +526,7 @@ def main(argv=None):
     p.add_argument("--force", action="store_true", help="delete an existing run folder of this name and retrain")
     p.add_argument("--find-batch-size", action="store_true", help="time batch sizes on this device, then exit")
     p.add_argument("overrides", nargs="*", help="config key=value (see competition/configs/base.yaml)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     cfg, _ = resolve(args, args.overrides)
     if args.find_batch_size:
         return find_batch_size(cfg)

@@ -102,6 +102,16 @@ def test_extends_cycle_and_missing_parent(tmp_path):
         C.load_config([str(tmp_path / "orphan.yaml")])
 
 
+def test_by_part_applies_to_the_chosen_part_only(tmp_path):
+    generic = write(tmp_path / "tiny.yaml", "epochs: 2\nby_part:\n  2: {lr: 0.5, model_args: {stem: cifar}}\n")
+    part2 = write(tmp_path / "p2.yaml", "part: 2\nmodel: resnet18\nlr: 0.2\n")
+    cfg = C.load_config([part2, generic], ["epochs=3"])
+    assert (cfg["lr"], cfg["model_args"], cfg["epochs"]) == (0.5, {"stem": "cifar"}, 3)
+    assert "by_part" not in cfg
+    cfg = C.load_config([generic])  # part 1: the part-2 table does not apply
+    assert cfg["lr"] == 0.1 and cfg["model_args"] == {}
+
+
 def test_bad_preset_files(tmp_path):
     with pytest.raises(CompetitionError, match="no preset 'nope'"):
         C.load_config(["nope"])

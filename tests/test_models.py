@@ -7,6 +7,17 @@ import torch
 from competition import models as M
 from competition.files import CompetitionError
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Batches of 2 gain nothing from intra-op threads, and when another job shares the cores an
+    OpenMP barrier waiting on a descheduled thread makes a 0.2 s ResNet-50 step take 7 s."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CASES = {
     "simple_cnn": ("simple_cnn", {}),
     "resnet18-cifar": ("resnet18", {"stem": "cifar"}),

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The whole pipeline, folds -> models -> TTA logits -> ensemble -> local score -> submission CSV.
+#
+#   ./run.sh                      # offline demo on CPU (< 10 min): embedded digits, parts 1-3,
+#                                 # --preset demo, Part 3 from a RANDOM-weight ResNet-50 file
+#   ./run.sh --dataset cifar100   # the competition: downloads CIFAR-100 and the 19 OOD files
+#                                 # when online; trains parts 1-3 with their full presets
+#   ./run.sh --dataset imagefolder --data ../shared/data/cifar10-jpg-train.tar.gz \
+#            --ood-dir DIR --parts 1,2 --folds 2 --preset demo
+#
+# Options (defaults in brackets):
+#   --dataset digits|cifar100|imagefolder [digits]   --data PATH (imagefolder)
+#   --ood-dir DIR   the OOD files the submission is for [cifar100: data/ood-test; else the local suite]
+#   --parts 1,2,3 [1,2,3]   --folds K: train folds 0..K-1 of the split [1]   --k K: split size [5]
+#   --preset NAME   added after part<N> [digits: demo; else none]
+#   --weights PATH  Part 3 ImageNet ResNet-50 weights file (offline machines)
+#   --n N           local suite images per corruption and severity [digits 40, else 1000]
+#   --tta NAME      predict's TTA [digits: flip; else shift1]   --bn-adapt  also BN-adapted logits
+#   --name NAME     submission name [<dataset>-<preset>-p<parts>]   --retrain  retrain finished runs
+#
+# Everything the stages print goes to stderr; the LAST line (and the only one on stdout) is the
+# path of the submission CSV, so `csv=$(./run.sh ...)` works.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DATASET=digits DATA="" OOD_DIR="" PARTS=1,2,3 FOLDS=1 K=5 PRESET=unset WEIGHTS="" N="" TTA="" NAME=""
+BN_ADAPT=0 RETRAIN=0
+PY=${PYTHON:-python}
+
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
+need() { [[ $# -ge 2 && -n $2 ]] || { echo "run.sh: $1 needs a value" >&2; exit 2; }; }
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --dataset) need "$@"; DATASET=$2; shift 2 ;;
+    --data) need "$@"; DATA=$2; shift 2 ;;
+    --ood-dir) need "$@"; OOD_DIR=$2; shift 2 ;;
+    --parts) need "$@"; PARTS=$2; shift 2 ;;
+    --folds) need "$@"; FOLDS=$2; shift 2 ;;
+    --k) need "$@"; K=$2; shift 2 ;;
+    --preset) need "$@"; PRESET=$2; shift 2 ;;
+    --weights) need "$@"; WEIGHTS=$2; shift 2 ;;
+    --n) need "$@"; N=$2; shift 2 ;;
+    --tta) need "$@"; TTA=$2; shift 2 ;;
+    --name) need "$@"; NAME=$2; shift 2 ;;
+    --bn-adapt) BN_ADAPT=1; shift ;;
+    --retrain) RETRAIN=1; shift ;;
+    -h|--help) usage 0 ;;
+    *) echo "run.sh: unknown argument $1 (see ./run.sh --help)" >&2; exit 2 ;;
+  esac
+done
+
+case $DATASET in
+  digits) DSNAME=digits; [[ $PRESET == unset ]] && PRESET=demo; N=${N:-40}; TTA=${TTA:-flip} ;;
+  cifar100) DSNAME=cifar100; [[ $PRESET == unset ]] && PRESET=""; N=${N:-1000}; TTA=${TTA:-shift1}
+            OOD_DIR=${OOD_DIR:-data/ood-test} ;;
+  imagefolder) [[ -n $DATA ]] || { echo "run.sh: --dataset imagefolder needs --data PATH" >&2; exit 2; }
+               b=$(basename "$DATA"); DSNAME=${b%%.*}; [[ $PRESET == unset ]] && PRESET=""
+               N=${N:-1000}; TTA=${TTA:-shift1} ;;
+  *) echo "run.sh: --dataset must be digits, cifar100 or imagefolder" >&2; exit 2 ;;
+esac
+[[ $PARTS =~ ^[123](,[123])*$ ]] || { echo "run.sh: --parts must look like 1,2,3" >&2; exit 2; }
+[[ $FOLDS =~ ^[1-9][0-9]*$ && $FOLDS -le $K ]] || { echo "run.sh: --folds must be 1..$K" >&2; exit 2; }
+NAME=${NAME:-$DSNAME-${PRESET:-full}-p${PARTS//,/}}
+SUITE=data/ood-local/$DSNAME-n$N
+DATA_ARGS=(); [[ -n $DATA ]] && DATA_ARGS=(--data "$DATA")
+OVERRIDES=(dataset="$DATASET"); [[ -n $DATA ]] && OVERRIDES+=(data="$DATA")
+
+exec 3>&1 1>&2  # stage output to stderr; fd 3 keeps stdout for the CSV path
+T0=$SECONDS
+step() { printf '\n==== [%3ds] %s\n' $((SECONDS - T0)) "$*"; }
+
+step "folds: $DSNAME, k=$K"
+$PY -m competition.folds --dataset "$DATASET" "${DATA_ARGS[@]}" --k "$K"
+
+RUNS=()
+for P in ${PARTS//,/ }; do
+  EXTRA=()
+  if [[ $P == 3 ]]; then
+    if [[ -n $WEIGHTS ]]; then
+      EXTRA=(weights="$WEIGHTS")
+    elif [[ $DATASET == digits ]]; then
+      WEIGHTS=models/random-resnet50.pth
+      [[ -f $WEIGHTS ]] || $PY -m competition.models --random-resnet50 "$WEIGHTS"
+      echo "NOTE: Part 3 starts from $WEIGHTS, a RANDOMLY INITIALISED ResNet-50 saved locally so the demo"
+      echo "      runs offline. It is NOT ImageNet-pretrained; pass --weights PATH for real weights."
+      EXTRA=(weights="$WEIGHTS")
+    fi
+  fi
+  if [[ -z $PRESET ]]; then RUN=part$P; PRESET_ARGS=()
+  elif [[ $PRESET == part$P* ]]; then RUN=$PRESET; PRESET_ARGS=(--preset "$PRESET")
+  else RUN=part$P-$PRESET; PRESET_ARGS=(--preset "$PRESET"); fi
+  for ((F = 0; F < FOLDS; F++)); do
+    DIR=models/$RUN-f$F-s0
+    RUNS+=("$DIR")
+    if [[ $RETRAIN == 0 && -f $DIR/last.pt && -f $DIR/oof_index.npy ]]; then
+      step "part $P fold $F: $DIR is already trained; skipping (--retrain trains it again)"
+      continue
+    fi
+    step "train part $P fold $F -> $DIR"
+    FORCE=(); [[ $RETRAIN == 1 ]] && FORCE=(--force)
+    $PY competition/train.py --part "$P" "${PRESET_ARGS[@]}" --fold "$F" "${FORCE[@]}" \
+      "${OVERRIDES[@]}" "${EXTRA[@]}"
+  done
+done
+
+step "local OOD suite: $SUITE ($N held-out images x 19 corruptions x 5 severities)"
+$PY -m competition.score suite --out "$SUITE" --dataset "$DATASET" "${DATA_ARGS[@]}" --n "$N"
+
+OOD_ARGS=(--ood-dir "$SUITE")
+TARGET=$SUITE
+if [[ -n $OOD_DIR ]]; then
+  OOD_ARGS+=(--ood-dir "$OOD_DIR")
+  TARGET=$OOD_DIR
+  [[ $DATASET == cifar100 ]] && OOD_ARGS+=(--download)
+else
+  echo "no --ood-dir: the submission is made for the local suite $SUITE (a stand-in for the real OOD files)"
+fi
+BN=(); [[ $BN_ADAPT == 1 ]] && BN=(--bn-adapt)
+step "predict ${#RUNS[@]} run(s) with TTA $TTA: clean test, out-of-fold, OOD"
+$PY -m competition.predict "${RUNS[@]}" "${OOD_ARGS[@]}" --tta "$TTA" "${BN[@]}"
+
+step "ensemble -> submissions/$NAME.csv (weights fitted on out-of-fold logits)"
+$PY -m competition.ensemble "${RUNS[@]}" --name "$NAME" --ood-dir "$TARGET" "${BN[@]}"
+
+step "local score on $SUITE"
+$PY -m competition.score "${RUNS[@]}" "submissions/$NAME.json" --ood-dir "$SUITE" "${BN[@]}"
+
+step "done in $((SECONDS - T0)) s; submission (validated against $TARGET):"
+echo "submissions/$NAME.csv" >&3

@@ -1,0 +1,187 @@
+"""Prediction: TTA views are the right pixels, TTA of a flip-invariant model changes nothing,
+BN adaptation changes the statistics only while it lasts, and predict_run writes one logits file
+per OOD file (rows = images) next to test and out-of-fold logits, then skips done work."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from competition import predict as P
+from competition.files import CompetitionError
+
+CFG = {"mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8, "channels_last": False, "num_classes": 4}
+
+
+def images(n=6, size=8, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+
+
+def test_parse_tta():
+    assert P.parse_tta("none") == [(False, 0, 0)]
+    assert P.parse_tta("flip") == [(False, 0, 0), (True, 0, 0)]
+    assert len(P.parse_tta("shift1")) == 6 and len(P.parse_tta("shift2")) == 10
+    assert P.parse_tta("id,flip,1:-2,f-1:1") == [(False, 0, 0), (True, 0, 0), (False, 1, -2), (True, -1, 1)]
+    assert P.tta_name(P.parse_tta("shift1")) == "shift1"
+    with pytest.raises(CompetitionError, match="cannot read view"):
+        P.parse_tta("rotate")
+
+
+def test_views_are_flips_and_reflect_shifts():
+    x = images()
+    assert torch.equal(P.apply_view(x, (True, 0, 0)), x.flip(2))
+    shifted = P.apply_view(x, (False, 1, -1))  # out[r, c] = x[r + 1, c - 1], reflected at the borders
+    assert torch.equal(shifted[:, :-1, 1:], x[:, 1:, :-1])
+    assert torch.equal(shifted[:, -1, 1:], x[:, -2, :-1])  # row 8 reflects to row 6
+    assert torch.equal(shifted[:, :-1, 0], x[:, 1:, 1])  # column -1 reflects to column 1
+
+
+class FlipInvariant(nn.Module):
+    """Averages the input and its mirror image before a linear layer: flips cannot change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x):
+        return self.fc(((x + x.flip(-1)) / 2).flatten(1))
+
+
+def test_tta_of_flip_invariant_model_equals_plain_prediction():
+    torch.manual_seed(0)
+    model, x = FlipInvariant().eval(), images()
+    plain = P.tta_logits(model, x, CFG, P.parse_tta("none"))
+    torch.testing.assert_close(P.tta_logits(model, x, CFG, P.parse_tta("flip")), plain)
+    torch.testing.assert_close(P.tta_logits(model, x, CFG, P.parse_tta("flip"), "prob"), plain.log_softmax(1))
+    assert not torch.allclose(P.tta_logits(model, x, CFG, P.parse_tta("shift1")), plain)  # shifts do act
+
+
+def test_probability_averaging_is_log_mean_softmax():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval()
+    x = images()
+    views = P.parse_tta("flip")
+    per_view = [P.tta_logits(model, x, CFG, [v]).softmax(1) for v in views]
+    out = P.tta_logits(model, x, CFG, views, "prob")
+    torch.testing.assert_close(out.softmax(1), sum(per_view) / 2)
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5), nn.Flatten(),
+                         nn.LazyLinear(2)).eval()
+
+
+def test_bn_adaptation_is_temporary():
+    model = bn_model()
+    model(torch.randn(2, 3, 8, 8))  # materialise the lazy layer
+    bn = model[1]
+    bn.running_mean.fill_(0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shifted = [torch.randn(16, 3, 8, 8) * 3 + 5 for _ in range(3)]
+    with P.bn_source_stats(model):
+        seen = P.adapt_bn(model, shifted)
+        assert seen == 48 and not model.training and not bn.training and bn.momentum is None
+        assert not torch.allclose(bn.running_mean, before["1.running_mean"])
+        # the cumulative average over all batches, not the last batch's
+        with torch.no_grad():
+            feats = torch.cat([model[0](b) for b in shifted])
+        torch.testing.assert_close(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-4, rtol=1e-4)
+        adapted = model(shifted[0]).detach()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert bn.momentum == 0.1 and not model.training
+    assert not torch.allclose(model(shifted[0]), adapted)
+    with P.bn_source_stats(model):  # blend 0 keeps the source statistics
+        P.adapt_bn(model, shifted, blend=0.0)
+        torch.testing.assert_close(bn.running_mean, before["1.running_mean"])
+
+
+def test_bn_restored_after_an_error():
+    model = bn_model()
+    model(torch.randn(2, 3, 8, 8))
+    before = model[1].running_var.clone()
+    with pytest.raises(RuntimeError):
+        with P.bn_source_stats(model):
+            P.adapt_bn(model, [torch.randn(4, 3, 8, 8) * 9])
+            raise RuntimeError("boom")
+    assert torch.equal(model[1].running_var, before)
+
+
+# ---------------------------------------------------------------------------- a real (tiny) run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from competition import train
+
+    tmp = tmp_path_factory.mktemp("predict")
+    run_dir = train.main(["--part", "1", "--preset", "demo", "epochs=1", "train_subset=96", f"models_dir={tmp}/models",
+                          f"folds_dir={tmp}/folds", "model_args.widths=[8,8,8]", "model_args.hidden=8"])
+    ood = tmp / "ood"
+    ood.mkdir()
+    rng = np.random.default_rng(0)
+    for i, rows in enumerate((10, 15)):
+        np.save(ood / f"distortion{i:02d}.npy", rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8))
+    return run_dir, ood
+
+
+def test_predict_writes_logits_and_skips_done_work(run, monkeypatch):
+    run_dir, ood = run
+    status = P.predict_run(run_dir, [ood], P.parse_tta("flip"), batch_size=64)
+    assert set(status.values()) == {"written"} and len(status) == 4
+    assert np.load(run_dir / "ood/distortion00.npy").shape == (10, 10)
+    assert np.load(run_dir / "ood/distortion01.npy").shape == (15, 10)
+    assert np.load(run_dir / "ood/distortion01.npy").dtype == np.float16
+    assert np.load(run_dir / "test_logits.npy").shape == (360, 10)  # digits' test split
+    assert np.load(run_dir / "test_labels.npy").shape == (360,)
+    assert len(np.load(run_dir / "oof_tta_logits.npy")) == len(np.load(run_dir / "oof_index.npy"))
+    assert P.ood_logits_paths(run_dir, ood) == [run_dir / "ood/distortion00.npy", run_dir / "ood/distortion01.npy"]
+
+    # the same logits as predicting the images one batch in one go (order, gather, padding)
+    from competition import models
+    model, cfg = models.load_run_model(run_dir)
+    x = torch.from_numpy(np.load(ood / "distortion01.npy"))
+    want = P.tta_logits(model, x, cfg, P.parse_tta("flip")).numpy()
+    np.testing.assert_allclose(np.load(run_dir / "ood/distortion01.npy"), want, atol=2e-2, rtol=1e-2)
+
+    # done work is skipped: nothing is predicted again
+    monkeypatch.setattr(P, "tta_logits", lambda *a, **k: pytest.fail("predicted again"))
+    assert set(P.predict_run(run_dir, [ood], P.parse_tta("flip")).values()) == {"skipped"}
+    monkeypatch.undo()
+    # other settings, or a newer source file, redo only what they touch
+    os.utime(ood / "distortion00.npy", ns=(os.stat(ood / "distortion00.npy").st_mtime_ns + 10**9,) * 2)
+    status = P.predict_run(run_dir, [ood], P.parse_tta("flip"), test=False, oof=False)
+    assert [status[str(run_dir / f"ood/distortion0{i}.npy")] for i in (0, 1)] == ["written", "skipped"]
+    status = P.predict_run(run_dir, [ood], P.parse_tta("flip"), test=False, oof=False, force=True)
+    assert set(status.values()) == {"written"}
+
+
+def test_stale_or_missing_ood_logits_are_a_clear_error(run, tmp_path):
+    run_dir, ood = run
+    P.predict_run(run_dir, [ood], P.parse_tta("flip"), test=False, oof=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in ood.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(CompetitionError, match="other OOD files.*competition.predict"):
+        P.ood_logits_paths(run_dir, other)
+    with pytest.raises(CompetitionError, match="ood_bnadapt/distortion00.npy is missing.*--bn-adapt"):
+        P.ood_logits_paths(run_dir, other, bn_adapt=True)
+
+
+def test_bn_adapt_writes_a_separate_folder_and_leaves_the_model(run, tmp_path):
+    run_dir, ood = run
+    suite = tmp_path / "suite"  # a local suite (corruptions.json) goes to ood_local*, not over ood/
+    suite.mkdir()
+    np.save(suite / "distortion00.npy", np.load(ood / "distortion01.npy"))
+    (suite / "corruptions.json").write_text(json.dumps({"names": {"distortion00.npy": "noise"}}))
+    before = (run_dir / "ood/distortion00.npy").read_bytes()
+    P.predict_run(run_dir, [suite], P.parse_tta("none"), bn_adapt=True, bn_blend=0.5, test=False, oof=False)
+    plain = np.load(run_dir / "ood_local/distortion00.npy")
+    adapted = np.load(run_dir / "ood_local_bnadapt/distortion00.npy")
+    assert plain.shape == adapted.shape == (15, 10) and not np.allclose(plain, adapted)
+    assert (run_dir / "ood/distortion00.npy").read_bytes() == before
+    assert json.loads((run_dir / "predict.json").read_text())["ood_local_bnadapt/distortion00.npy"]["bn_blend"] == 0.5

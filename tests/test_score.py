@@ -1,0 +1,133 @@
+"""Local scoring: the numbers of a toy case (a perfect model scores 1 with a small calibration
+error; known mistakes give known per-severity accuracies and ECE), the report files, scoring a
+submission through its JSON, and the suite built from held-out labelled images."""
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from competition import ensemble, predict
+from competition import score as S
+from competition.files import CompetitionError
+
+C = 4
+
+
+def test_perfect_logits_score_one_with_small_ece():
+    labels = np.arange(40) % C
+    logits = np.eye(C)[labels] * 20.0
+    assert S.ece(logits, labels) < 1e-6
+    np.testing.assert_array_equal(S.file_accuracy(np.tile(logits, (5, 1)), labels), np.ones(5))
+
+
+def test_toy_numbers():
+    # one right at confidence 0.8, one wrong at confidence 0.6 (other class 0.4): ECE = (0.2 + 0.6) / 2
+    logits = np.log([[0.8, 0.2], [0.4, 0.6]])
+    assert S.ece(logits, np.array([0, 0])) == pytest.approx(0.4)
+    labels = np.array([0, 1, 2, 3])
+    rows = []
+    for s in range(5):  # severity s+1 gets the first 4 - s images right... at least the first one
+        pred = labels.copy()
+        pred[max(1, 4 - s):] = (pred[max(1, 4 - s):] + 1) % C
+        rows.append(np.eye(C)[pred])
+    acc = S.file_accuracy(np.concatenate(rows), labels)
+    np.testing.assert_allclose(acc, [1, 0.75, 0.5, 0.25, 0.25])
+    summ = S.summary(np.stack([acc, np.ones(5)]))
+    assert summ["ood_accuracy"] == pytest.approx((2.75 + 5) / 10)
+    assert summ["per_severity"] == pytest.approx([1, 0.875, 0.75, 0.625, 0.625])
+    with pytest.raises(CompetitionError, match="5 severities"):
+        S.file_accuracy(np.zeros((7, C)), labels)
+
+
+@pytest.fixture
+def scored(tmp_path):
+    """A labelled suite (2 corruptions, N=6) and a run whose logits are perfect except for
+    distortion01 at severity 5, where every image is wrong."""
+    n, rng = 6, np.random.default_rng(0)
+    labels = rng.integers(0, C, n)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for i in range(2):
+        np.save(suite / f"distortion{i:02d}.npy", np.zeros((5 * n, 32, 32, 3), np.uint8))
+    np.save(suite / "labels.npy", labels)
+    (suite / "corruptions.json").write_text(json.dumps({"names": {"distortion00.npy": "fog",
+                                                                  "distortion01.npy": "snow"}}))
+    (suite / "suite.json").write_text(json.dumps({"dataset": "digits", "split": "test", "n": n}))
+    run = tmp_path / "models/p-f0-s0"
+    (run / "ood_local").mkdir(parents=True)
+    (run / "best.pt").write_bytes(b"")
+    (run / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "folds_dir": str(tmp_path), "fold": 0,
+                                                     "num_classes": C, "data": None}))
+    np.save(run / "test_logits.npy", np.eye(C)[np.arange(20) % C] * 20)
+    np.save(run / "test_labels.npy", np.arange(20) % C)
+    manifest = {}
+    for i in range(2):
+        z = np.eye(C)[np.tile(labels, 5)] * 20
+        if i == 1:
+            z[4 * n:] = np.roll(z[4 * n:], 1, axis=1)
+        np.save(run / f"ood_local/distortion{i:02d}.npy", z.astype(np.float16))
+        manifest[f"ood_local/distortion{i:02d}.npy"] = {"source": predict.source_stamp(suite / f"distortion{i:02d}.npy")}
+    (run / "predict.json").write_text(json.dumps(manifest))
+    return suite, run
+
+
+def test_score_a_run(scored, capsys):
+    suite, run = scored
+    r = S.score_target(run, suite)
+    assert r["clean_accuracy"] == 1 and r["clean_ece"] < 1e-6
+    assert r["corruptions"] == ["fog", "snow"] and r["table"] == [[1] * 5, [1, 1, 1, 1, 0]]
+    assert r["ood_accuracy"] == pytest.approx(0.9) and r["per_severity"] == [1, 1, 1, 1, 0.5]
+    assert r["ood_ece"] == pytest.approx(0.1, abs=1e-3)  # 10% of the images wrong at confidence ~1
+    md = (run / "score_ood_local.md").read_text()
+    assert "| snow | 1.000 | 1.000 | 1.000 | 1.000 | 0.000 | 0.800 |" in md and "**0.9000**" in md
+    assert (run / "score_ood_local.png").read_bytes()[:4] == b"\x89PNG"
+    assert "OOD acc 0.9000" in capsys.readouterr().out
+
+
+def test_score_a_submission_through_its_json(scored, tmp_path):
+    suite, run = scored
+    spec = {"members": [{"name": "p-s0", "runs": [str(run)], "weight": 1.0}], "oof": {"accuracy": 0.5}}
+    (tmp_path / "sub.json").write_text(json.dumps(spec))
+    r = S.main([str(tmp_path / "sub.json"), "--ood-dir", str(suite)])[0]
+    assert r["ood_accuracy"] == pytest.approx(0.9) and r["clean_accuracy"] == 1
+    assert json.loads((tmp_path / "sub.json").read_text())["local_score"]["ood_accuracy"] == pytest.approx(0.9)
+    assert (tmp_path / "sub.score.md").exists() and (tmp_path / "sub.score.png").exists()
+
+
+def test_scoring_needs_labels_and_predictions(scored, tmp_path):
+    suite, run = scored
+    with pytest.raises(CompetitionError, match="labels.npy is missing"):
+        S.score_target(run, tmp_path)
+    with pytest.raises(CompetitionError, match="ood_local_bnadapt/distortion00.npy is missing"):
+        S.score_target(run, suite, bn_adapt=True)
+
+
+def test_build_suite_from_the_test_split(tmp_path):
+    out = S.main(["suite", "--out", str(tmp_path / "s"), "--dataset", "digits", "--n", "6",
+                  "--names", "brightness,contrast", "--workers", "1"])
+    assert sorted(p.name for p in out.glob("distortion*.npy")) == ["distortion00.npy", "distortion01.npy"]
+    assert np.load(out / "distortion00.npy").shape == (30, 32, 32, 3)
+    info = json.loads((out / "suite.json").read_text())
+    assert info["split"] == "test" and info["n"] == 6 and len(np.load(out / "labels.npy")) == 6
+    assert predict.ood_subdir(out) == "ood_local"
+
+
+def test_build_suite_without_test_split_uses_fold0_and_warns(tmp_path, capsys):
+    from PIL import Image
+
+    from competition import folds
+
+    root = tmp_path / "imgs"
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((32, 32, 3), 40 * i + (c == "dog") * 20, np.uint8)).save(root / c / f"{i}.png")
+    folds.main(["--dataset", "imagefolder", "--data", str(root), "--k", "5", "--folds-dir", str(tmp_path / "f"),
+                "--data-dir", str(tmp_path / "d")])
+    out = S.build_suite(tmp_path / "s", "imagefolder", root, tmp_path / "d", tmp_path / "f", n=0, names=["brightness"])
+    info = json.loads((out / "suite.json").read_text())
+    assert info["split"] == "train" and info["fold"] == 0 and info["n"] == 2
+    assert "LEAK" in capsys.readouterr().err
+    assert S._leaks([{"fold": 1, "run_dir": "r1"}, {"fold": 0, "run_dir": "r0"}], info) == ["r1"]
+    assert ensemble.member_key("x") == "x"

@@ -1,0 +1,121 @@
+"""The training engine end to end on tiny digits runs (CPU, seconds each)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from competition import folds, models, train
+from competition.files import CompetitionError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CNN = ["model_args.widths=[8,16,16]", "model_args.hidden=16"]
+
+
+@pytest.fixture()
+def dirs(tmp_path):
+    # 7 folds: the held-out fold (206 images) is not a multiple of the batch or of 2 processes,
+    # so padding of the last shard is exercised.
+    folds.write_folds(folds.folds_frame(np.asarray(__import__("competition.data", fromlist=["x"]).load_digits().labels),
+                                        k=7), tmp_path / "folds" / "digits.csv")
+    return [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
+
+
+def run(args, dirs):
+    return train.main(args + dirs)
+
+
+def test_part1_writes_every_artifact(dirs):
+    run_dir = run(["--part", "1", "--preset", "demo", "epochs=2", "train_subset=256", *TINY_CNN], dirs)
+    for name in ("config.yaml", "best.pt", "last.pt", "metrics.csv", "curves.png", "oof_logits.npy", "oof_index.npy"):
+        assert (run_dir / name).exists(), name
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2]
+    assert metrics["updates"].iloc[-1] == 2 * (256 // 64)
+    assert np.isfinite(metrics[["train_loss", "val_loss"]].to_numpy()).all()
+    oof = np.load(run_dir / "oof_logits.npy")
+    frame = pd.read_csv(Path(dirs[0].split("=")[1]) / "digits.csv")
+    assert np.array_equal(np.load(run_dir / "oof_index.npy"), np.flatnonzero(frame["fold"] == 0))
+    assert oof.shape == ((frame["fold"] == 0).sum(), 10) and oof.dtype == np.float32
+    # The OOF logits are the best checkpoint's: its held-out accuracy equals the logged best.
+    acc = (oof.argmax(1) == frame["label"][frame["fold"] == 0].to_numpy()).mean()
+    assert acc == pytest.approx(metrics["val_acc"].max(), abs=1e-6)
+    model, cfg = models.load_run_model(run_dir)
+    assert cfg["num_classes"] == 10 and len(cfg["mean"]) == 3
+
+
+def test_rerun_is_skipped_and_a_changed_config_refused(dirs):
+    args = ["--part", "1", "--preset", "demo", "epochs=1", "train_subset=128", *TINY_CNN]
+    run_dir = run(args, dirs)
+    stamp = (run_dir / "last.pt").stat().st_mtime_ns
+    assert run(args, dirs) == run_dir and (run_dir / "last.pt").stat().st_mtime_ns == stamp
+    with pytest.raises(CompetitionError, match="different config"):
+        run(args + ["lr=0.01"], dirs)
+
+
+def test_part2_both_stems(dirs):
+    run_dir = run(["--part", "2", "--preset", "demo", "epochs=1", "train_subset=64", "batch_size=32"], dirs)
+    assert np.load(run_dir / "oof_logits.npy").shape[1] == 10
+    run_dir = run(["--part", "2", "--preset", "demo", "epochs=1", "train_subset=64", "batch_size=32",
+                   "model_args.stem=imagenet", "image_size=48", "name=imagenet-stem"], dirs)
+    assert models.load_run_model(run_dir)[1]["image_size"] == 48
+
+
+def test_part3_local_weights_and_progressive_unfreezing(dirs, tmp_path):
+    weights = models.save_random_resnet50(tmp_path / "r50.pth")
+    saved = torch.load(weights)
+    run_dir = run(["--part", "3", "--preset", "demo", "epochs=2", "train_subset=64", "batch_size=32", "mixup=0.0",
+                   "unfreeze={0: [head], 1: [layer4]}", "ema=null", f"weights={weights}", "lr=0.05"], dirs)
+    trained = torch.load(run_dir / "last.pt", weights_only=False)["model"]
+    # Epoch 1 trained the head, epoch 2 head + layer4; the stem and layers 1-3 never moved.
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer3.5.conv3.weight", "bn1.weight"):
+        assert torch.equal(trained[name], saved[name]), name
+    assert not torch.equal(trained["layer4.2.conv3.weight"], saved["layer4.2.conv3.weight"])
+    assert trained["fc.weight"].shape == (10, 2048)
+
+
+def test_part3_without_weights_offline_is_one_clear_error(dirs, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CompetitionError, match="weights=PATH"):
+        run(["--part", "3", "--preset", "demo", "epochs=1", "train_subset=32"], dirs)
+
+
+def test_resume_matches_an_uninterrupted_run(dirs):
+    args = ["--part", "1", "--preset", "demo", "epochs=3", "train_subset=256", "ema=0.9", "mixup=0.2",
+            "random_erasing=0.3", *TINY_CNN]
+    full = run(args + ["--name", "full"], dirs)
+    part = run(args + ["--name", "split", "stop_after=1"], dirs)
+    assert len(pd.read_csv(part / "metrics.csv")) == 1
+    part = run(args + ["--name", "split", "--resume"], dirs)
+    a, b = pd.read_csv(full / "metrics.csv"), pd.read_csv(part / "metrics.csv")
+    cols = ["epoch", "lr", "updates", "train_loss", "train_acc", "val_loss", "val_acc"]
+    pd.testing.assert_frame_equal(a[cols], b[cols])
+    np.testing.assert_array_equal(np.load(full / "oof_logits.npy"), np.load(part / "oof_logits.npy"))
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
+
+
+def test_nan_loss_is_one_clear_error(dirs):
+    with pytest.raises(CompetitionError, match="loss became"):
+        run(["--part", "1", "--preset", "demo", "epochs=1", "train_subset=128", "lr=1.0e+30", "warmup_epochs=0",
+             *TINY_CNN], dirs)
+
+
+def test_two_processes_cover_the_fold_exactly_once(dirs, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           str(ROOT / "competition" / "train.py"), "--part", "1", "--preset", "demo", "epochs=1", *TINY_CNN, *dirs]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "2 process(es)" in out.stdout
+    run_dir = tmp_path / "models" / "part1-demo-f0-s0"
+    index = np.load(run_dir / "oof_index.npy")
+    frame = pd.read_csv(tmp_path / "folds" / "digits.csv")
+    assert len(index) == len(np.unique(index))
+    assert np.array_equal(index, np.flatnonzero(frame["fold"] == 0))
+    assert np.load(run_dir / "oof_logits.npy").shape == (len(index), 10)
