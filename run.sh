@@ -16,7 +16,7 @@
 #   --weights PATH  Part 3 ImageNet ResNet-50 weights file (offline machines)
 #   --n N           local suite images per corruption and severity [digits 40, else 1000]
 #   --tta NAME      predict's TTA [digits: flip; else shift1]   --bn-adapt  also BN-adapted logits
-#   --name NAME     submission name [<dataset>-<preset>-p<parts>]   --retrain  retrain finished runs
+#   --name NAME     submission name [<dataset>-<preset>-p<parts>]   --retrain  retrain finished runs (train.py --force)
 #
 # Everything the stages print goes to stderr; the LAST line (and the only one on stdout) is the
 # path of the submission CSV, so `csv=$(./run.sh ...)` works.
@@ -92,10 +92,7 @@ for P in ${PARTS//,/ }; do
   for ((F = 0; F < FOLDS; F++)); do
     DIR=models/$RUN-f$F-s0
     RUNS+=("$DIR")
-    if [[ $RETRAIN == 0 && -f $DIR/last.pt && -f $DIR/oof_index.npy ]]; then
-      step "part $P fold $F: $DIR is already trained; skipping (--retrain trains it again)"
-      continue
-    fi
+    # train.py itself skips a finished run with the same config (and refuses a changed one).
     step "train part $P fold $F -> $DIR"
     FORCE=(); [[ $RETRAIN == 1 ]] && FORCE=(--force)
     $PY competition/train.py --part "$P" "${PRESET_ARGS[@]}" --fold "$F" "${FORCE[@]}" \

@@ -2,7 +2,7 @@
 
     mobilenet_v1  the depthwise-separable stack of Howard et al. (2017): a 3x3 conv, then 13
                   (depthwise 3x3 + pointwise 1x1) blocks, global average pool, one linear layer.
-                  CIFAR layout: first conv stride 1 and no stride-2 in the first block pair, so
+                  CIFAR layout: first conv at stride 1, the blocks' four stride-2s kept, so
                   32x32 -> 32, 16, 8, 4, 2 (the ImageNet layout would leave 1x1 after 5 halvings)
     mobilenet_v2  torchvision's MobileNetV2 (inverted residuals, linear bottlenecks) with CIFAR
                   strides: stem stride 1 and the first stride-2 stage (24 channels) at stride 1,
@@ -122,10 +122,10 @@ def _ch(c: int, width: float) -> int:
 
 # ---------------------------------------------------------------------------- MobileNet v1
 
-# (output channels, stride) of the 13 depthwise-separable blocks. The paper's ImageNet list has
-# stride 2 at blocks 2, 4, 6 and 12 after a stride-2 stem; for 32x32 the stem and block 2 keep
-# stride 1 (kuangliu/pytorch-cifar's layout), leaving 2x2 maps before the pool.
-V1_BLOCKS = [(64, 1), (128, 1), (128, 1), (256, 2), (256, 1), (512, 2),
+# (output channels, stride) of the 13 depthwise-separable blocks, as in the paper's ImageNet
+# table (stride 2 at blocks 2, 4, 6 and 12); for 32x32 only the stem keeps stride 1
+# (kuangliu/pytorch-cifar's layout): 32 -> 32, 16, 8, 4, 2 before the pool.
+V1_BLOCKS = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
              (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1)]
 
 

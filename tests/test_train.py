@@ -81,7 +81,10 @@ def test_part3_local_weights_and_progressive_unfreezing(dirs, tmp_path):
 
 
 def test_part3_without_weights_offline_is_one_clear_error(dirs, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # read at import: patch the constant too, so no network wait
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CompetitionError, match="weights=PATH"):
         run(["--part", "3", "--preset", "demo", "epochs=1", "train_subset=32"], dirs)
 
