@@ -55,7 +55,8 @@ def to_input(images: torch.Tensor, mean, std, image_size: int | None = None,
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
-def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
+def reflect_index(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices outside 0..n-1 mirrored back inside (reflect padding without building the pad)."""
     idx = idx.abs()
     return torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
 
@@ -73,8 +74,8 @@ def flip_translate(images: torch.Tensor, flip: bool = True, translate: int = 0,
     cols = torch.arange(w, device=dev).expand(b, w)
     if translate:
         shift = torch.randint(-translate, translate + 1, (b, 2), device="cpu", generator=generator).to(dev)
-        rows = _reflect(rows + shift[:, :1], h)
-        cols = _reflect(cols + shift[:, 1:], w)
+        rows = reflect_index(rows + shift[:, :1], h)
+        cols = reflect_index(cols + shift[:, 1:], w)
     if flip:
         mirror = torch.rand(b, 1, generator=generator).to(dev) < 0.5
         cols = torch.where(mirror, w - 1 - cols, cols)

@@ -25,10 +25,16 @@ from competition.files import CompetitionError
 
 def simple_cnn(num_classes: int, widths=(64, 128, 256), hidden: int = 256, dropout: float = 0.2,
                convs_per_block: int = 2) -> nn.Module:
-    """Conv blocks (conv3x3-BN-ReLU x convs_per_block, then 2x2 max-pool), global max-pool, MLP."""
+    """Conv blocks (conv3x3-BN-ReLU x convs_per_block, then 2x2 max-pool), global max-pool, MLP.
+
+    `convs_per_block` is one number or one per block: extra convs are cheapest in the late,
+    low-resolution blocks (a 4x4 map costs 1/64 of a 32x32 one)."""
     layers, c_in = [], 3
-    for w in widths:
-        for _ in range(convs_per_block):
+    per_block = convs_per_block if isinstance(convs_per_block, (list, tuple)) else [convs_per_block] * len(widths)
+    if len(per_block) != len(widths):
+        raise CompetitionError(f"simple_cnn: convs_per_block {convs_per_block} needs one entry per width {widths}")
+    for w, n_convs in zip(widths, per_block):
+        for _ in range(n_convs):
             layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
             c_in = w
         layers.append(nn.MaxPool2d(2))

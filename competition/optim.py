@@ -57,7 +57,10 @@ def make_scheduler(optimizer, cfg: dict):
                                  cycle_limit=10_000 if cfg.get("cycle_epochs") else 1, **common)
     if cfg["sched"] in ("step", "const"):
         milestones = list(cfg.get("step_milestones") or []) if cfg["sched"] == "step" else []
-        return MultiStepLRScheduler(optimizer, decay_t=milestones, decay_rate=cfg.get("step_gamma", 0.1), **common)
+        # timm applies milestone m from t = m - 1 (its historical convention); +1 makes the LR drop at
+        # epoch m, where batch_size_at grows the batch under the same milestones.
+        return MultiStepLRScheduler(optimizer, decay_t=[m + 1 for m in milestones],
+                                    decay_rate=cfg.get("step_gamma", 0.1), **common)
     raise CompetitionError(f"sched must be cosine, step or const, not {cfg['sched']!r}")
 
 

@@ -102,16 +102,11 @@ def apply_view(images: torch.Tensor, view: View) -> torch.Tensor:
         return images
     _, h, w, _ = images.shape
     dev = images.device
-    rows = _reflect(torch.arange(h, device=dev) + dy, h)
-    cols = _reflect(torch.arange(w, device=dev) + dx, w)
+    rows = augment.reflect_index(torch.arange(h, device=dev) + dy, h)
+    cols = augment.reflect_index(torch.arange(w, device=dev) + dx, w)
     if mirror:
         cols = cols.flip(0)
     return images[:, rows][:, :, cols]
-
-
-def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
-    idx = idx.abs()
-    return torch.where(idx > n - 1, 2 * (n - 1) - idx, idx)
 
 
 @torch.no_grad()
