@@ -64,9 +64,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", action="append", help="preset(s); default: part1_cpu, part1, part2, part3")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on GPU, 5 on CPU)")
+    p.add_argument("--no-malloc-tuning", action="store_true", help="CPU: keep glibc's default allocator settings")
     p.add_argument("overrides", nargs="*", help="key=value applied to every preset")
     args = p.parse_args(argv)
     steps = args.steps or (10 if torch.cuda.is_available() else 5)
+    if not torch.cuda.is_available() and not args.no_malloc_tuning:
+        from competition.train import keep_freed_memory
+        keep_freed_memory()  # as train.py does on CPU
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {dev}, torch {torch.__version__}")
     print("| preset | model | image size | batch | images/s | peak GiB |\n|---|---|---|---|---|---|")
