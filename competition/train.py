@@ -196,7 +196,12 @@ _NOT_COMPARED = {"num_classes", "classes", "mean", "std", "run_dir", "progress",
 
 
 def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in _NOT_COMPARED}
+    from competition.config import CONFIG_DIR, read_yaml
+
+    # Keys added to base.yaml after a run was made count as their default, so a new knob does
+    # not invalidate every finished run.
+    full = {**read_yaml(CONFIG_DIR / "base.yaml"), **cfg}
+    return {k: v for k, v in full.items() if k not in _NOT_COMPARED}
 
 
 # ---------------------------------------------------------------------------- the loop
