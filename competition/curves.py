@@ -15,6 +15,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path, title: str) -> Path:
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_run(frame: pd.DataFrame, path, title: str = "") -> Path:
     """Loss, accuracy and learning rate per epoch from a metrics.csv frame."""
     plt = _pyplot()
@@ -32,13 +42,7 @@ def plot_run(frame: pd.DataFrame, path, title: str = "") -> Path:
         ax.grid(alpha=0.3)
         if ax.lines and name != "learning rate (end of epoch)":
             ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def plot_overlay(frames: dict[str, pd.DataFrame], path, title: str = "",
@@ -55,10 +59,4 @@ def plot_overlay(frames: dict[str, pd.DataFrame], path, title: str = "",
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
