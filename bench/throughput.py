@@ -16,51 +16,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-from torch import nn
 
-from competition import augment, models, optim
 from competition.config import load_config
-
-
-def measure(cfg: dict, steps: int, warmup: int = 2) -> tuple[float, float]:
-    """(images/s, peak GPU GiB or nan) for `steps` training steps after `warmup`."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = {**cfg, "num_classes": 100, "pretrained": False, "weights": None}
-    model = models.model_from_config(cfg).to(dev)
-    if cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.get("compile"):
-        model = torch.compile(model)
-    opt = optim.make_optimizer(model, cfg)
-    amp = dev.type == "cuda"
-    bs = cfg["batch_size"]
-    x8 = torch.randint(0, 256, (bs, 32, 32, 3), dtype=torch.uint8, device=dev)
-    y = torch.randint(0, 100, (bs,), device=dev)
-    mean, std = [0.5] * 3, [0.25] * 3
-    model.train()
-    for i in range(warmup + steps):
-        if i == warmup:
-            if amp:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        x = augment.to_input(augment.flip_translate(x8, cfg["flip"], cfg["translate"]), mean, std,
-                             cfg["image_size"], cfg["channels_last"])
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    if amp:
-        torch.cuda.synchronize()
-    ips = bs * steps / (time.perf_counter() - t0)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if amp else float("nan")
-    return ips, mem
+from competition.train import keep_freed_memory, step_throughput
 
 
 def main(argv=None):
@@ -72,14 +35,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     steps = args.steps or (10 if torch.cuda.is_available() else 5)
     if not torch.cuda.is_available() and not args.no_malloc_tuning:
-        from competition.train import keep_freed_memory
         keep_freed_memory()  # as train.py does on CPU
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {dev}, torch {torch.__version__}")
     print("| preset | model | image size | batch | images/s | peak GiB |\n|---|---|---|---|---|---|")
     for preset in args.preset or ["part1_cpu", "part1", "part2", "part3"]:
         cfg = load_config([preset], args.overrides)
-        ips, mem = measure(cfg, steps)
+        ips, mem = step_throughput(cfg, steps)
         print(f"| {preset} | {cfg['model']} | {cfg['image_size']} | {cfg['batch_size']} | {ips:.0f} | {mem:.1f} |",
               flush=True)
 

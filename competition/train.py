@@ -501,48 +501,67 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
 # ---------------------------------------------------------------------------- batch size finder
 
 
-def find_batch_size(cfg: dict, start: int = 16, limit: int = 4096, steps: int = 3) -> int:
-    """Time forward+backward+step at doubling batch sizes until memory runs out or images/s
-    stops improving; print the table and return the fastest size (the public starter's
-    finder only looked for the largest size that fits, which is rarely the fastest)."""
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
-    cfg = {**cfg, "num_classes": cfg.get("num_classes") or 100, "mean": [0.5] * 3, "std": [0.25] * 3}
-    size = cfg["image_size"] or 32
-    model = models.model_from_config({**cfg, "pretrained": False, "weights": None}).to(accelerator.device)
+def step_throughput(cfg: dict, steps: int = 5, warmup: int = 2) -> tuple[float, float]:
+    """(images/s, peak GPU GiB or nan) of `steps` full training steps after `warmup`: flip/translate,
+    to_input (resize, normalise), forward, backward, optimizer step, on synthetic uint8 32x32
+    batches of cfg batch_size: the loop's device-side path without data loading (a memory index).
+    Used by the batch-size finder and bench/throughput.py."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = {**cfg, "num_classes": 100, "pretrained": False, "weights": None}
+    model = models.model_from_config(cfg).to(dev)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    model, opt = accelerator.prepare(model, opt)
-    results, bs, best = [], start, (0.0, start)
+    if cfg.get("compile"):
+        model = torch.compile(model)
+    opt = optim.make_optimizer(model, cfg)
+    amp = dev.type == "cuda"
+    bs = cfg["batch_size"]
+    x8 = torch.randint(0, 256, (bs, 32, 32, 3), dtype=torch.uint8, device=dev)
+    y = torch.randint(0, 100, (bs,), device=dev)
+    mean, std = [0.5] * 3, [0.25] * 3
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            _sync()
+            t0 = time.perf_counter()
+        x = augment.to_input(augment.flip_translate(x8, cfg["flip"], cfg["translate"]), mean, std,
+                             cfg["image_size"], cfg["channels_last"])
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync()
+    ips = bs * steps / (time.perf_counter() - t0)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if amp else float("nan")
+    return ips, mem
+
+
+def find_batch_size(cfg: dict, start: int = 16, limit: int = 4096, steps: int = 3) -> int:
+    """Time training steps at doubling batch sizes until memory runs out or images/s stops
+    improving; print the table and return the fastest size (the public starter's finder only
+    looked for the largest size that fits, which is rarely the fastest)."""
+    if not torch.cuda.is_available():
+        keep_freed_memory()
+    bs, best = start, (0.0, start)
     while bs <= limit:
         try:
-            x = torch.randint(0, 256, (bs, 32, 32, 3), dtype=torch.uint8, device=accelerator.device)
-            y = torch.randint(0, cfg["num_classes"], (bs,), device=accelerator.device)
-            for i in range(steps + 1):
-                if i == 1:
-                    _sync()
-                    t0 = time.time()
-                loss = nn.functional.cross_entropy(model(augment.to_input(x, cfg["mean"], cfg["std"], size,
-                                                                           cfg["channels_last"])), y)
-                accelerator.backward(loss)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            _sync()
-            ips = bs * steps / (time.time() - t0)
+            ips, mem = step_throughput({**cfg, "batch_size": bs}, steps=steps, warmup=1)
         except torch.OutOfMemoryError:
             print(f"batch {bs}: out of memory")
             break
-        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
-        results.append((bs, ips, mem))
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
         print(f"batch {bs:5d}: {ips:9.1f} images/s, peak {mem:.1f} GiB")
         if ips > best[0]:
             best = (ips, bs)
         elif ips < 0.9 * best[0]:
             break
         bs *= 2
-    print(f"fastest: batch_size={best[1]} ({best[0]:.0f} images/s at image_size {size}); pass batch_size={best[1]}")
+    print(f"fastest: batch_size={best[1]} ({best[0]:.0f} images/s at image_size {cfg['image_size']}); "
+          f"pass batch_size={best[1]}")
     return best[1]
 
 
