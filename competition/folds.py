@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedKFold
 
 from competition import data
 from competition.files import CompetitionError, atomic_path, cli
@@ -28,6 +27,8 @@ def make_folds(labels: np.ndarray, k: int = 5, seed: int = 0) -> np.ndarray:
     if k < 2 or counts[counts > 0].min() < k:
         raise CompetitionError(f"cannot make {k} stratified folds: the rarest class has {counts[counts > 0].min()} "
                                f"images; use a smaller --k (at least 2)")
+    from sklearn.model_selection import StratifiedKFold  # here: sklearn adds ~2 s to every training start
+
     fold = np.empty(len(labels), np.int64)
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     for f, (_, val) in enumerate(skf.split(np.zeros(len(labels)), labels)):

@@ -35,9 +35,9 @@ import pandas as pd
 import torch
 from torch import nn
 
-from competition import augment, data, folds, models, optim
+from competition import augment, data, folds, models, optim, predict
 from competition.config import load_config, save_config
-from competition.files import CompetitionError, atomic_path, cli, save_npy, save_text
+from competition.files import CompetitionError, atomic_path, cli, save_json, save_npy, save_text
 
 # ---------------------------------------------------------------------------- CPU runtime
 
@@ -146,14 +146,18 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader, cfg: dict, accelerator) -> tuple[torch.Tensor, ...]:
+def predict_loader(model: nn.Module, loader, cfg: dict, accelerator, views=None) -> tuple[torch.Tensor, ...]:
     """Logits, labels and rows of every sample in `loader`, gathered across processes
-    (gather_for_metrics drops the samples padded onto the last shard)."""
+    (gather_for_metrics drops the samples padded onto the last shard); `views`: TTA views
+    (predict.parse_tta) whose logits are averaged."""
     model.eval()
     outs, ys, rows = [], [], []
     for x, y, r in loader:
         with accelerator.autocast():
-            logits = model(augment.to_input(x, cfg["mean"], cfg["std"], cfg["image_size"], cfg["channels_last"]))
+            if views:
+                logits = predict.tta_logits(model, x, cfg, views)
+            else:
+                logits = model(augment.to_input(x, cfg["mean"], cfg["std"], cfg["image_size"], cfg["channels_last"]))
         logits, y, r = accelerator.gather_for_metrics((logits.float(), y, r))
         outs.append(logits.cpu()), ys.append(y.cpu()), rows.append(r.cpu())
     if not outs:
@@ -268,6 +272,17 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
         f"{len(val_rows)} held-out images, {cfg['num_classes']} classes, {accelerator.num_processes} process(es) "
         f"on {accelerator.device}, precision {mp}")
 
+    # Training sizes below the stored one: resize the images once per size, not every batch
+    # (10% of a 24 px CPU step). Only shrinking: a 32 -> 224 copy would not fit in memory.
+    sized_images: dict = {}
+
+    def train_images(size: int) -> np.ndarray:
+        if size >= ds.images.shape[1]:
+            return ds.images
+        if size not in sized_images:
+            sized_images[size] = augment.shrink_images(ds.images, size)
+        return sized_images[size]
+
     val_eval_rows = subset(val_rows, cfg["val_subset"], cfg["seed"] + 1)
     n_train_eval = int(cfg.get("eval_train") or 0)
     train_eval_rows = subset(train_rows, n_train_eval, cfg["seed"] + 2) if n_train_eval else np.arange(0)
@@ -288,16 +303,17 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
     def train_loader(epoch: int):
         bs = optim.batch_size_at(cfg, epoch)
         kind = "strong" if cfg["strong_aug_epoch"] is not None and epoch >= cfg["strong_aug_epoch"] else cfg["cpu_aug"]
-        if (bs, kind) not in loaders:
+        size = train_size_at(cfg, epoch)
+        if (bs, kind, size) not in loaders:
             workers = cfg["workers"] if kind not in (None, "none") else 0
             dl = torch.utils.data.DataLoader(
-                ArrayDataset(ds.images, ds.labels, train_rows, augment.cpu_pipeline(kind)), batch_size=bs,
+                ArrayDataset(train_images(size), ds.labels, train_rows, augment.cpu_pipeline(kind)), batch_size=bs,
                 sampler=torch.utils.data.RandomSampler(range(len(train_rows)), generator=shuffle_gen),
                 drop_last=len(train_rows) >= bs * accelerator.num_processes, collate_fn=_as_batch,
                 num_workers=workers, pin_memory=torch.cuda.is_available())
-            loaders[(bs, kind)] = accelerator.prepare(dl)
+            loaders[(bs, kind, size)] = accelerator.prepare(dl)
         shuffle_gen.manual_seed(cfg["seed"] * 100_003 + epoch)
-        return loaders[(bs, kind)], bs, kind
+        return loaders[(bs, kind, size)], bs, kind
 
     # ---- model, optimizer, schedule
     model = models.model_from_config(cfg)
@@ -347,7 +363,7 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
     # ---- epochs
     from tqdm.auto import tqdm
 
-    t_loop = time.time()
+    t_loop = last_plot = time.time()
     stop = False
     while state.epoch < cfg["epochs"] and not stop:
         epoch = state.epoch
@@ -420,7 +436,10 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
             sd = _state_dict(eval_model)
             if improved:
                 _save_weights(run_dir / "best.pt", sd, cfg, row)
-            write_metrics(run_dir, state.history)
+            # A matplotlib figure costs ~1 s on a CPU: redraw at most once a minute, and at the end.
+            replot = time.time() - last_plot >= 60
+            write_metrics(run_dir, state.history, plot=replot)
+            last_plot = time.time() if replot else last_plot
         accelerator.save_state()
         if cfg["log_with"]:
             accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
@@ -429,6 +448,8 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
             f"val_acc {val_acc:.4f}  lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s {row['images_per_s']:.0f} img/s"
             f"  ETA {eta / 60:.1f} min" + ("  *" if improved and val_loader is not None else ""))
         if cfg["stop_after"] and state.epoch >= cfg["stop_after"] and state.epoch < cfg["epochs"]:
+            if main:
+                write_metrics(run_dir, state.history)
             say(f"stop_after={cfg['stop_after']}: stopping after epoch {state.epoch}; continue with --resume")
             return run_dir
         if cfg["patience"] and state.bad_epochs >= cfg["patience"]:
@@ -438,10 +459,13 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
     loop_time = time.time() - t_loop
 
     # ---- last weights, then out-of-fold logits with the best weights
+    summary = dict(epochs=state.epoch, updates=state.updates)
     accelerator.wait_for_everyone()
     eval_model = ema.module if ema is not None else net
     if main:
         _save_weights(run_dir / "last.pt", _state_dict(eval_model), cfg, state.history[-1] if state.history else {})
+        if state.history:
+            write_metrics(run_dir, state.history)
     accelerator.wait_for_everyone()
     if len(val_rows):
         best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
@@ -454,9 +478,20 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
         oof_loss, oof_acc = loss_acc(logits, labels)
         say(f"out-of-fold: {len(rows)} images, accuracy {oof_acc:.4f}, loss {oof_loss:.4f} (best epoch "
             f"{state.best_epoch})")
+        summary.update(oof_images=len(rows), oof_accuracy=oof_acc, oof_loss=oof_loss, best_epoch=state.best_epoch)
+        views = predict.parse_tta(cfg["oof_tta"])
+        if predict.tta_name(views) != "none":
+            # The accuracy a submission made with this TTA would have; the logits themselves come
+            # from competition.predict (oof_tta_logits.npy), next to the OOD ones.
+            tta_acc = loss_acc(*predict_loader(eval_model, eval_loader(val_rows), cfg, accelerator, views)[:2])[1]
+            say(f"out-of-fold with TTA {cfg['oof_tta']} ({len(views)} views): accuracy {tta_acc:.4f}")
+            summary.update(oof_tta=cfg["oof_tta"], oof_tta_accuracy=tta_acc)
     if cfg["log_with"]:
         accelerator.end_training()
-    say(f"done: {run_dir}  training loop {loop_time:.1f} s, total {time.time() - t_start:.1f} s")
+    summary.update(training_loop_s=round(loop_time, 1), total_s=round(time.time() - t_start, 1))
+    if main:
+        save_json(run_dir / "summary.json", summary)
+    say(f"done: {run_dir}  training loop {loop_time:.1f} s, total {summary['total_s']:.1f} s")
     return run_dir
 
 
@@ -488,14 +523,15 @@ def _load_yaml(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def write_metrics(run_dir: Path, history: list[dict]) -> None:
-    """metrics.csv (one row per epoch) and curves.png (loss, accuracy, learning rate)."""
-    from competition.curves import plot_run
-
+def write_metrics(run_dir: Path, history: list[dict], plot: bool = True) -> None:
+    """metrics.csv (one row per epoch) and, if `plot`, curves.png (loss, accuracy, learning rate)."""
     frame = pd.DataFrame(history)
     with atomic_path(run_dir / "metrics.csv", ".csv") as tmp:
         frame.to_csv(tmp, index=False)
-    plot_run(frame, run_dir / "curves.png", title=run_dir.name)
+    if plot:
+        from competition.curves import plot_run
+
+        plot_run(frame, run_dir / "curves.png", title=run_dir.name)
 
 
 # ---------------------------------------------------------------------------- batch size finder
@@ -503,8 +539,9 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
 
 def step_throughput(cfg: dict, steps: int = 5, warmup: int = 2) -> tuple[float, float]:
     """(images/s, peak GPU GiB or nan) of `steps` full training steps after `warmup`: flip/translate,
-    to_input (resize, normalise), forward, backward, optimizer step, on synthetic uint8 32x32
-    batches of cfg batch_size: the loop's device-side path without data loading (a memory index).
+    to_input (resize, normalise), forward, backward, optimizer step, on synthetic uint8 batches
+    (32x32, or already at image_size when that is smaller) of cfg batch_size: the loop's
+    device-side path without data loading (a memory index).
     Used by the batch-size finder and bench/throughput.py."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = {**cfg, "num_classes": 100, "pretrained": False, "weights": None}
@@ -516,7 +553,9 @@ def step_throughput(cfg: dict, steps: int = 5, warmup: int = 2) -> tuple[float, 
     opt = optim.make_optimizer(model, cfg)
     amp = dev.type == "cuda"
     bs = cfg["batch_size"]
-    x8 = torch.randint(0, 256, (bs, 32, 32, 3), dtype=torch.uint8, device=dev)
+    # The loop trains on images shrunk once when its size is below the stored 32 px (train_images).
+    side = min(32, cfg["image_size"] or 32)
+    x8 = torch.randint(0, 256, (bs, side, side, 3), dtype=torch.uint8, device=dev)
     y = torch.randint(0, 100, (bs,), device=dev)
     mean, std = [0.5] * 3, [0.25] * 3
     model.train()

@@ -1,6 +1,7 @@
 """The training engine end to end on tiny digits runs (CPU, seconds each)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from competition import folds, models, train
+from competition import data, folds, models, predict, train
 from competition.files import CompetitionError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,8 +33,9 @@ def run(args, dirs):
 
 
 def test_part1_writes_every_artifact(dirs):
-    run_dir = run(["--part", "1", "--preset", "demo", "epochs=2", "train_subset=256", *TINY_CNN], dirs)
-    for name in ("config.yaml", "best.pt", "last.pt", "metrics.csv", "curves.png", "oof_logits.npy", "oof_index.npy"):
+    run_dir = run(["--part", "1", "--preset", "demo", "epochs=2", "train_subset=256", "oof_tta=flip", *TINY_CNN], dirs)
+    for name in ("config.yaml", "best.pt", "last.pt", "metrics.csv", "curves.png", "oof_logits.npy", "oof_index.npy",
+                 "summary.json"):
         assert (run_dir / name).exists(), name
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2]
@@ -48,6 +50,14 @@ def test_part1_writes_every_artifact(dirs):
     assert acc == pytest.approx(metrics["val_acc"].max(), abs=1e-6)
     model, cfg = models.load_run_model(run_dir)
     assert cfg["num_classes"] == 10 and len(cfg["mean"]) == 3
+    # summary.json: the plain OOF accuracy, and the flip-TTA one recomputed here from the best weights.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["oof_accuracy"] == pytest.approx(acc) and summary["epochs"] == 2
+    rows = np.flatnonzero(frame["fold"] == 0)
+    ds = data.load_digits()
+    tta = predict.tta_logits(model.eval(), torch.from_numpy(ds.images[rows]), cfg, predict.parse_tta("flip"))
+    assert summary["oof_tta"] == "flip"
+    assert summary["oof_tta_accuracy"] == pytest.approx((tta.argmax(1).numpy() == ds.labels[rows]).mean(), abs=1e-6)
 
 
 def test_rerun_is_skipped_and_a_changed_config_refused(dirs):
