@@ -1,15 +1,17 @@
 """Training throughput (images/s) of each part's preset on this machine: one optimizer step
 = flip/translate + to_input (resize, normalise) + forward + backward + step, on synthetic
-uint8 32x32 batches, exactly the loop's device-side path (no data loading: it is a memory
-index, see bench/data_load.py).
+uint8 batches (32x32, or at image_size when smaller: the loop shrinks images once), the
+loop's device-side path (no data loading: it is a memory index, see bench/data_load.py).
 
     python bench/throughput.py                                 # part1_cpu, part1, part2, part3
     python bench/throughput.py --preset part2 --steps 20 batch_size=512
     accelerate launch bench/throughput.py --preset part3       # (one process per GPU)
 
-Measured (2-core AMD EPYC dev machine, torch 2.14 CPU, fp32, batch 256, nothing else running):
-    part1_cpu model ([16,32,64,128], pool-first): ~1,850 img/s at 32 px, ~2,900 at 24 px
-    simple_cnn [32,64,128,256]: 645 img/s; glibc malloc tuning off (--no-malloc-tuning): -25%
+Measured (2-core AMD EPYC dev machine, torch 2.14 CPU, fp32, batch 256, nothing else running;
+this shared machine's speed drifts by up to ~25% from hour to hour):
+    part1_cpu ([16,32,64,128] pool-first, 32 px, NHWC): 2,322 img/s; channels_last=false: 1,708
+    part1 ([64,128,256] x2 convs, NCHW): 103 img/s (a GPU preset)
+    earlier: glibc malloc tuning off (--no-malloc-tuning): -25%
 No GPU figures yet (no GPU was available when this was written).
 """
 from __future__ import annotations

@@ -148,21 +148,27 @@ def _latest_checkpoint(run_dir: Path) -> Path | None:
 @torch.no_grad()
 def predict_loader(model: nn.Module, loader, cfg: dict, accelerator, views=None) -> tuple[torch.Tensor, ...]:
     """Logits, labels and rows of every sample in `loader`, gathered across processes
-    (gather_for_metrics drops the samples padded onto the last shard); `views`: TTA views
-    (predict.parse_tta) whose logits are averaged."""
+    (gather_for_metrics drops the samples padded onto the last shard). With `views` (TTA views,
+    predict.parse_tta) a 4th tensor holds the logits averaged over them; the plain logits come
+    from the same pass (the identity view)."""
     model.eval()
-    outs, ys, rows = [], [], []
+    identity = (False, 0, 0)
+    wanted = list(views or [])
+    passes = [identity] + [v for v in wanted if v != identity]
+    outs, ys, rows, ttas = [], [], [], []
     for x, y, r in loader:
         with accelerator.autocast():
-            if views:
-                logits = predict.tta_logits(model, x, cfg, views)
-            else:
-                logits = model(augment.to_input(x, cfg["mean"], cfg["std"], cfg["image_size"], cfg["channels_last"]))
-        logits, y, r = accelerator.gather_for_metrics((logits.float(), y, r))
+            per_view = [model(augment.to_input(predict.apply_view(x, v), cfg["mean"], cfg["std"], cfg["image_size"],
+                                               cfg["channels_last"])).float() for v in passes]
+        logits, y, r = accelerator.gather_for_metrics((per_view[0], y, r))
         outs.append(logits.cpu()), ys.append(y.cpu()), rows.append(r.cpu())
+        if wanted:
+            tta = torch.stack([per_view[passes.index(v)] for v in wanted]).mean(0)
+            ttas.append(accelerator.gather_for_metrics(tta).cpu())
+    empty = torch.zeros(0, cfg["num_classes"])
     if not outs:
-        return torch.zeros(0, cfg["num_classes"]), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
-    return torch.cat(outs), torch.cat(ys), torch.cat(rows)
+        return empty, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), empty
+    return torch.cat(outs), torch.cat(ys), torch.cat(rows), torch.cat(ttas) if ttas else empty
 
 
 def loss_acc(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -470,7 +476,9 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
     if len(val_rows):
         best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
         eval_model.load_state_dict(best["model"])
-        logits, labels, rows = predict_loader(eval_model, eval_loader(val_rows), cfg, accelerator)
+        views = predict.parse_tta(cfg["oof_tta"])
+        views = views if predict.tta_name(views) != "none" else None
+        logits, labels, rows, tta_logits = predict_loader(eval_model, eval_loader(val_rows), cfg, accelerator, views)
         if main:
             order = torch.argsort(rows)
             save_npy(run_dir / "oof_logits.npy", logits[order].numpy().astype(np.float32))
@@ -479,11 +487,10 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
         say(f"out-of-fold: {len(rows)} images, accuracy {oof_acc:.4f}, loss {oof_loss:.4f} (best epoch "
             f"{state.best_epoch})")
         summary.update(oof_images=len(rows), oof_accuracy=oof_acc, oof_loss=oof_loss, best_epoch=state.best_epoch)
-        views = predict.parse_tta(cfg["oof_tta"])
-        if predict.tta_name(views) != "none":
+        if views:
             # The accuracy a submission made with this TTA would have; the logits themselves come
             # from competition.predict (oof_tta_logits.npy), next to the OOD ones.
-            tta_acc = loss_acc(*predict_loader(eval_model, eval_loader(val_rows), cfg, accelerator, views)[:2])[1]
+            tta_acc = loss_acc(tta_logits, labels)[1]
             say(f"out-of-fold with TTA {cfg['oof_tta']} ({len(views)} views): accuracy {tta_acc:.4f}")
             summary.update(oof_tta=cfg["oof_tta"], oof_tta_accuracy=tta_acc)
     if cfg["log_with"]:

@@ -44,3 +44,14 @@ def test_flip_translate_moves_whole_images():
     for a, b in zip(x8, shifted):
         assert any(torch.equal(b[2:30, 2:30], a[2 + dy:30 + dy, 2 + dx:30 + dx])
                    for dy in range(-2, 3) for dx in range(-2, 3))
+
+
+def test_input_stats_match_a_float_reference():
+    x8 = images(50)
+    mean, std = augment.input_stats(x8, "data")
+    ref = x8.reshape(-1, 3) / 255.0
+    np.testing.assert_allclose(mean, ref.mean(0), atol=1e-5)
+    np.testing.assert_allclose(std, ref.std(0), atol=1e-5)
+    assert augment.input_stats(x8, "none") == ([0.0] * 3, [1.0] * 3)
+    with pytest.raises(CompetitionError, match="norm must be"):
+        augment.input_stats(x8, "batch")
