@@ -109,6 +109,13 @@ def apply_view(images: torch.Tensor, view: View) -> torch.Tensor:
     return images[:, rows][:, :, cols]
 
 
+def view_logits(model: nn.Module, images: torch.Tensor, cfg: dict, views: list[View]) -> list[torch.Tensor]:
+    """float32 (B, C) logits of a uint8 (B, H, W, 3) batch, one tensor per view, each through
+    to_input with the run's size and normalisation (what training and tta_logits both use)."""
+    return [model(augment.to_input(apply_view(images, v), cfg["mean"], cfg["std"], cfg["image_size"],
+                                   cfg["channels_last"])).float() for v in views]
+
+
 @torch.no_grad()
 def tta_logits(model: nn.Module, images: torch.Tensor, cfg: dict, views: list[View],
                average: str = "logits") -> torch.Tensor:
@@ -117,10 +124,7 @@ def tta_logits(model: nn.Module, images: torch.Tensor, cfg: dict, views: list[Vi
     average="prob" returns log(mean softmax): still a logit vector, so the ensemble and the
     argmax treat both kinds alike."""
     total = None
-    for view in views:
-        x = augment.to_input(apply_view(images, view), cfg["mean"], cfg["std"], cfg["image_size"],
-                             cfg["channels_last"])
-        out = model(x).float()
+    for out in view_logits(model, images, cfg, views):
         out = out.softmax(1) if average == "prob" else out
         total = out if total is None else total + out
     total = total / len(views)

@@ -158,8 +158,7 @@ def predict_loader(model: nn.Module, loader, cfg: dict, accelerator, views=None)
     outs, ys, rows, ttas = [], [], [], []
     for x, y, r in loader:
         with accelerator.autocast():
-            per_view = [model(augment.to_input(predict.apply_view(x, v), cfg["mean"], cfg["std"], cfg["image_size"],
-                                               cfg["channels_last"])).float() for v in passes]
+            per_view = predict.view_logits(model, x, cfg, passes)
         logits, y, r = accelerator.gather_for_metrics((per_view[0], y, r))
         outs.append(logits.cpu()), ys.append(y.cpu()), rows.append(r.cpu())
         if wanted:
