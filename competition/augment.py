@@ -50,13 +50,16 @@ def to_input(images: torch.Tensor, mean, std, image_size: int | None = None,
     model without any per-image CPU work (and without holding 224x224 copies in memory)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise CompetitionError(f"expected a uint8 (B, H, W, 3) batch, got {images.dtype} {tuple(images.shape)}")
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    # An NHWC uint8 batch permuted is already channels-last in memory, and float() keeps that.
+    x = images.permute(0, 3, 1, 2).float()
     if image_size and (x.shape[-2], x.shape[-1]) != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
                           antialias=image_size < x.shape[-1])
-    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    x = (x - m) / s
+    # (x / 255 - mean) / std as one multiply-add (resizing is linear, so it commutes with this).
+    s = torch.tensor(std, device=x.device, dtype=torch.float64).view(1, 3, 1, 1)
+    scale = (1.0 / (255.0 * s)).to(x.dtype)
+    shift = (-torch.tensor(mean, device=x.device, dtype=torch.float64).view(1, 3, 1, 1) / s).to(x.dtype)
+    x = torch.addcmul(shift, x, scale)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
@@ -87,7 +90,7 @@ def flip_translate(images: torch.Tensor, flip: bool = True, translate: int = 0,
     torchvision transforms per image in workers (airbench's trick)."""
     if not flip and not translate:
         return images
-    b, h, w, _ = images.shape
+    b, h, w, c = images.shape
     dev = images.device
     rows = torch.arange(h, device=dev).expand(b, h)
     cols = torch.arange(w, device=dev).expand(b, w)
@@ -98,8 +101,13 @@ def flip_translate(images: torch.Tensor, flip: bool = True, translate: int = 0,
     if flip:
         mirror = torch.rand(b, 1, generator=generator).to(dev) < 0.5
         cols = torch.where(mirror, w - 1 - cols, cols)
-    batch = torch.arange(b, device=dev)[:, None, None]
-    return images[batch, rows[:, :, None], cols[:, None, :]]
+    pixel = (rows[:, :, None] * w + cols[:, None, :]).view(b, h * w)  # flat source index per output pixel
+    if c == 3:
+        # Each RGB pixel padded to 4 bytes and gathered as one int32: 1.8x faster on a CPU than
+        # gathering bytes (2.6 vs 4.7 ms for 256 images), ~3% of a part1_cpu step.
+        px = torch.cat([images, images.new_zeros(b, h, w, 1)], -1).view(torch.int32).view(b, h * w)
+        return torch.gather(px, 1, pixel).view(b, h, w, 1).view(torch.uint8)[..., :3]
+    return torch.gather(images.reshape(b, h * w, c), 1, pixel[:, :, None].expand(b, h * w, c)).view(b, h, w, c)
 
 
 class BatchAugment:

@@ -24,14 +24,19 @@ from competition.files import CompetitionError
 
 
 def simple_cnn(num_classes: int, widths=(64, 128, 256), hidden: int = 256, dropout: float = 0.2,
-               convs_per_block: int = 2, pool_first: bool = False) -> nn.Module:
+               convs_per_block: int = 2, pool_first: bool = False, activation: str = "relu") -> nn.Module:
     """Conv blocks (conv3x3-BN-ReLU x convs_per_block, then 2x2 max-pool), global max-pool, MLP.
 
     `convs_per_block` is one number or one per block: extra convs are cheapest in the late,
     low-resolution blocks (a 4x4 map costs 1/64 of a 32x32 one). `pool_first` puts each block's
     max-pool straight after its last conv (conv-pool-BN-ReLU, as in Page's fast CIFAR ResNet):
     max-pool commutes with the monotone BN-ReLU up to BN's sign, and BN and ReLU then touch a
-    quarter of the pixels, which is most of a CPU step's time for narrow networks."""
+    quarter of the pixels, which is most of a CPU step's time for narrow networks.
+    `activation`: relu | gelu | silu."""
+    acts = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "silu": lambda: nn.SiLU(inplace=True)}
+    if activation not in acts:
+        raise CompetitionError(f"simple_cnn: activation {activation!r} is not one of {', '.join(acts)}")
+    act = acts[activation]
     layers, c_in = [], 3
     per_block = convs_per_block if isinstance(convs_per_block, (list, tuple)) else [convs_per_block] * len(widths)
     if len(per_block) != len(widths):
@@ -40,12 +45,12 @@ def simple_cnn(num_classes: int, widths=(64, 128, 256), hidden: int = 256, dropo
         for i in range(n_convs):
             pool_here = pool_first and i == n_convs - 1
             layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), *([nn.MaxPool2d(2)] if pool_here else []),
-                       nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                       nn.BatchNorm2d(w), act()]
             c_in = w
         if not pool_first:
             layers.append(nn.MaxPool2d(2))
     # Global max-pool rather than flatten: the head then works at any input size.
-    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, hidden), nn.ReLU(inplace=True),
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, hidden), act(),
                          nn.Dropout(dropout), nn.Linear(hidden, num_classes))
     return nn.Sequential(nn.Sequential(*layers), head)
 

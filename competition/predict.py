@@ -25,9 +25,11 @@ config, exactly as in training and validation.
 TTA (--tta): a preset or a comma list of views. A view is `id`, `flip`, `DY:DX` (shift by DY
 rows and DX columns, reflect padding) or `fDY:DX` (mirrored and shifted). Presets:
     none   id                                            1 view
-    flip   id, flip                                      2 views (default)
+    flip   id, flip                                      2 views
     shift1 {id, flip} x {0, (+1,+1), (-1,-1)}            6 views (airbench's mirror+translate)
     shift2 {id, flip} x {0, (+-1,+-1), (+-2,+-2)}        10 views
+Without --tta each run uses the TTA its training validated (its config's oof_tta, the view
+set behind the "held-out accuracy with TTA" train.py reported), or flip when that is none.
 Views are averaged as logits (default) or as probabilities (--average prob; the file then
 holds log of the mean probability, which softmaxes back to it).
 """
@@ -347,13 +349,13 @@ def expand_runs(patterns: list[str]) -> list[Path]:
 def predict_run(run_dir, ood_dirs=(), views: list[View] | None = None, average: str = "logits",
                 bn_adapt: bool | None = None, bn_blend: float = 1.0, batch_size: int = 512,
                 test: bool = True, oof: bool = True, force: bool = False, accelerator=None) -> dict:
-    """Write the run's TTA logits (see the module docstring). bn_adapt=None follows the run's
-    config (bn_adapt key). Returns {output path: 'written' | 'skipped'}."""
+    """Write the run's TTA logits (see the module docstring). views=None and bn_adapt=None follow
+    the run's config (oof_tta, or flip when that is none; bn_adapt). Returns {output path:
+    'written' | 'skipped'}."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
-    views = views or TTA_PRESETS["flip"]
     if average not in ("logits", "prob"):
         raise CompetitionError(f"--average must be logits or prob, not {average!r}")
     if not 0.0 <= bn_blend <= 1.0:
@@ -362,6 +364,9 @@ def predict_run(run_dir, ood_dirs=(), views: list[View] | None = None, average: 
                                      and torch.cuda.is_bf16_supported() else "no")
     main = acc.is_main_process
     model, cfg = models.load_run_model(run_dir, map_location="cpu")
+    if views is None:
+        views = parse_tta(cfg.get("oof_tta") or "none")
+        views = views if tta_name(views) != "none" else TTA_PRESETS["flip"]
     if bn_adapt is None:
         bn_adapt = bool(cfg.get("bn_adapt"))
     if bn_adapt and not batchnorms(model):
@@ -470,7 +475,8 @@ def main(argv=None):
                    help="folder of distortionNN.npy (the competition's, or a local suite); repeatable")
     p.add_argument("--download", action="store_true",
                    help="fetch the 19 competition OOD files into --ood-dir first when missing")
-    p.add_argument("--tta", default="flip", help="preset (none, flip, shift1, shift2) or views; default flip")
+    p.add_argument("--tta", default=None, help="preset (none, flip, shift1, shift2) or views; default: the "
+                   "run's oof_tta (the TTA its reported accuracy used), else flip")
     p.add_argument("--average", default="logits", choices=("logits", "prob"), help="how TTA views are averaged")
     p.add_argument("--bn-adapt", action="store_true", default=None,
                    help="also write BN-adapted OOD logits (default: the run config's bn_adapt)")
@@ -483,7 +489,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from accelerate import Accelerator
 
-    views = parse_tta(args.tta)
+    views = parse_tta(args.tta) if args.tta else None
     if args.download:  # the competition's files only: a local suite is made by competition.score
         for d in args.ood_dir:
             if not (Path(d) / "corruptions.json").exists():

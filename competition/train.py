@@ -387,8 +387,7 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
                    disable=not (main and cfg["progress"]), dynamic_ncols=True)
         for i, (x, y, _) in enumerate(loader):
             with accelerator.accumulate(model):
-                x = augment.flip_translate(x, cfg["flip"], cfg["translate"])
-                x = augment.to_input(x, cfg["mean"], cfg["std"], size, cfg["channels_last"])
+                x = train_input(x, cfg, size)
                 x, target = batch_aug(x, y)
                 y = y[: len(x)]
                 logits = model(x)
@@ -432,11 +431,12 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
         state.history.append(row)
         state.epoch += 1
 
-        improved = val_loader is None or val_acc > state.best_acc
+        # best.pt: a tie goes to the later epoch (trained longer, at a lower learning rate);
+        # patience counts epochs without a strictly better accuracy.
+        improved = val_loader is None or val_acc >= state.best_acc
+        state.bad_epochs = 0 if val_loader is None or val_acc > state.best_acc else state.bad_epochs + 1
         if improved:
-            state.best_acc, state.best_epoch, state.bad_epochs = val_acc, epoch + 1, 0
-        else:
-            state.bad_epochs += 1
+            state.best_acc, state.best_epoch = val_acc, epoch + 1
         if main:
             sd = _state_dict(eval_model)
             if improved:
@@ -499,6 +499,13 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
         save_json(run_dir / "summary.json", summary)
     say(f"done: {run_dir}  training loop {loop_time:.1f} s, total {summary['total_s']:.1f} s")
     return run_dir
+
+
+def train_input(images: torch.Tensor, cfg: dict, size: int) -> torch.Tensor:
+    """A uint8 (B, H, W, 3) training batch -> the model's float input at `size`: random flip and
+    shift (cfg flip, translate), then to_input. The loop and step_throughput both use this."""
+    x = augment.flip_translate(images, cfg["flip"], cfg["translate"])
+    return augment.to_input(x, cfg["mean"], cfg["std"], size, cfg["channels_last"])
 
 
 def train_size_at(cfg: dict, epoch: int) -> int:
@@ -569,8 +576,7 @@ def step_throughput(cfg: dict, steps: int = 5, warmup: int = 2) -> tuple[float, 
         if i == warmup:
             _sync()
             t0 = time.perf_counter()
-        x = augment.to_input(augment.flip_translate(x8, cfg["flip"], cfg["translate"]), mean, std,
-                             cfg["image_size"], cfg["channels_last"])
+        x = train_input(x8, {**cfg, "mean": mean, "std": std}, cfg["image_size"])
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
             loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()

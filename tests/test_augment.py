@@ -46,6 +46,21 @@ def test_flip_translate_moves_whole_images():
                    for dy in range(-2, 3) for dx in range(-2, 3))
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_flip_translate_gather_matches_byte_indexing(channels):
+    """The packed int32 gather (3 channels) and the general one pick the same pixels as plain
+    advanced indexing with the same random draws."""
+    x8 = torch.randint(0, 256, (16, 12, 10, channels), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    out = augment.flip_translate(x8, flip=True, translate=3, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    shift = torch.randint(-3, 4, (16, 2), generator=g)
+    mirror = torch.rand(16, 1, generator=g) < 0.5
+    rows = augment.reflect_index(torch.arange(12) + shift[:, :1], 12)
+    cols = augment.reflect_index(torch.arange(10) + shift[:, 1:], 10)
+    cols = torch.where(mirror, 9 - cols, cols)
+    assert torch.equal(out, x8[torch.arange(16)[:, None, None], rows[:, :, None], cols[:, None, :]])
+
+
 def test_input_stats_match_a_float_reference():
     x8 = images(50)
     mean, std = augment.input_stats(x8, "data")

@@ -20,6 +20,8 @@ def one_thread():
 
 CASES = {
     "simple_cnn": ("simple_cnn", {}),
+    "simple_cnn-gelu-pool-first": ("simple_cnn", {"widths": [8, 16, 32, 32], "convs_per_block": 1,
+                                                  "pool_first": True, "activation": "gelu"}),
     "resnet18-cifar": ("resnet18", {"stem": "cifar"}),
     "resnet18-imagenet": ("resnet18", {"stem": "imagenet"}),
     "resnet50": ("resnet50", {"pretrained": False}),
@@ -39,6 +41,8 @@ def test_forward_backward(case):
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"no (finite) gradient for {missing[:5]}"
     assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+    if args.get("activation") == "gelu":
+        assert not any(isinstance(m, torch.nn.ReLU) for m in model.modules())
 
 
 def test_resnet18_stems_differ():
@@ -55,6 +59,8 @@ def test_build_model_errors():
         M.build_model("vgg", 10)
     with pytest.raises(CompetitionError, match="bad model_args"):
         M.build_model("simple_cnn", 10, depth=3)
+    with pytest.raises(CompetitionError, match="activation 'tanh'"):
+        M.build_model("simple_cnn", 10, activation="tanh")
 
 
 def test_model_from_config():

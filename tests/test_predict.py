@@ -159,6 +159,22 @@ def test_predict_writes_logits_and_skips_done_work(run, monkeypatch):
     assert set(status.values()) == {"written"}
 
 
+def test_default_tta_is_the_one_the_run_reported(run, monkeypatch):
+    """Without --tta a run is predicted with its config's oof_tta (the TTA behind the held-out
+    accuracy train.py printed), or flip when that is none."""
+    from competition import models
+
+    run_dir, _ = run
+    real = models.load_run_model
+    for oof_tta, want in (("shift1", "shift1"), ("none", "flip")):
+        def load(*a, _tta=oof_tta, **k):
+            model, cfg = real(*a, **k)
+            return model, {**cfg, "oof_tta": _tta}
+        monkeypatch.setattr(models, "load_run_model", load)
+        P.predict_run(run_dir, [], None, test=False, force=True)
+        assert P.read_manifest(run_dir)["oof_tta_logits.npy"]["tta"] == want
+
+
 def test_stale_or_missing_ood_logits_are_a_clear_error(run, tmp_path):
     run_dir, ood = run
     P.predict_run(run_dir, [ood], P.parse_tta("flip"), test=False, oof=False)
