@@ -24,15 +24,21 @@ from competition.files import CompetitionError
 
 
 def simple_cnn(num_classes: int, widths=(64, 128, 256), hidden: int = 256, dropout: float = 0.2,
-               convs_per_block: int = 2, pool_first: bool = False, activation: str = "relu") -> nn.Module:
-    """Conv blocks (conv3x3-BN-ReLU x convs_per_block, then 2x2 max-pool), global max-pool, MLP.
+               convs_per_block: int = 2, pool_first: bool = False, activation: str = "relu",
+               head_grid: int = 1) -> nn.Module:
+    """Conv blocks (conv3x3-BN-ReLU x convs_per_block, then 2x2 max-pool), max-pool to a
+    head_grid x head_grid grid, MLP.
 
     `convs_per_block` is one number or one per block: extra convs are cheapest in the late,
     low-resolution blocks (a 4x4 map costs 1/64 of a 32x32 one). `pool_first` puts each block's
     max-pool straight after its last conv (conv-pool-BN-ReLU, as in Page's fast CIFAR ResNet):
     max-pool commutes with the monotone BN-ReLU up to BN's sign, and BN and ReLU then touch a
     quarter of the pixels, which is most of a CPU step's time for narrow networks.
-    `activation`: relu | gelu | silu."""
+    `activation`: relu | gelu | silu. `head_grid` 1 is a global max-pool; 2 keeps a 2x2 grid of
+    maxima, i.e. roughly where in the image a feature fired (+0.9 points on part1_cpu, whose
+    last map is 2x2; measured on folds 0-2)."""
+    if not (isinstance(head_grid, int) and head_grid >= 1):
+        raise CompetitionError(f"simple_cnn: head_grid must be a positive whole number, not {head_grid!r}")
     acts = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU, "silu": lambda: nn.SiLU(inplace=True)}
     if activation not in acts:
         raise CompetitionError(f"simple_cnn: activation {activation!r} is not one of {', '.join(acts)}")
@@ -49,9 +55,9 @@ def simple_cnn(num_classes: int, widths=(64, 128, 256), hidden: int = 256, dropo
             c_in = w
         if not pool_first:
             layers.append(nn.MaxPool2d(2))
-    # Global max-pool rather than flatten: the head then works at any input size.
-    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, hidden), act(),
-                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+    # An adaptive max-pool to a fixed grid rather than a flatten: the head works at any input size.
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(head_grid), nn.Flatten(), nn.Linear(c_in * head_grid ** 2, hidden),
+                         act(), nn.Dropout(dropout), nn.Linear(hidden, num_classes))
     return nn.Sequential(nn.Sequential(*layers), head)
 
 

@@ -21,7 +21,7 @@ def one_thread():
 CASES = {
     "simple_cnn": ("simple_cnn", {}),
     "simple_cnn-gelu-pool-first": ("simple_cnn", {"widths": [8, 16, 32, 32], "convs_per_block": 1,
-                                                  "pool_first": True, "activation": "gelu"}),
+                                                  "pool_first": True, "activation": "gelu", "head_grid": 2}),
     "resnet18-cifar": ("resnet18", {"stem": "cifar"}),
     "resnet18-imagenet": ("resnet18", {"stem": "imagenet"}),
     "resnet50": ("resnet50", {"pretrained": False}),
@@ -59,6 +59,8 @@ def test_build_model_errors():
         M.build_model("vgg", 10)
     with pytest.raises(CompetitionError, match="bad model_args"):
         M.build_model("simple_cnn", 10, depth=3)
+    with pytest.raises(CompetitionError, match="head_grid"):
+        M.build_model("simple_cnn", 10, head_grid=0)
     with pytest.raises(CompetitionError, match="activation 'tanh'"):
         M.build_model("simple_cnn", 10, activation="tanh")
 
