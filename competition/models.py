@@ -35,7 +35,7 @@ def simple_cnn(num_classes: int, widths=(64, 128, 256), hidden: int = 256, dropo
     max-pool commutes with the monotone BN-ReLU up to BN's sign, and BN and ReLU then touch a
     quarter of the pixels, which is most of a CPU step's time for narrow networks.
     `activation`: relu | gelu | silu. `head_grid` 1 is a global max-pool; 2 keeps a 2x2 grid of
-    maxima, i.e. roughly where in the image a feature fired (+0.9 points on part1_cpu, whose
+    maxima, i.e. roughly where in the image a feature fired (+0.6 to +0.9 points on part1_cpu, whose
     last map is 2x2; measured on folds 0-2)."""
     if not (isinstance(head_grid, int) and head_grid >= 1):
         raise CompetitionError(f"simple_cnn: head_grid must be a positive whole number, not {head_grid!r}")
