@@ -56,9 +56,8 @@ def to_input(images: torch.Tensor, mean, std, image_size: int | None = None,
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
                           antialias=image_size < x.shape[-1])
     # (x / 255 - mean) / std as one multiply-add (resizing is linear, so it commutes with this).
-    s = torch.tensor(std, device=x.device, dtype=torch.float64).view(1, 3, 1, 1)
-    scale = (1.0 / (255.0 * s)).to(x.dtype)
-    shift = (-torch.tensor(mean, device=x.device, dtype=torch.float64).view(1, 3, 1, 1) / s).to(x.dtype)
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     x = torch.addcmul(shift, x, scale)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
