@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from competition.config import load_config
-from competition.train import keep_freed_memory, step_throughput
+from competition.runtime import keep_freed_memory
+from competition.train import step_throughput
 
 
 def main(argv=None):

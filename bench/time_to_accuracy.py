@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 import pandas as pd
 
 from competition import train
+from competition.config import resolve
 
 
 def main(argv=None):
@@ -34,9 +35,8 @@ def main(argv=None):
     p.add_argument("--target", type=float, action="append", help="held-out accuracy targets (repeatable)")
     p.add_argument("overrides", nargs="*")
     args = p.parse_intermixed_args(argv)
-    ns = argparse.Namespace(part=args.part, preset=args.preset, fold=args.fold, seed=args.seed, name=None,
-                            weights=None)
-    cfg, _ = train.resolve(ns, ["dataset=imagefolder", f"data={args.data}", "val_subset=null", *args.overrides])
+    cfg = resolve(args.part, args.preset, ["dataset=imagefolder", f"data={args.data}", "val_subset=null",
+                                           *args.overrides], fold=args.fold, seed=args.seed)
     cfg["name"] = f"bench/{cfg['preset']}-f{args.fold}-s{args.seed}"
     t0 = time.time()
     run_dir = train.train(cfg, force=True)

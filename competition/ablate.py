@@ -43,8 +43,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition.config import CONFIG_DIR, load_config, merge, read_yaml, save_config
+from competition.config import apply_overrides, check_keys, comparable, load_config, merge, read_yaml, save_config
 from competition.files import CompetitionError, cli, save_text
+from competition.runs import RunDir
 
 # ---------------------------------------------------------------------------- the studies
 
@@ -142,36 +143,17 @@ def plan(study: str, budget: bool = False, overrides: list[str] = (), preset: st
         name, variants = study, STUDIES[study](shared)
     elif Path(study).suffix in (".yaml", ".yml"):
         name, grid_base, variants = read_grid(study)
-        shared = _apply_overrides(_check(merge(load_config([base_preset]), grid_base), f"{study} base"), overrides)
+        shared = check_keys(apply_overrides(check_keys(merge(load_config([base_preset]), grid_base),
+                                                       f"{study} base"), overrides), "command line")
     else:
         raise CompetitionError(f"unknown study {study!r}; studies: {', '.join(STUDIES)} (or a grid .yaml path)")
     out = {}
     for variant, over in variants.items():
-        cfg = _check(merge(copy.deepcopy(shared), copy.deepcopy(over)), f"{name}/{variant}")
+        cfg = check_keys(merge(copy.deepcopy(shared), copy.deepcopy(over)), f"{name}/{variant}")
         cfg["name"] = f"ablations/{name}/{variant}"
         cfg["preset"] = base_preset
         out[variant] = cfg
     return name, out
-
-
-def _apply_overrides(cfg: dict, overrides: list[str]) -> dict:
-    from competition.config import parse_override
-
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = cfg
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return _check(cfg, "command line")
-
-
-def _check(cfg: dict, where: str) -> dict:
-    known = set(read_yaml(CONFIG_DIR / "base.yaml")) | {"preset"}
-    unknown = sorted(set(cfg) - known)
-    if unknown:
-        raise CompetitionError(f"{where}: unknown config keys {unknown}; see competition/configs/base.yaml")
-    return cfg
 
 
 def variant_overrides(study: str, cfg: dict | None = None) -> dict:
@@ -182,33 +164,31 @@ def variant_overrides(study: str, cfg: dict | None = None) -> dict:
 # ---------------------------------------------------------------------------- running
 
 
-_IGNORED = ("progress", "log_with", "workers", "run_dir", "name", "num_classes", "classes", "mean", "std")
-
-
 def _same(a: dict, b: dict) -> bool:
-    return {k: v for k, v in a.items() if k not in _IGNORED} == {k: v for k, v in b.items() if k not in _IGNORED}
+    """The same training run, wherever it lives (the name is the study's folder)."""
+    return comparable({**a, "name": None}) == comparable({**b, "name": None})
 
 
-def _reuse(cfg: dict, run_dir: Path) -> Path | None:
+def _reuse(cfg: dict, run: RunDir) -> Path | None:
     """Copy an identical finished run of another study into run_dir (hard links: no extra disk),
     so the baseline several studies share is trained once. Returns the source, if any."""
-    if run_dir.exists():
+    if run.path.exists():
         return None
-    for other in sorted((Path(cfg["models_dir"]) / "ablations").glob("*/*/config.yaml")):
-        src = other.parent
-        if src == run_dir or not (src / "last.pt").exists():
+    for other in sorted((Path(cfg["models_dir"]) / "ablations").glob(f"*/*/{RunDir.CONFIG}")):
+        src = RunDir(other.parent)
+        if src == run or not src.weights("last").exists():
             continue
-        old = read_yaml(other)
+        old = src.config()
         if _same(old, cfg):
             def link(s, d):
                 try:
                     os.link(s, d)
                 except OSError:
                     shutil.copy2(s, d)
-            shutil.copytree(src, run_dir, copy_function=link)
-            (run_dir / "config.yaml").unlink()
-            save_config({**old, "name": cfg["name"], "run_dir": str(run_dir)}, run_dir / "config.yaml")
-            return src
+            shutil.copytree(src.path, run.path, copy_function=link)
+            (run / RunDir.CONFIG).unlink()  # a hard link: rewriting it in place would change the source's too
+            save_config({**old, "name": cfg["name"]}, run / RunDir.CONFIG)
+            return src.path
     return None
 
 
@@ -224,8 +204,7 @@ def run_study(study: str, budget: bool = False, overrides: list[str] = (), varia
             raise CompetitionError(f"study {name} has no variant {missing}; it has {', '.join(configs)}")
         configs = {k: v for k, v in configs.items() if k in variants}
     for variant, cfg in configs.items():
-        run_dir = T.run_folder(cfg)
-        src = None if force else _reuse(cfg, run_dir)
+        src = None if force else _reuse(cfg, RunDir.for_config(cfg))
         if src is not None:
             print(f"{name}/{variant}: identical to {src}; copied, not retrained")
         T.train(copy.deepcopy(cfg), force=force)
@@ -265,11 +244,11 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def write_report(study: str, configs: dict, out_dir: Path, echo: bool = True) -> Path:
-    from competition.curves import plot_overlay
+    from competition.plots import plot_overlay
 
     frames, rows = {}, {}
     for variant, cfg in configs.items():
-        path = Path(cfg["models_dir"]) / cfg["name"] / "metrics.csv"
+        path = RunDir.for_config(cfg).metrics_csv
         if not path.exists():
             raise CompetitionError(f"{path} is missing: variant {variant} has not been trained")
         frames[variant] = pd.read_csv(path)

@@ -127,10 +127,6 @@ class BatchAugment:
                              prob=cfg.get("mix_prob", 1.0), label_smoothing=cfg.get("label_smoothing") or 0.0,
                              num_classes=num_classes)
 
-    @property
-    def soft_targets(self) -> bool:
-        return self.mix is not None
-
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         if self.erase is not None:
             x = self.erase(x)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from competition.files import CompetitionError
+from competition.files import CompetitionError, save_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -79,9 +79,38 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), yaml.load(value, Loader=_Loader) if value.strip() else None
 
 
+def base_config() -> dict:
+    """configs/base.yaml: every key, with its default."""
+    return read_yaml(CONFIG_DIR / "base.yaml")
+
+
+def check_keys(cfg: dict, where: str = "config") -> dict:
+    """`cfg` unchanged, or an error naming keys base.yaml does not have (a typo never trains)."""
+    unknown = sorted(set(cfg) - set(base_config()) - {"preset"})
+    if unknown:
+        raise CompetitionError(f"{where}: unknown config keys {unknown}; see competition/configs/base.yaml for "
+                               f"every key")
+    return cfg
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """`key=value` / `a.b=value` texts applied to a copy of cfg (values parsed as YAML)."""
+    cfg = dict(cfg)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = cfg
+        for k in keys[:-1]:
+            node[k] = dict(node.get(k) or {}) if isinstance(node.get(k, {}), dict) else node.get(k)
+            node = node[k]
+            if not isinstance(node, dict):
+                raise CompetitionError(f"override {text!r}: {k} is not a mapping")
+        node[keys[-1]] = value
+    return cfg
+
+
 def load_config(presets: list[str] = (), overrides: list[str] = ()) -> dict:
-    base = read_yaml(CONFIG_DIR / "base.yaml")
-    cfg, by_part = dict(base), []
+    """base.yaml <- each preset (its `by_part` table applied for the config's part) <- overrides."""
+    cfg, by_part = base_config(), []
     for name in presets:
         if name:
             preset = load_preset(name)
@@ -92,20 +121,37 @@ def load_config(presets: list[str] = (), overrides: list[str] = ()) -> dict:
     for table in by_part:
         part_cfg = table.get(cfg.get("part")) or table.get(str(cfg.get("part"))) or {}
         cfg = merge(cfg, part_cfg)
-    for text in overrides:
-        keys, value = parse_override(text)
-        node = cfg
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise CompetitionError(f"override {text!r}: {k} is not a mapping")
-        node[keys[-1]] = value
-    unknown = sorted(set(cfg) - set(base) - {"num_classes", "classes", "mean", "std", "preset", "run_dir"})
-    if unknown:
-        raise CompetitionError(f"unknown config keys {unknown}; see competition/configs/base.yaml for every key")
+    return check_keys(apply_overrides(cfg, overrides))
+
+
+def resolve(part: int | None = None, presets: list[str] | None = None, overrides: list[str] = (),
+            **fields) -> dict:
+    """The config of a training run: part<N>.yaml and the presets in order, the overrides, then
+    the command line's own flags (`fields` not None: fold, seed, name, weights). `preset` names
+    the run: "part1 + part1_cpu" -> part1_cpu, "part3 + demo" -> part3-demo."""
+    names = ([f"part{part}"] if part is not None else []) + list(presets or [])
+    names = names or ["part1"]
+    cfg = load_config(names, overrides)
+    cfg.update({k: v for k, v in fields.items() if v is not None})
+    if part is not None:
+        cfg["part"] = part
+    kept = [p for i, p in enumerate(names) if not any(q.startswith(p) for q in names[i + 1:])]
+    cfg["preset"] = "-".join(Path(p).stem for p in kept)
     return cfg
 
 
+# Keys that do not change what a run learns: a finished run with other values of these is
+# still the same run (no retraining, no refusal).
+NOT_COMPARED = frozenset({"progress", "log_with", "workers", "stop_after"})
+
+
+def comparable(cfg: dict) -> dict:
+    """What decides whether two configs train the same run. Keys added to base.yaml after a run
+    was made count as their default, so a new knob does not invalidate every finished run."""
+    full = {**base_config(), **cfg}
+    return {k: v for k, v in full.items() if k not in NOT_COMPARED}
+
+
 def save_config(cfg: dict, path) -> None:
-    from competition.files import save_text
+    """A config (or any plain mapping) as YAML, keys in their order, written atomically."""
     save_text(path, yaml.safe_dump(cfg, sort_keys=False))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -139,7 +140,7 @@ def _unpickle(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- imagefolder
-def load_imagefolder(path, split: str = "train", cache_dir=None, size: int | None = None) -> ImageSet | None:
+def load_imagefolder(path, split: str = "train", cache_dir=None) -> ImageSet | None:
     """Images under `[split/]<class>/<image>` in a directory or a .tar/.tar.gz; classes sorted.
 
     Decoded arrays are cached as .npz in `cache_dir`, keyed by the source's path, size and
@@ -150,7 +151,8 @@ def load_imagefolder(path, split: str = "train", cache_dir=None, size: int | Non
         raise CompetitionError(f"{path} does not exist: give a folder or .tar.gz of <class>/<image> files")
     cache = None
     if cache_dir is not None:
-        key = hashlib.sha1(f"{path.resolve()}|{_source_stamp(path)}|{split}|{size}".encode()).hexdigest()[:16]
+        # "|None" ends the key as in earlier versions (which had a size option), so their caches stay valid.
+        key = hashlib.sha1(f"{path.resolve()}|{_source_stamp(path)}|{split}|None".encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"{path.name.split('.')[0]}-{split}-{key}.npz"
         if cache.exists():
             with np.load(cache, allow_pickle=False) as z:
@@ -165,12 +167,13 @@ def load_imagefolder(path, split: str = "train", cache_dir=None, size: int | Non
     class_index = {c: i for i, c in enumerate(classes)}
     images, labels = [], []
     for parts, data in entries:
-        images.append(_decode(data, "/".join(parts), path, size))
+        images.append(_decode(data, "/".join(parts), path))
         labels.append(class_index[parts[-2]])
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise CompetitionError(f"{path}: images have different sizes {sorted(shapes)[:3]}...; "
-                               f"pass size=... (--image-size) to resize them on load")
+        raise CompetitionError(f"{path}: images have different sizes {sorted(shapes)[:3]}...; every image of "
+                               f"a data set must have one size: resize them first (e.g. PIL's Image.resize) "
+                               f"and point --data at the resized copy")
     result = ImageSet(np.stack(images), np.asarray(labels, np.int64), classes)
     if cache is not None:
         with atomic_path(cache, ".npz") as tmp:
@@ -222,14 +225,11 @@ def _select_split(entries, split: str, path: Path):
     return chosen or None
 
 
-def _decode(data: bytes, name: str, source: Path, size: int | None) -> np.ndarray:
+def _decode(data: bytes, name: str, source: Path) -> np.ndarray:
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            if size is not None and im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except Exception as e:
         raise CompetitionError(f"{source}: cannot decode {name} ({e}); remove or replace that file") from None
 
@@ -284,6 +284,53 @@ def open_ood(path, image_shape: tuple[int, int] | None = (32, 32)) -> np.ndarray
     if arr.shape[0] == 0 or arr.shape[0] % SEVERITIES:
         raise CompetitionError(f"{path}: {arr.shape[0]} rows is not a positive multiple of {SEVERITIES} severities")
     return arr
+
+
+class OodSet:
+    """A folder of OOD files, checked: the competition's `distortionNN.npy` or a labelled local
+    suite made by `python -m competition.score suite` (which adds corruptions.json, labels.npy
+    and suite.json). Every stage that reads OOD files (predict, ensemble, score, submit) opens
+    the folder through this class, so they all agree on which files and rows there are."""
+
+    def __init__(self, path, expected: int | None = None):
+        self.path = Path(path)
+        self.files = ood_files(self.path, expected=expected)
+        self.rows = [open_ood(p, image_shape=None).shape[0] for p in self.files]
+
+    @property
+    def is_suite(self) -> bool:
+        """A local suite (it holds corruptions.json), not the competition's files."""
+        return (self.path / "corruptions.json").exists()
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """The suite's N labels (the same images at every severity of every file), or None."""
+        p = self.path / "labels.npy"
+        return np.load(p) if p.exists() else None
+
+    def info(self) -> dict:
+        """suite.json (where the images came from) plus the corruption name of every file."""
+        def read(name):
+            try:
+                return json.loads((self.path / name).read_text())
+            except (FileNotFoundError, ValueError):
+                return {}
+
+        return {**read("suite.json"), "names": read("corruptions.json").get("names", {})}
+
+    def images(self, k: int) -> np.ndarray:
+        """File k, memory-mapped."""
+        return open_ood(self.files[k], image_shape=None)
+
+
+def sample_rows(rows, n: int | None, seed: int) -> np.ndarray:
+    """A seeded random subset of `n` of `rows` (an array, or a count meaning arange(count)),
+    sorted; all of them when n is falsy or not smaller. The same rows, n and seed always give
+    the same subset (training subsets, evaluation checks and the local suite all use this)."""
+    rows = np.arange(rows) if np.isscalar(rows) else np.asarray(rows)
+    if not n or n >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
 
 
 def _download_ood(ood_dir: Path, name: str) -> None:

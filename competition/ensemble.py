@@ -22,33 +22,15 @@ from __future__ import annotations
 import argparse
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from competition import data, folds, predict
+from competition import data, submit
 from competition.files import CompetitionError, cli, save_json
-
-# ---------------------------------------------------------------------------- metrics on logits
-
-
-def log_softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, np.float64)
-    z = z - z.max(1, keepdims=True)
-    return z - np.log(np.exp(z).sum(1, keepdims=True))
-
-
-def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float((np.asarray(logits).argmax(1) == labels).mean()) if len(labels) else float("nan")
-
-
-def log_loss(logits: np.ndarray, labels: np.ndarray) -> float:
-    if not len(labels):
-        return float("nan")
-    return float(-log_softmax(logits)[np.arange(len(labels)), labels].mean())
-
+from competition.metrics import accuracy, file_accuracy, log_loss, table_summary
+from competition.runs import Member, RunDir, combine, expand_runs, load_members, member_mean, num_classes, \
+    ood_logits, oof_labels, test_logits
 
 # ---------------------------------------------------------------------------- weights
 
@@ -90,149 +72,11 @@ def fit_weights(logits: list[np.ndarray], labels: np.ndarray, rounds: int = 40) 
     return best_counts / best_counts.sum()
 
 
-# ---------------------------------------------------------------------------- runs and members
-
-
-@dataclass
-class Member:
-    name: str
-    runs: list[Path]
-    cfgs: list[dict] = field(default_factory=list)
-    oof_index: np.ndarray | None = None  # rows of the folds CSV, sorted
-    oof_logits: np.ndarray | None = None  # (len(oof_index), C) TTA logits
-    weight: float = 0.0
-
-
-def member_key(run_dir) -> str:
-    """The run folder's name without its fold tag: part1-demo-f3-s0 -> part1-demo-s0."""
-    return re.sub(r"-f\d+(?=-|$)", "", Path(run_dir).name)
-
-
-def run_config(run_dir) -> dict:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise CompetitionError(f"{path} is missing: {run_dir} is not a run folder written by competition/train.py")
-    return yaml.safe_load(path.read_text()) or {}
-
-
-def load_members(runs: list[Path]) -> list[Member]:
-    """Group runs into members and gather each member's out-of-fold TTA logits."""
-    members: dict[str, Member] = {}
-    for run in runs:
-        members.setdefault(member_key(run), Member(member_key(run), [])).runs.append(Path(run))
-    for mem in members.values():
-        idx, logits = [], []
-        for run in mem.runs:
-            cfg = run_config(run)
-            mem.cfgs.append(cfg)
-            path = run / "oof_tta_logits.npy"
-            if not (run / "oof_index.npy").exists():
-                raise CompetitionError(f"{run} has no oof_index.npy (trained with fold=-1?): without out-of-fold "
-                                       f"logits it cannot be weighted; leave it out of the ensemble")
-            if not path.exists():
-                raise CompetitionError(f"{path} is missing: run `python -m competition.predict {run}` first "
-                                       f"(out-of-fold logits with the same TTA as the OOD logits)")
-            i, z = np.load(run / "oof_index.npy"), np.load(path)
-            if len(i) != len(z):
-                raise CompetitionError(f"{path}: {len(z)} rows but oof_index.npy has {len(i)}; rerun predict --force")
-            idx.append(i)
-            logits.append(z.astype(np.float32))
-        idx_all = np.concatenate(idx)
-        if len(np.unique(idx_all)) != len(idx_all):
-            raise CompetitionError(f"member {mem.name}: runs {', '.join(r.name for r in mem.runs)} hold out "
-                                   f"overlapping rows (the same fold twice?); name the runs to combine explicitly")
-        order = np.argsort(idx_all)
-        mem.oof_index, mem.oof_logits = idx_all[order], np.concatenate(logits)[order]
-    return list(members.values())
-
-
-def oof_labels(members: list[Member]) -> np.ndarray:
-    """Labels of the folds CSV every run was trained with (they must all share it)."""
-    paths = {folds.folds_path(folds.dataset_name(c["dataset"], c.get("data")), c["folds_dir"])
-             for m in members for c in m.cfgs}
-    if len(paths) != 1:
-        raise CompetitionError(f"the runs were trained on different folds files ({', '.join(map(str, paths))}): "
-                               f"an ensemble needs one dataset and one split")
-    return folds.read_folds(paths.pop())["label"].to_numpy()
-
-
-def num_classes(members: list[Member]) -> int:
-    ks = {int(c["num_classes"]) for m in members for c in m.cfgs}
-    if len(ks) != 1:
-        raise CompetitionError(f"the runs predict different numbers of classes {sorted(ks)}")
-    return ks.pop()
-
-
-def member_mean(paths: list[Path]) -> np.ndarray:
-    """Mean over a member's fold models of one logits file each (float32)."""
-    total = None
-    for p in paths:
-        z = np.load(p).astype(np.float32)
-        if total is not None and z.shape != total.shape:
-            raise CompetitionError(f"{p}: shape {z.shape} differs from {paths[0]}'s {total.shape}; rerun predict")
-        total = z if total is None else total + z
-    return total / len(paths)
-
-
-def combine(member_logits: list[np.ndarray], weights) -> np.ndarray:
-    return sum(float(w) * z for w, z in zip(weights, member_logits) if w > 0)
-
-
-def test_logits(members: list[Member], weights) -> tuple[np.ndarray, np.ndarray] | None:
-    """Ensembled clean-test logits and labels, when every run has them."""
-    paths = [[r / "test_logits.npy" for r in m.runs] for m in members]
-    if not all(p.exists() for ps in paths for p in ps):
-        return None
-    labels = np.load(members[0].runs[0] / "test_labels.npy")
-    return combine([member_mean(ps) for ps in paths], weights), labels
-
-
-def ood_logits(members: list[Member], weights, ood_dir, bn_adapt: bool = False):
-    """Yield (OOD file, ensembled logits float32 (rows, C)) file by file: never all in memory."""
-    per_run = {r: predict.ood_logits_paths(r, ood_dir, bn_adapt) for m in members for r in m.runs}
-    for k, src in enumerate(data.ood_files(ood_dir, expected=None)):
-        rows = data.open_ood(src, image_shape=None).shape[0]
-        zs = []
-        for m in members:
-            z = member_mean([per_run[r][k] for r in m.runs])
-            if len(z) != rows:
-                raise CompetitionError(f"{per_run[m.runs[0]][k]} has {len(z)} rows but {src} has {rows}; "
-                                       f"rerun predict with --force")
-            zs.append(z)
-        yield src, combine(zs, weights)
-
-
-def members_from_json(path) -> tuple[list[Member], np.ndarray, dict]:
-    """The members and weights a submission's JSON sidecar recorded (for competition.score)."""
-    import json
-
-    path = Path(path)
-    try:
-        spec = json.loads(path.read_text())
-        members = [Member(m["name"], [Path(r) for r in m["runs"]], [run_config(r) for r in m["runs"]])
-                   for m in spec["members"]]
-        weights = np.asarray([m["weight"] for m in spec["members"]], float)
-    except FileNotFoundError:
-        raise CompetitionError(f"{path} does not exist: make it with python -m competition.ensemble") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise CompetitionError(f"{path} is not an ensemble JSON written by competition.ensemble ({e})") from None
-    return members, weights, spec
-
-
 # ---------------------------------------------------------------------------- the ensemble
 
 
-def build(runs: list[Path], name: str, ood_dir, out_dir="submissions", method: str = "caruana",
-          rounds: int = 40, bn_adapt: bool = False, say=print) -> Path:
-    """Fit the weights, write submissions/<name>.csv and .json, validate the CSV; returns the CSV."""
-    from competition import score, submit
-
-    t0 = time.time()
-    if not re.fullmatch(r"[\w.+-]+", name):
-        raise CompetitionError(f"--name {name!r}: use letters, digits and . _ + - (it becomes a file name)")
-    members = load_members(runs)
-    labels_all = oof_labels(members)
-    n_classes = num_classes(members)
+def shared_oof(members: list[Member], labels_all: np.ndarray, say=print):
+    """(rows all members hold out, labels there, each member's OOF logits there, aligned?)."""
     common = members[0].oof_index
     for m in members[1:]:
         common = np.intersect1d(common, m.oof_index)
@@ -243,61 +87,54 @@ def build(runs: list[Path], name: str, ood_dir, out_dir="submissions", method: s
     if not aligned:
         say(f"note: members' out-of-fold rows differ ({', '.join(f'{m.name} {len(m.oof_index)}' for m in members)}); "
             f"weights are fitted on the {len(common)} rows all of them hold")
-    labels = labels_all[common]
     oof = [m.oof_logits[np.searchsorted(m.oof_index, common)] for m in members]
+    return common, labels_all[common], oof, aligned
 
-    if method == "caruana":
-        weights = fit_weights(oof, labels, rounds)
-    elif method == "equal":
-        weights = np.full(len(members), 1 / len(members))
-    else:
-        raise CompetitionError(f"--method must be caruana or equal, not {method!r}")
-    for m, w in zip(members, weights):
-        m.weight = float(w)
-    ens_oof = combine(oof, weights)
 
-    # ---- clean test (reported only: never used for the weights)
-    test = test_logits(members, weights)
-    member_test = {}
-    if test is not None:
-        for m in members:
-            member_test[m.name] = accuracy(member_mean([r / "test_logits.npy" for r in m.runs]), test[1])
-
-    # ---- OOD: labels for the CSV, and local scores when the folder is a labelled suite
-    suite_labels = score.suite_labels(ood_dir)
-    preds, rows, per_file = [], [], []
-    for src, z in ood_logits(members, weights, ood_dir, bn_adapt):
+def write_csv(members: list[Member], weights, ood: data.OodSet, csv: Path, n_classes: int,
+              adapted: bool) -> np.ndarray | None:
+    """The submission CSV (argmax of the ensembled OOD logits), validated; returns the accuracy
+    table (files x severities) when the OOD folder is a labelled local suite."""
+    labels = ood.labels
+    preds, table = [], []
+    for _, z in ood_logits(members, weights, ood, adapted):
         preds.append(z.argmax(1).astype(np.int64))
-        rows.append(len(z))
-        if suite_labels is not None:
-            per_file.append(score.file_accuracy(z, suite_labels))
-    csv = Path(out_dir) / f"{name}.csv"
-    submit.write_submission(csv, np.concatenate(preds), rows)
-    submit.check_submission(csv, ood_dir=ood_dir, num_classes=n_classes)
+        if labels is not None:
+            table.append(file_accuracy(z, labels))
+    submit.write_submission(csv, np.concatenate(preds), ood.rows)
+    submit.check_submission(csv, ood_dir=ood.path, num_classes=n_classes)
+    return np.stack(table) if table else None
 
-    info = {
+
+def sidecar(name: str, csv: Path, ood: data.OodSet, members: list[Member], weights, oof_fit: tuple,
+            labels_all: np.ndarray, n_classes: int, method: str, rounds: int, adapted: bool) -> dict:
+    """The JSON that says which runs and weights made the CSV, and how each scores."""
+    common, labels, oof, aligned = oof_fit
+    ens_oof = combine(oof, weights)
+    test = test_logits(members, weights)
+    member_test = {m.name: accuracy(member_mean([r / RunDir.TEST_LOGITS for r in m.runs]), test[1])
+                   for m in members} if test is not None else {}
+    return {
         "name": name, "csv": str(csv), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "ood_dir": str(ood_dir), "ood_logits": predict.ood_subdir(ood_dir, bn_adapt), "method": method,
+        "ood_dir": str(ood.path), "ood_logits": RunDir.ood_subdir(ood, adapted), "method": method,
         "rounds": rounds if method == "caruana" else None, "num_classes": n_classes,
-        "tta": sorted({predict.read_manifest(r).get("oof_tta_logits.npy", {}).get("tta", "?")
-                       for m in members for r in m.runs}),
+        "tta": sorted({r.manifest().get(RunDir.OOF_TTA, {}).get("tta", "?") for m in members for r in m.runs}),
         "runs": [str(r) for m in members for r in m.runs],
-        "weights": {m.name: round(m.weight, 6) for m in members},
-        "members": [{"name": m.name, "runs": [str(r) for r in m.runs], "weight": round(m.weight, 6),
+        "weights": {m.name: round(float(w), 6) for m, w in zip(members, weights)},
+        "members": [{"name": m.name, "runs": [str(r) for r in m.runs], "weight": round(float(w), 6),
                      "oof_rows": int(len(m.oof_index)),
                      "oof_accuracy": accuracy(m.oof_logits, labels_all[m.oof_index]),
                      "oof_accuracy_common": accuracy(z, labels), "oof_logloss_common": log_loss(z, labels),
-                     "test_accuracy": member_test.get(m.name)} for m, z in zip(members, oof)],
+                     "test_accuracy": member_test.get(m.name)} for m, w, z in zip(members, weights, oof)],
         "oof": {"rows": int(len(common)), "aligned": aligned, "accuracy": accuracy(ens_oof, labels),
-                "logloss": log_loss(ens_oof, labels),
-                "best_member_accuracy": max(accuracy(z, labels) for z in oof)},
+                "logloss": log_loss(ens_oof, labels), "best_member_accuracy": max(accuracy(z, labels) for z in oof)},
         "test_accuracy": accuracy(*test) if test is not None else None,
     }
-    if per_file:
-        info["local_score"] = score.summary(np.stack(per_file))
-    save_json(Path(out_dir) / f"{name}.json", info)
 
-    say(f"members ({'fitted on ' + str(len(common)) + ' OOF rows' if method == 'caruana' else 'equal weights'}):")
+
+def report(info: dict, say=print) -> None:
+    fitted = f"fitted on {info['oof']['rows']} OOF rows" if info["method"] == "caruana" else "equal weights"
+    say(f"members ({fitted}):")
     for m in info["members"]:
         say(f"  {m['name']:<28} weight {m['weight']:.3f}  OOF acc {m['oof_accuracy_common']:.4f}  "
             f"({len(m['runs'])} run(s))")
@@ -307,7 +144,30 @@ def build(runs: list[Path], name: str, ood_dir, out_dir="submissions", method: s
     if "local_score" in info:
         line += f", local OOD acc {info['local_score']['ood_accuracy']:.4f}"
     say(line)
-    say(f"wrote {csv} ({sum(rows)} rows, valid) and {csv.with_suffix('.json')} in {time.time() - t0:.1f} s")
+
+
+def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "caruana",
+          rounds: int = 40, bn_adapt: bool = False, say=print) -> Path:
+    """Fit the weights, write submissions/<name>.csv and .json, validate the CSV; returns the CSV."""
+    t0 = time.time()
+    if not re.fullmatch(r"[\w.+-]+", name):
+        raise CompetitionError(f"--name {name!r}: use letters, digits and . _ + - (it becomes a file name)")
+    if method not in ("caruana", "equal"):
+        raise CompetitionError(f"--method must be caruana or equal, not {method!r}")
+    members = load_members([r if isinstance(r, RunDir) else RunDir(r) for r in runs])
+    labels_all, n_classes = oof_labels(members), num_classes(members)
+    ood = ood_dir if isinstance(ood_dir, data.OodSet) else data.OodSet(ood_dir)
+    oof_fit = shared_oof(members, labels_all, say)
+    weights = fit_weights(oof_fit[2], oof_fit[1], rounds) if method == "caruana" else \
+        np.full(len(members), 1 / len(members))
+    csv = Path(out_dir) / f"{name}.csv"
+    table = write_csv(members, weights, ood, csv, n_classes, bn_adapt)
+    info = sidecar(name, csv, ood, members, weights, oof_fit, labels_all, n_classes, method, rounds, bn_adapt)
+    if table is not None:
+        info["local_score"] = table_summary(table)
+    save_json(csv.with_suffix(".json"), info)
+    report(info, say)
+    say(f"wrote {csv} ({sum(ood.rows)} rows, valid) and {csv.with_suffix('.json')} in {time.time() - t0:.1f} s")
     return csv
 
 
@@ -323,8 +183,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=40, help="greedy selection rounds (weights are multiples of 1/k)")
     p.add_argument("--out-dir", default="submissions")
     args = p.parse_args(argv)
-    runs = predict.expand_runs(args.runs)
-    return build(runs, args.name, args.ood_dir, args.out_dir, args.method, args.rounds, args.bn_adapt)
+    return build(expand_runs(args.runs), args.name, args.ood_dir, args.out_dir, args.method, args.rounds,
+                 args.bn_adapt)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,12 @@ def save_text(path, text: str) -> None:
 
 def save_json(path, obj) -> None:
     save_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_json(path, default=None):
+    """A JSON file's content, or `default` when it is missing or unreadable (a half-written or
+    hand-edited bookkeeping file is then rebuilt, never trusted)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        return default

@@ -15,7 +15,8 @@ model_args shared by both (config `model_args: {...}`):
     ghost_batch_size  bn=ghost: each chunk of this many images is normalised by its own statistics
     iew_weight        bn=iew: weight of the example's own statistics at inference
 
-Both register themselves with competition.models, which imports this module on first use.
+competition.models builds both by name (`model: mobilenet_v1`); this module imports nothing of the
+package but its error type.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from competition.files import CompetitionError
-from competition.models import register
 
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "silu": nn.SiLU,
                "swish": nn.SiLU, "gelu": nn.GELU, "hardswish": nn.Hardswish, "elu": nn.ELU,
@@ -151,7 +151,6 @@ class MobileNetV1(nn.Module):
         return self.fc(self.pool(self.blocks(self.stem(x))))
 
 
-@register("mobilenet_v1")
 def mobilenet_v1(num_classes: int, **model_args) -> nn.Module:
     return MobileNetV1(num_classes, **model_args)
 
@@ -159,7 +158,6 @@ def mobilenet_v1(num_classes: int, **model_args) -> nn.Module:
 # ---------------------------------------------------------------------------- MobileNet v2
 
 
-@register("mobilenet_v2")
 def mobilenet_v2(num_classes: int, width: float = 1.0, activation: str = "relu6", bn: str = "batchnorm",
                  ghost_batch_size: int = 32, iew_weight: float = 1 / 128, dropout: float = 0.0) -> nn.Module:
     """torchvision's MobileNetV2 with CIFAR strides. `activation` replaces its ReLU6 everywhere

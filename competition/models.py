@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from competition import mobilenets
 from competition.files import CompetitionError
 
 # -------------------------------------------------------------------- Part 1: simple CNN
@@ -112,19 +113,11 @@ def resnet50(num_classes: int, pretrained: bool = False, weights: str | None = N
 RESNET_GROUPS = {"head": ["fc"], "layer4": ["layer4"], "layer3": ["layer3"], "layer2": ["layer2"],
                  "layer1": ["layer1"], "stem": ["conv1", "bn1"]}
 
-MODELS = {"simple_cnn": simple_cnn, "resnet18": resnet18, "resnet50": resnet50}
-
-
-def register(name: str):
-    def deco(fn):
-        MODELS[name] = fn
-        return fn
-    return deco
+MODELS = {"simple_cnn": simple_cnn, "resnet18": resnet18, "resnet50": resnet50,
+          "mobilenet_v1": mobilenets.mobilenet_v1, "mobilenet_v2": mobilenets.mobilenet_v2}
 
 
 def build_model(name: str, num_classes: int, **model_args) -> nn.Module:
-    if name not in MODELS:
-        _load_study_models()
     if name not in MODELS:
         raise CompetitionError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
     try:
@@ -133,20 +126,12 @@ def build_model(name: str, num_classes: int, **model_args) -> nn.Module:
         raise CompetitionError(f"model {name}: bad model_args {model_args} ({e})") from None
 
 
-def _load_study_models():
-    # The MobileNets of the ablation studies live in their own module and register themselves.
-    try:
-        import competition.mobilenets  # noqa: F401
-    except ImportError:
-        pass
-
-
-def model_from_config(cfg: dict) -> nn.Module:
-    args = dict(cfg.get("model_args") or {})
+def model_from_config(cfg: dict, num_classes: int) -> nn.Module:
+    """The model a config describes (model, model_args; resnet50 also pretrained, weights)."""
+    args = {k: v for k, v in (cfg.get("model_args") or {}).items() if k not in ("pretrained", "weights")}
     if cfg["model"] == "resnet50":
-        args.setdefault("pretrained", bool(cfg.get("pretrained")))
-        args.setdefault("weights", cfg.get("weights"))
-    return build_model(cfg["model"], cfg["num_classes"], **args)
+        args.update(pretrained=bool(cfg.get("pretrained")), weights=cfg.get("weights"))
+    return build_model(cfg["model"], num_classes, **args)
 
 
 def set_trainable(model: nn.Module, prefixes: list[str] | None) -> int:
@@ -178,33 +163,6 @@ def unfrozen_prefixes(schedule: dict | None, epoch: int) -> list[str] | None:
                     return None
                 opened += RESNET_GROUPS.get(g, [g])
     return opened
-
-
-def load_run_model(run_dir, which: str = "best", map_location="cpu") -> tuple[nn.Module, dict]:
-    """The trained model of a run folder (`best.pt` or `last.pt`) and its resolved config.
-
-    The architecture is rebuilt from the config without fetching ImageNet weights: the
-    checkpoint already holds every trained parameter."""
-    import yaml
-
-    run_dir = Path(run_dir)
-    path = run_dir / f"{which}.pt"
-    if not path.exists():
-        raise CompetitionError(f"{path} is missing: train this run first (python competition/train.py ...) "
-                               f"or check the run folder name")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-        cfg = ckpt.get("config") or yaml.safe_load((run_dir / "config.yaml").read_text())
-        model = model_from_config({**cfg, "pretrained": False, "weights": None,
-                                   "model_args": {k: v for k, v in (cfg.get("model_args") or {}).items()
-                                                  if k not in ("pretrained", "weights")}})
-        model.load_state_dict(ckpt["model"])
-    except CompetitionError:
-        raise
-    except Exception as e:
-        raise CompetitionError(f"{path} could not be loaded ({type(e).__name__}: {str(e)[:300]}); "
-                               f"it may be truncated: retrain the run or restore the file") from None
-    return model.eval(), cfg
 
 
 def save_random_resnet50(path) -> Path:

@@ -7,8 +7,6 @@ per epoch) changes under a batch-size schedule.
 """
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
 from competition.files import CompetitionError
@@ -69,8 +67,3 @@ def batch_size_at(cfg: dict, epoch: int) -> int:
     multiply the batch by a factor where a step schedule would divide the learning rate)."""
     grow = sum(1 for m in cfg.get("batch_size_milestones") or [] if epoch >= m)
     return int(cfg["batch_size"] * (cfg.get("batch_size_factor") or 1) ** grow)
-
-
-def updates_per_epoch(n_train: int, batch_size: int, grad_accum: int = 1, drop_last: bool = False) -> int:
-    batches = n_train // batch_size if drop_last else math.ceil(n_train / batch_size)
-    return math.ceil(max(batches, 1) / grad_accum)

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition.data import SEVERITIES, ood_files, open_ood
+from competition.data import SEVERITIES, OodSet
 from competition.files import CompetitionError, atomic_path, cli
 
 HEADER = "id,label"
@@ -62,11 +62,6 @@ def write_submission(path, labels: np.ndarray, rows_per_file: list[int]) -> Path
     with atomic_path(path, ".csv") as tmp:
         frame.to_csv(tmp, index=False)
     return path
-
-
-def ood_rows(ood_dir) -> list[int]:
-    """Rows per OOD file (5*N each), from the .npy headers: nothing is loaded."""
-    return [open_ood(p, image_shape=None).shape[0] for p in ood_files(ood_dir, expected=None)]
 
 
 def check_submission(path, ood_dir=None, rows_per_file: list[int] | None = None,
@@ -107,7 +102,7 @@ def check_submission(path, ood_dir=None, rows_per_file: list[int] | None = None,
                                f"each OOD image needs exactly one row")
 
     if ood_dir is not None:
-        rows_per_file = ood_rows(ood_dir)
+        rows_per_file = OodSet(ood_dir).rows
         source = f"the {len(rows_per_file)} files in {ood_dir}"
     elif rows_per_file is not None:
         source = f"{len(rows_per_file)} OOD files of {'/'.join(map(str, sorted(set(rows_per_file))))} rows"

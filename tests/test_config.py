@@ -67,9 +67,12 @@ def test_unknown_keys_rejected(tmp_path):
         C.load_config([], ["lr"])
 
 
-def test_runtime_keys_allowed():
-    cfg = C.load_config([], ["num_classes=10", "run_dir=models/x"])
-    assert cfg["num_classes"] == 10 and cfg["run_dir"] == "models/x"
+def test_data_derived_keys_are_not_config_keys():
+    # num_classes, mean/std... are decided by the data (train's data config, data_config.yaml), not
+    # by the user: setting them would be silently ignored, so it is an error.
+    for key in ("num_classes=10", "mean=[0.5,0.5,0.5]", "run_dir=models/x"):
+        with pytest.raises(CompetitionError, match="unknown config keys"):
+            C.load_config([], [key])
 
 
 def test_extends(tmp_path):

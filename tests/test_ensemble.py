@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from competition import ensemble as E
-from competition import predict
+from competition import runs as R
 from competition.files import CompetitionError
+from competition.metrics import accuracy
 
 N, C, K = 300, 5, 3
 OOD_ROWS = (20, 10)
@@ -36,9 +37,9 @@ def world(tmp_path):
         run = tmp_path / "models" / name
         (run / "ood").mkdir(parents=True)
         (run / "best.pt").write_bytes(b"")
-        cfg = {"dataset": "digits", "data": None, "folds_dir": str(tmp_path / "folds"), "num_classes": C,
-               "fold": f, "run_dir": str(run)}
+        cfg = {"dataset": "digits", "data": None, "folds_dir": str(tmp_path / "folds"), "fold": f}
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "data_config.yaml").write_text(yaml.safe_dump({"num_classes": C}))
         idx = np.flatnonzero(fold == f)
         np.save(run / "oof_index.npy", idx)
         np.save(run / "oof_tta_logits.npy", (np.eye(C)[labels[idx]] * signal + r.normal(size=(len(idx), C)))
@@ -48,7 +49,7 @@ def world(tmp_path):
         manifest = {"oof_tta_logits.npy": {"tta": "flip"}}
         for i, rows in enumerate(OOD_ROWS):
             np.save(run / f"ood/distortion{i:02d}.npy", r.normal(size=(rows, C)).astype(np.float16))
-            manifest[f"ood/distortion{i:02d}.npy"] = {"source": predict.source_stamp(ood / f"distortion{i:02d}.npy")}
+            manifest[f"ood/distortion{i:02d}.npy"] = {"source": R.source_stamp(ood / f"distortion{i:02d}.npy")}
         (run / "predict.json").write_text(json.dumps(manifest))
         return run
 
@@ -56,9 +57,9 @@ def world(tmp_path):
 
 
 def test_member_key_drops_only_the_fold():
-    assert E.member_key("models/part1-demo-f3-s0") == "part1-demo-s0"
-    assert E.member_key("models/part3-f12-s1") == "part3-s1"
-    assert E.member_key("models/myrun") == "myrun"
+    assert R.member_key("models/part1-demo-f3-s0") == "part1-demo-s0"
+    assert R.member_key("models/part3-f12-s1") == "part3-s1"
+    assert R.member_key("models/myrun") == "myrun"
 
 
 def test_fitted_weights_beat_or_match_the_best_member():
@@ -67,9 +68,9 @@ def test_fitted_weights_beat_or_match_the_best_member():
     members = [np.eye(C)[labels] * s + rng.normal(size=(400, C)) * 1.5 for s in (1.0, 1.2, 0.8, 0.2)]
     w = E.fit_weights(members, labels)
     assert w.shape == (4,) and np.all(w >= 0) and np.isclose(w.sum(), 1)
-    best = max(E.accuracy(z, labels) for z in members)
-    assert E.accuracy(E.combine(members, w), labels) >= best
-    assert E.accuracy(E.combine(members, w), labels) > best  # independent errors: averaging pays here
+    best = max(accuracy(z, labels) for z in members)
+    assert accuracy(R.combine(members, w), labels) >= best
+    assert accuracy(R.combine(members, w), labels) > best  # independent errors: averaging pays here
     assert E.fit_weights(members[:1], labels).tolist() == [1.0]
 
 

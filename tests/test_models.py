@@ -66,8 +66,8 @@ def test_build_model_errors():
 
 
 def test_model_from_config():
-    cfg = {"model": "resnet18", "num_classes": 5, "model_args": {"stem": "imagenet"}}
-    model = M.model_from_config(cfg)
+    cfg = {"model": "resnet18", "model_args": {"stem": "imagenet"}}
+    model = M.model_from_config(cfg, 5)
     assert model.fc.out_features == 5 and model.conv1.kernel_size == (7, 7)
 
 
@@ -94,8 +94,8 @@ def test_resnet50_loads_local_weights_with_a_new_head(imagenet_file):
     assert model.fc.out_features == 10 and model.fc.weight.shape == (10, 2048)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     # through the config path too
-    cfg = {"model": "resnet50", "num_classes": 3, "model_args": {}, "pretrained": True, "weights": str(path)}
-    torch.testing.assert_close(M.model_from_config(cfg).conv1.weight, sd["conv1.weight"], rtol=0, atol=0)
+    cfg = {"model": "resnet50", "model_args": {}, "pretrained": True, "weights": str(path)}
+    torch.testing.assert_close(M.model_from_config(cfg, 3).conv1.weight, sd["conv1.weight"], rtol=0, atol=0)
 
 
 def test_resnet50_bad_weights_files(tmp_path):

@@ -9,8 +9,12 @@ import pytest
 import torch
 from torch import nn
 
+from competition import adapt as A
+from competition import data
 from competition import predict as P
+from competition import tta as T
 from competition.files import CompetitionError
+from competition.runs import RunDir
 
 CFG = {"mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8, "channels_last": False, "num_classes": 4}
 
@@ -20,19 +24,19 @@ def images(n=6, size=8, seed=0):
 
 
 def test_parse_tta():
-    assert P.parse_tta("none") == [(False, 0, 0)]
-    assert P.parse_tta("flip") == [(False, 0, 0), (True, 0, 0)]
-    assert len(P.parse_tta("shift1")) == 6 and len(P.parse_tta("shift2")) == 10
-    assert P.parse_tta("id,flip,1:-2,f-1:1") == [(False, 0, 0), (True, 0, 0), (False, 1, -2), (True, -1, 1)]
-    assert P.tta_name(P.parse_tta("shift1")) == "shift1"
+    assert T.parse_tta("none") == [(False, 0, 0)]
+    assert T.parse_tta("flip") == [(False, 0, 0), (True, 0, 0)]
+    assert len(T.parse_tta("shift1")) == 6 and len(T.parse_tta("shift2")) == 10
+    assert T.parse_tta("id,flip,1:-2,f-1:1") == [(False, 0, 0), (True, 0, 0), (False, 1, -2), (True, -1, 1)]
+    assert T.tta_name(T.parse_tta("shift1")) == "shift1"
     with pytest.raises(CompetitionError, match="cannot read view"):
-        P.parse_tta("rotate")
+        T.parse_tta("rotate")
 
 
 def test_views_are_flips_and_reflect_shifts():
     x = images()
-    assert torch.equal(P.apply_view(x, (True, 0, 0)), x.flip(2))
-    shifted = P.apply_view(x, (False, 1, -1))  # out[r, c] = x[r + 1, c - 1], reflected at the borders
+    assert torch.equal(T.apply_view(x, (True, 0, 0)), x.flip(2))
+    shifted = T.apply_view(x, (False, 1, -1))  # out[r, c] = x[r + 1, c - 1], reflected at the borders
     assert torch.equal(shifted[:, :-1, 1:], x[:, 1:, :-1])
     assert torch.equal(shifted[:, -1, 1:], x[:, -2, :-1])  # row 8 reflects to row 6
     assert torch.equal(shifted[:, :-1, 0], x[:, 1:, 1])  # column -1 reflects to column 1
@@ -52,19 +56,19 @@ class FlipInvariant(nn.Module):
 def test_tta_of_flip_invariant_model_equals_plain_prediction():
     torch.manual_seed(0)
     model, x = FlipInvariant().eval(), images()
-    plain = P.tta_logits(model, x, CFG, P.parse_tta("none"))
-    torch.testing.assert_close(P.tta_logits(model, x, CFG, P.parse_tta("flip")), plain)
-    torch.testing.assert_close(P.tta_logits(model, x, CFG, P.parse_tta("flip"), "prob"), plain.log_softmax(1))
-    assert not torch.allclose(P.tta_logits(model, x, CFG, P.parse_tta("shift1")), plain)  # shifts do act
+    plain = T.tta_logits(model, x, CFG, T.parse_tta("none"))
+    torch.testing.assert_close(T.tta_logits(model, x, CFG, T.parse_tta("flip")), plain)
+    torch.testing.assert_close(T.tta_logits(model, x, CFG, T.parse_tta("flip"), "prob"), plain.log_softmax(1))
+    assert not torch.allclose(T.tta_logits(model, x, CFG, T.parse_tta("shift1")), plain)  # shifts do act
 
 
 def test_probability_averaging_is_log_mean_softmax():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4)).eval()
     x = images()
-    views = P.parse_tta("flip")
-    per_view = [P.tta_logits(model, x, CFG, [v]).softmax(1) for v in views]
-    out = P.tta_logits(model, x, CFG, views, "prob")
+    views = T.parse_tta("flip")
+    per_view = [T.tta_logits(model, x, CFG, [v]).softmax(1) for v in views]
+    out = T.tta_logits(model, x, CFG, views, "prob")
     torch.testing.assert_close(out.softmax(1), sum(per_view) / 2)
 
 
@@ -81,8 +85,8 @@ def test_bn_adaptation_is_temporary():
     bn.running_mean.fill_(0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     shifted = [torch.randn(16, 3, 8, 8) * 3 + 5 for _ in range(3)]
-    with P.bn_source_stats(model):
-        seen = P.adapt_bn(model, shifted)
+    with A.bn_source_stats(model):
+        seen = A.adapt_bn(model, shifted)
         assert seen == 48 and not model.training and not bn.training and bn.momentum is None
         assert not torch.allclose(bn.running_mean, before["1.running_mean"])
         # the cumulative average over all batches, not the last batch's
@@ -94,8 +98,8 @@ def test_bn_adaptation_is_temporary():
         assert torch.equal(v, before[k]), k
     assert bn.momentum == 0.1 and not model.training
     assert not torch.allclose(model(shifted[0]), adapted)
-    with P.bn_source_stats(model):  # blend 0 keeps the source statistics
-        P.adapt_bn(model, shifted, blend=0.0)
+    with A.bn_source_stats(model):  # blend 0 keeps the source statistics
+        A.adapt_bn(model, shifted, blend=0.0)
         torch.testing.assert_close(bn.running_mean, before["1.running_mean"])
 
 
@@ -104,8 +108,8 @@ def test_bn_restored_after_an_error():
     model(torch.randn(2, 3, 8, 8))
     before = model[1].running_var.clone()
     with pytest.raises(RuntimeError):
-        with P.bn_source_stats(model):
-            P.adapt_bn(model, [torch.randn(4, 3, 8, 8) * 9])
+        with A.bn_source_stats(model):
+            A.adapt_bn(model, [torch.randn(4, 3, 8, 8) * 9])
             raise RuntimeError("boom")
     assert torch.equal(model[1].running_var, before)
 
@@ -130,7 +134,7 @@ def run(tmp_path_factory):
 
 def test_predict_writes_logits_and_skips_done_work(run, monkeypatch):
     run_dir, ood = run
-    status = P.predict_run(run_dir, [ood], P.parse_tta("flip"), batch_size=64)
+    status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), batch_size=64)
     assert set(status.values()) == {"written"} and len(status) == 4
     assert np.load(run_dir / "ood/distortion00.npy").shape == (10, 10)
     assert np.load(run_dir / "ood/distortion01.npy").shape == (15, 10)
@@ -138,54 +142,52 @@ def test_predict_writes_logits_and_skips_done_work(run, monkeypatch):
     assert np.load(run_dir / "test_logits.npy").shape == (360, 10)  # digits' test split
     assert np.load(run_dir / "test_labels.npy").shape == (360,)
     assert len(np.load(run_dir / "oof_tta_logits.npy")) == len(np.load(run_dir / "oof_index.npy"))
-    assert P.ood_logits_paths(run_dir, ood) == [run_dir / "ood/distortion00.npy", run_dir / "ood/distortion01.npy"]
+    assert RunDir(run_dir).ood_logits_paths(data.OodSet(ood)) == [run_dir / "ood/distortion00.npy",
+                                                                   run_dir / "ood/distortion01.npy"]
 
     # the same logits as predicting the images one batch in one go (order, gather, padding)
-    from competition import models
-    model, cfg = models.load_run_model(run_dir)
+    model, cfg, data_cfg = RunDir(run_dir).load_model()
     x = torch.from_numpy(np.load(ood / "distortion01.npy"))
-    want = P.tta_logits(model, x, cfg, P.parse_tta("flip")).numpy()
+    want = T.tta_logits(model, x, data_cfg, T.parse_tta("flip")).numpy()
     np.testing.assert_allclose(np.load(run_dir / "ood/distortion01.npy"), want, atol=2e-2, rtol=1e-2)
 
     # done work is skipped: nothing is predicted again
-    monkeypatch.setattr(P, "tta_logits", lambda *a, **k: pytest.fail("predicted again"))
-    assert set(P.predict_run(run_dir, [ood], P.parse_tta("flip")).values()) == {"skipped"}
+    monkeypatch.setattr(T, "tta_logits", lambda *a, **k: pytest.fail("predicted again"))
+    assert set(P.predict_run(run_dir, [ood], T.parse_tta("flip")).values()) == {"skipped"}
     monkeypatch.undo()
     # other settings, or a newer source file, redo only what they touch
     os.utime(ood / "distortion00.npy", ns=(os.stat(ood / "distortion00.npy").st_mtime_ns + 10**9,) * 2)
-    status = P.predict_run(run_dir, [ood], P.parse_tta("flip"), test=False, oof=False)
+    status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False)
     assert [status[str(run_dir / f"ood/distortion0{i}.npy")] for i in (0, 1)] == ["written", "skipped"]
-    status = P.predict_run(run_dir, [ood], P.parse_tta("flip"), test=False, oof=False, force=True)
+    status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False, force=True)
     assert set(status.values()) == {"written"}
 
 
 def test_default_tta_is_the_one_the_run_reported(run, monkeypatch):
     """Without --tta a run is predicted with its config's oof_tta (the TTA behind the held-out
     accuracy train.py printed), or flip when that is none."""
-    from competition import models
-
     run_dir, _ = run
-    real = models.load_run_model
+    real = RunDir.load_model
     for oof_tta, want in (("shift1", "shift1"), ("none", "flip")):
         def load(*a, _tta=oof_tta, **k):
-            model, cfg = real(*a, **k)
-            return model, {**cfg, "oof_tta": _tta}
-        monkeypatch.setattr(models, "load_run_model", load)
+            model, cfg, data_cfg = real(*a, **k)
+            return model, {**cfg, "oof_tta": _tta}, data_cfg
+        monkeypatch.setattr(RunDir, "load_model", load)
         P.predict_run(run_dir, [], None, test=False, force=True)
-        assert P.read_manifest(run_dir)["oof_tta_logits.npy"]["tta"] == want
+        assert RunDir(run_dir).manifest()["oof_tta_logits.npy"]["tta"] == want
 
 
 def test_stale_or_missing_ood_logits_are_a_clear_error(run, tmp_path):
     run_dir, ood = run
-    P.predict_run(run_dir, [ood], P.parse_tta("flip"), test=False, oof=False)
+    P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False)
     other = tmp_path / "other"
     other.mkdir()
     for f in ood.iterdir():
         (other / f.name).write_bytes(f.read_bytes())
     with pytest.raises(CompetitionError, match="other OOD files.*competition.predict"):
-        P.ood_logits_paths(run_dir, other)
+        RunDir(run_dir).ood_logits_paths(data.OodSet(other))
     with pytest.raises(CompetitionError, match="ood_bnadapt/distortion00.npy is missing.*--bn-adapt"):
-        P.ood_logits_paths(run_dir, other, bn_adapt=True)
+        RunDir(run_dir).ood_logits_paths(data.OodSet(other), adapted=True)
 
 
 def test_bn_adapt_writes_a_separate_folder_and_leaves_the_model(run, tmp_path):
@@ -195,7 +197,7 @@ def test_bn_adapt_writes_a_separate_folder_and_leaves_the_model(run, tmp_path):
     np.save(suite / "distortion00.npy", np.load(ood / "distortion01.npy"))
     (suite / "corruptions.json").write_text(json.dumps({"names": {"distortion00.npy": "noise"}}))
     before = (run_dir / "ood/distortion00.npy").read_bytes()
-    P.predict_run(run_dir, [suite], P.parse_tta("none"), bn_adapt=True, bn_blend=0.5, test=False, oof=False)
+    P.predict_run(run_dir, [suite], T.parse_tta("none"), bn_adapt=True, bn_blend=0.5, test=False, oof=False)
     plain = np.load(run_dir / "ood_local/distortion00.npy")
     adapted = np.load(run_dir / "ood_local_bnadapt/distortion00.npy")
     assert plain.shape == adapted.shape == (15, 10) and not np.allclose(plain, adapted)

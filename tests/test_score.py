@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
-from competition import ensemble, predict
+from competition import data, metrics, runs
 from competition import score as S
 from competition.files import CompetitionError
 
@@ -17,27 +17,27 @@ C = 4
 def test_perfect_logits_score_one_with_small_ece():
     labels = np.arange(40) % C
     logits = np.eye(C)[labels] * 20.0
-    assert S.ece(logits, labels) < 1e-6
-    np.testing.assert_array_equal(S.file_accuracy(np.tile(logits, (5, 1)), labels), np.ones(5))
+    assert metrics.ece(logits, labels) < 1e-6
+    np.testing.assert_array_equal(metrics.file_accuracy(np.tile(logits, (5, 1)), labels), np.ones(5))
 
 
 def test_toy_numbers():
     # one right at confidence 0.8, one wrong at confidence 0.6 (other class 0.4): ECE = (0.2 + 0.6) / 2
     logits = np.log([[0.8, 0.2], [0.4, 0.6]])
-    assert S.ece(logits, np.array([0, 0])) == pytest.approx(0.4)
+    assert metrics.ece(logits, np.array([0, 0])) == pytest.approx(0.4)
     labels = np.array([0, 1, 2, 3])
     rows = []
     for s in range(5):  # severity s+1 gets the first 4 - s images right... at least the first one
         pred = labels.copy()
         pred[max(1, 4 - s):] = (pred[max(1, 4 - s):] + 1) % C
         rows.append(np.eye(C)[pred])
-    acc = S.file_accuracy(np.concatenate(rows), labels)
+    acc = metrics.file_accuracy(np.concatenate(rows), labels)
     np.testing.assert_allclose(acc, [1, 0.75, 0.5, 0.25, 0.25])
-    summ = S.summary(np.stack([acc, np.ones(5)]))
+    summ = metrics.table_summary(np.stack([acc, np.ones(5)]))
     assert summ["ood_accuracy"] == pytest.approx((2.75 + 5) / 10)
     assert summ["per_severity"] == pytest.approx([1, 0.875, 0.75, 0.625, 0.625])
     with pytest.raises(CompetitionError, match="5 severities"):
-        S.file_accuracy(np.zeros((7, C)), labels)
+        metrics.file_accuracy(np.zeros((7, C)), labels)
 
 
 @pytest.fixture
@@ -58,7 +58,8 @@ def scored(tmp_path):
     (run / "ood_local").mkdir(parents=True)
     (run / "best.pt").write_bytes(b"")
     (run / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "folds_dir": str(tmp_path), "fold": 0,
-                                                     "num_classes": C, "data": None}))
+                                                     "data": None}))
+    (run / "data_config.yaml").write_text(yaml.safe_dump({"num_classes": C}))
     np.save(run / "test_logits.npy", np.eye(C)[np.arange(20) % C] * 20)
     np.save(run / "test_labels.npy", np.arange(20) % C)
     manifest = {}
@@ -67,7 +68,7 @@ def scored(tmp_path):
         if i == 1:
             z[4 * n:] = np.roll(z[4 * n:], 1, axis=1)
         np.save(run / f"ood_local/distortion{i:02d}.npy", z.astype(np.float16))
-        manifest[f"ood_local/distortion{i:02d}.npy"] = {"source": predict.source_stamp(suite / f"distortion{i:02d}.npy")}
+        manifest[f"ood_local/distortion{i:02d}.npy"] = {"source": runs.source_stamp(suite / f"distortion{i:02d}.npy")}
     (run / "predict.json").write_text(json.dumps(manifest))
     return suite, run
 
@@ -110,7 +111,7 @@ def test_build_suite_from_the_test_split(tmp_path):
     assert np.load(out / "distortion00.npy").shape == (30, 32, 32, 3)
     info = json.loads((out / "suite.json").read_text())
     assert info["split"] == "test" and info["n"] == 6 and len(np.load(out / "labels.npy")) == 6
-    assert predict.ood_subdir(out) == "ood_local"
+    assert runs.RunDir.ood_subdir(data.OodSet(out)) == "ood_local"
 
 
 def test_build_suite_without_test_split_uses_fold0_and_warns(tmp_path, capsys):
@@ -129,5 +130,5 @@ def test_build_suite_without_test_split_uses_fold0_and_warns(tmp_path, capsys):
     info = json.loads((out / "suite.json").read_text())
     assert info["split"] == "train" and info["fold"] == 0 and info["n"] == 2
     assert "LEAK" in capsys.readouterr().err
-    assert S._leaks([{"fold": 1, "run_dir": "r1"}, {"fold": 0, "run_dir": "r0"}], info) == ["r1"]
-    assert ensemble.member_key("x") == "x"
+    assert S._leaks([{"fold": 1}, {"fold": 0}], info, [runs.RunDir("r1"), runs.RunDir("r0")]) == ["r1"]
+    assert runs.member_key("x") == "x"

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from competition import data, folds, models, predict, train
+from competition import data, folds, models, train, tta
 from competition.files import CompetitionError
+from competition.runs import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CNN = ["model_args.widths=[8,16,16]", "model_args.hidden=16"]
@@ -48,16 +49,19 @@ def test_part1_writes_every_artifact(dirs):
     # The OOF logits are the best checkpoint's: its held-out accuracy equals the logged best.
     acc = (oof.argmax(1) == frame["label"][frame["fold"] == 0].to_numpy()).mean()
     assert acc == pytest.approx(metrics["val_acc"].max(), abs=1e-6)
-    model, cfg = models.load_run_model(run_dir)
-    assert cfg["num_classes"] == 10 and len(cfg["mean"]) == 3
+    model, cfg, data_cfg = RunDir(run_dir).load_model()
+    assert data_cfg["num_classes"] == 10 and len(data_cfg["mean"]) == 3
+    # The user's config is saved as given; what the data decided is saved beside it.
+    assert "num_classes" not in cfg and "mean" not in cfg
+    assert RunDir(run_dir).data_config() == data_cfg
     # summary.json: the plain OOF accuracy, and the flip-TTA one recomputed here from the best weights.
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["oof_accuracy"] == pytest.approx(acc) and summary["epochs"] == 2
     rows = np.flatnonzero(frame["fold"] == 0)
     ds = data.load_digits()
-    tta = predict.tta_logits(model.eval(), torch.from_numpy(ds.images[rows]), cfg, predict.parse_tta("flip"))
+    logits = tta.tta_logits(model.eval(), torch.from_numpy(ds.images[rows]), data_cfg, tta.parse_tta("flip"))
     assert summary["oof_tta"] == "flip"
-    assert summary["oof_tta_accuracy"] == pytest.approx((tta.argmax(1).numpy() == ds.labels[rows]).mean(), abs=1e-6)
+    assert summary["oof_tta_accuracy"] == pytest.approx((logits.argmax(1).numpy() == ds.labels[rows]).mean(), abs=1e-6)
 
 
 def test_rerun_is_skipped_and_a_changed_config_refused(dirs):
@@ -74,7 +78,7 @@ def test_part2_both_stems(dirs):
     assert np.load(run_dir / "oof_logits.npy").shape[1] == 10
     run_dir = run(["--part", "2", "--preset", "demo", "epochs=1", "train_subset=64", "batch_size=32",
                    "model_args.stem=imagenet", "image_size=48", "name=imagenet-stem"], dirs)
-    assert models.load_run_model(run_dir)[1]["image_size"] == 48
+    assert RunDir(run_dir).load_model()[2]["image_size"] == 48
 
 
 def test_part3_local_weights_and_progressive_unfreezing(dirs, tmp_path):

@@ -1,0 +1,72 @@
+"""Test-time adaptation to an unlabelled slice of OOD images (one corruption file and severity).
+
+    BN adaptation  re-estimate every batch-norm layer's statistics on the slice's own images
+                   (Schneider et al. 2020, "Improving robustness against common corruptions by
+                   covariate shift adaptation"); no gradient, one pass.
+
+Every adaptation is temporary: `bn_source_stats` puts the source statistics back when the
+slice is done (also on error), so one slice never leaks into the next.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats]
+
+
+@contextlib.contextmanager
+def bn_source_stats(model: nn.Module):
+    """Yield the model's batch-norm layers; on exit (also on error) put back their running
+    statistics, momentum and mode exactly as they were."""
+    bns = batchnorms(model)
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum, m.training)
+             for m in bns]
+    try:
+        yield bns
+    finally:
+        for m, (mean, var, n, momentum, training) in zip(bns, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(n)
+            m.momentum = momentum
+            m.train(training)
+
+
+@torch.no_grad()
+def adapt_bn(model: nn.Module, batches, blend: float = 1.0, reduce=None) -> int:
+    """Re-estimate every batch-norm layer's running statistics on `batches` (float input tensors,
+    no labels) and leave the model in eval mode using them. Call inside bn_source_stats.
+
+    The statistics are reset and momentum set to None, so they become the cumulative average
+    over all the batches rather than an exponential average dominated by the last few. Only
+    the BN layers run in train mode: dropout stays off, so the statistics are those the layers
+    will see at prediction time. blend < 1 mixes in the source statistics: blend * adapted +
+    (1 - blend) * source, a prior that helps when a slice holds few images. `reduce(tensor)`
+    averages across processes (each saw only its shard). Returns the images seen."""
+    bns = batchnorms(model)
+    source = [(m.running_mean.clone(), m.running_var.clone()) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.eval()
+    for m in bns:
+        m.train()
+    seen = 0
+    for x in batches:
+        model(x)
+        seen += len(x)
+    for m, (mean, var) in zip(bns, source):
+        if reduce is not None:
+            m.running_mean.copy_(reduce(m.running_mean))
+            m.running_var.copy_(reduce(m.running_var))
+        if blend != 1.0:
+            m.running_mean.mul_(blend).add_(mean, alpha=1 - blend)
+            m.running_var.mul_(blend).add_(var, alpha=1 - blend)
+    model.eval()
+    return seen

@@ -1,0 +1,81 @@
+"""Metrics on logits (numpy): accuracy, log-loss, calibration, and the OOD accuracy table.
+
+Every stage that reports a number (train's held-out accuracy, the ensemble's weights, the
+local score, the board) computes it here, so a figure means the same thing everywhere.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import log_softmax as _log_softmax
+from scipy.special import softmax as _softmax
+
+from competition.data import SEVERITIES
+from competition.files import CompetitionError
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    return _softmax(np.asarray(z, np.float64), axis=1)
+
+
+def log_softmax(z: np.ndarray) -> np.ndarray:
+    return _log_softmax(np.asarray(z, np.float64), axis=1)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Share of rows whose argmax is the label (nan for no rows)."""
+    return float((np.asarray(logits).argmax(1) == labels).mean()) if len(labels) else float("nan")
+
+
+def log_loss(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of softmax(logits) against integer labels (nan for no rows)."""
+    if not len(labels):
+        return float("nan")
+    return float(-log_softmax(logits)[np.arange(len(labels)), labels].mean())
+
+
+class Calibration:
+    """Expected calibration error accumulated batch by batch (Guo et al. 2017): per equal-width
+    confidence bin, |accuracy - mean confidence|, weighted by the bin's share of samples.
+    Accumulated rather than computed at once because the OOD logits stream file by file."""
+
+    def __init__(self, bins: int = 15):
+        self.bins = bins
+        self.count = np.zeros(bins)
+        self.conf = np.zeros(bins)
+        self.correct = np.zeros(bins)
+
+    def add(self, logits: np.ndarray, labels: np.ndarray) -> "Calibration":
+        p = softmax(logits)
+        conf, pred = p.max(1), p.argmax(1)
+        b = np.minimum((conf * self.bins).astype(int), self.bins - 1)
+        np.add.at(self.count, b, 1)
+        np.add.at(self.conf, b, conf)
+        np.add.at(self.correct, b, pred == labels)
+        return self
+
+    def ece(self) -> float:
+        n = self.count.sum()
+        if not n:
+            return float("nan")
+        return float(np.abs(self.correct - self.conf).sum() / n)
+
+
+def ece(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    return Calibration(bins).add(logits, labels).ece()
+
+
+def file_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Accuracy per severity (5,) of one OOD file's logits (5*N rows, severity-major) against the
+    suite's N labels (the same images at every severity)."""
+    n = len(labels)
+    if len(logits) != SEVERITIES * n:
+        raise CompetitionError(f"{len(logits)} logit rows for a suite of {n} labels x {SEVERITIES} severities")
+    return (np.asarray(logits).argmax(1).reshape(SEVERITIES, n) == labels[None]).mean(1)
+
+
+def table_summary(table: np.ndarray) -> dict:
+    """The figures of an accuracy table (files x severities): every cell holds the same number
+    of images, so the plain mean is the accuracy over the whole OOD set."""
+    table = np.asarray(table, float)
+    return {"ood_accuracy": float(table.mean()), "per_severity": table.mean(0).round(6).tolist(),
+            "per_file": table.mean(1).round(6).tolist()}

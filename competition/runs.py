@@ -1,0 +1,381 @@
+"""Run folders and ensemble members: the one module that knows the files inside `models/<run>/`.
+
+    models/<run>/                  written by
+        config.yaml                train    the resolved config (what the user asked for)
+        data_config.yaml           train    what the data decided: classes, mean/std, image size
+        best.pt, last.pt           train    {"model", "config", "data_config", "metrics"}
+        checkpoints/checkpoint_K/  train    Accelerate state per epoch (for --resume), last two
+        metrics.csv, curves.png    train    one row per epoch, and its plot
+        oof_logits.npy             train    float32 (n_fold, C), best weights, no TTA
+        oof_index.npy              train    int64 rows of the folds CSV, sorted
+        summary.json               train    held-out accuracy, epochs, times
+        predict.json               predict  per output: its source and settings
+        oof_tta_logits.npy         predict  the held-out fold with the OOD logits' TTA
+        test_logits.npy (+labels)  predict  the dataset's clean test split
+        ood[_local][_bnadapt]/distortionNN.npy  predict  float16 (5N, C) per OOD file
+        score_<logits>.md/.png     score    the local score report
+
+Runs that differ only in their fold form one *member* of an ensemble: its out-of-fold logits
+are the union of its runs' held-out folds, its test and OOD logits the mean of its fold models.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from competition import data, folds
+from competition.config import read_yaml, save_config
+from competition.files import CompetitionError, read_json, save_json, save_npy
+
+_FOLD_TAG = re.compile(r"-f\d+(?=-|$)")
+
+
+def run_name(cfg: dict) -> str:
+    """The run folder's name: cfg name, else <presets>-f<fold>-s<seed>."""
+    return cfg.get("name") or f"{cfg['preset']}-f{cfg['fold']}-s{cfg['seed']}"
+
+
+def member_key(name: str) -> str:
+    """A run name without its fold tag: part1-demo-f3-s0 -> part1-demo-s0 (the ensemble member)."""
+    return _FOLD_TAG.sub("", Path(name).name)
+
+
+def source_stamp(path) -> list:
+    """What an output was made from, for predict.json: the input file's resolved path, size, mtime."""
+    path = Path(path)
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+class RunDir:
+    """One run folder: its paths, and loading of what the stages wrote there."""
+
+    CONFIG, DATA_CONFIG, SUMMARY, MANIFEST = "config.yaml", "data_config.yaml", "summary.json", "predict.json"
+    OOF_LOGITS, OOF_INDEX, OOF_TTA = "oof_logits.npy", "oof_index.npy", "oof_tta_logits.npy"
+    TEST_LOGITS, TEST_LABELS = "test_logits.npy", "test_labels.npy"
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    @classmethod
+    def for_config(cls, cfg: dict) -> "RunDir":
+        return cls(Path(cfg["models_dir"]) / run_name(cfg))
+
+    def __repr__(self):
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self):
+        return str(self.path)
+
+    def __eq__(self, other):
+        return isinstance(other, RunDir) and self.path == other.path
+
+    def __hash__(self):
+        return hash(self.path)
+
+    def __truediv__(self, name) -> Path:
+        return self.path / name
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def member(self) -> str:
+        return member_key(self.name)
+
+    # ---- training's files
+    def weights(self, which: str = "best") -> Path:
+        return self.path / f"{which}.pt"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def checkpoints(self) -> list[Path]:
+        """Accelerate checkpoint folders, oldest first."""
+        found = self.checkpoint_dir.glob("checkpoint_*")
+        return sorted((p for p in found if p.name.split("_")[-1].isdigit()), key=lambda p: int(p.name.split("_")[-1]))
+
+    def latest_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def curves_png(self) -> Path:
+        return self.path / "curves.png"
+
+    def config(self) -> dict:
+        """The resolved config the run was trained with."""
+        path = self.path / self.CONFIG
+        if not path.exists():
+            raise CompetitionError(f"{path} is missing: {self.path} is not a run folder written by "
+                                   f"competition/train.py")
+        return read_yaml(path)
+
+    def data_config(self) -> dict:
+        """classes, num_classes, mean, std, image_size, channels_last (older runs kept them in config.yaml)."""
+        path = self.path / self.DATA_CONFIG
+        if path.exists():
+            return read_yaml(path)
+        cfg = self.config()
+        return {k: cfg.get(k) for k in ("num_classes", "classes", "mean", "std", "image_size", "channels_last")}
+
+    def save_configs(self, cfg: dict, data_cfg: dict) -> None:
+        save_config(cfg, self.path / self.CONFIG)
+        save_config(data_cfg, self.path / self.DATA_CONFIG)
+
+    def save_weights(self, which: str, state_dict: dict, cfg: dict, data_cfg: dict, metrics: dict) -> None:
+        import torch
+
+        from competition.files import atomic_path
+
+        with atomic_path(self.weights(which), ".pt") as tmp:
+            torch.save({"model": state_dict, "config": cfg, "data_config": data_cfg, "metrics": metrics}, tmp)
+
+    def load_model(self, which: str = "best", map_location="cpu"):
+        """(model in eval mode, config, data config) of `best.pt` or `last.pt`. The architecture is
+        rebuilt from the config without fetching ImageNet weights: the file holds every parameter."""
+        import torch
+
+        from competition import models
+
+        path = self.weights(which)
+        if not path.exists():
+            raise CompetitionError(f"{path} is missing: train this run first (python competition/train.py ...) "
+                                   f"or check the run folder name")
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+            cfg = ckpt.get("config") or self.config()
+            data_cfg = ckpt.get("data_config") or {k: cfg.get(k) for k in ("num_classes", "classes", "mean", "std",
+                                                                           "image_size", "channels_last")}
+            model = models.model_from_config({**cfg, "pretrained": False, "weights": None}, data_cfg["num_classes"])
+            model.load_state_dict(ckpt["model"])
+        except CompetitionError:
+            raise
+        except Exception as e:
+            raise CompetitionError(f"{path} could not be loaded ({type(e).__name__}: {str(e)[:300]}); "
+                                   f"it may be truncated: retrain the run or restore the file") from None
+        return model.eval(), cfg, data_cfg
+
+    def save_oof(self, index: np.ndarray, logits: np.ndarray) -> None:
+        save_npy(self.path / self.OOF_LOGITS, logits.astype(np.float32))
+        save_npy(self.path / self.OOF_INDEX, index.astype(np.int64))
+
+    def oof_index(self) -> np.ndarray | None:
+        path = self.path / self.OOF_INDEX
+        return np.load(path) if path.exists() else None
+
+    def summary(self) -> dict:
+        return read_json(self.path / self.SUMMARY, {})
+
+    def save_summary(self, summary: dict) -> None:
+        save_json(self.path / self.SUMMARY, summary)
+
+    # ---- prediction's files
+    def manifest(self) -> dict:
+        """predict.json: {output path relative to the run: {source, tta, ...}}; {} if absent or unreadable
+        (everything is then redone)."""
+        return read_json(self.path / self.MANIFEST, {})
+
+    def write_output(self, rel: str, array: np.ndarray, record: dict) -> None:
+        """Save one prediction output and record how it was made (the array first: a crash between
+        the two leaves an output that is redone, never a record of one that is missing)."""
+        save_npy(self.path / rel, array)
+        manifest = self.manifest()
+        manifest[rel] = record
+        save_json(self.path / self.MANIFEST, manifest)
+
+    def is_current(self, rel: str, record: dict) -> bool:
+        """`rel` exists, is newer than best.pt and was made with exactly `record`."""
+        path = self.path / rel
+        return (path.exists() and path.stat().st_mtime > self.weights("best").stat().st_mtime
+                and self.manifest().get(rel) == record)
+
+    @staticmethod
+    def ood_subdir(ood: data.OodSet, adapted: bool = False) -> str:
+        """`ood` for the competition's files, `ood_local` for a local suite; `_bnadapt` when adapted."""
+        return ("ood_local" if ood.is_suite else "ood") + ("_bnadapt" if adapted else "")
+
+    def ood_logits_paths(self, ood: data.OodSet, adapted: bool = False) -> list[Path]:
+        """The run's logits for every file of `ood`, checked: present, and predicted from these very
+        files (predict.json). A clear error says which predict command is missing."""
+        sub = self.ood_subdir(ood, adapted)
+        manifest = self.manifest()
+        how = (f"run `python -m competition.predict {self.path} --ood-dir {ood.path}"
+               f"{' --bn-adapt' if adapted else ''}` first")
+        out = []
+        for src in ood.files:
+            path = self.path / sub / src.name
+            if not path.exists():
+                raise CompetitionError(f"{path} is missing: {how}")
+            entry = manifest.get(f"{sub}/{src.name}")
+            if entry is None or entry.get("source") != source_stamp(src):
+                raise CompetitionError(f"{path} was predicted from other OOD files than {src} (or before it "
+                                       f"changed): {how} (it redoes stale files)")
+            out.append(path)
+        return out
+
+    def oof_tta(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of the folds CSV, float32 TTA logits) of the held-out fold, checked."""
+        index, path = self.oof_index(), self.path / self.OOF_TTA
+        if index is None:
+            raise CompetitionError(f"{self.path} has no {self.OOF_INDEX} (trained with fold=-1?): without "
+                                   f"out-of-fold logits it cannot be weighted; leave it out of the ensemble")
+        if not path.exists():
+            raise CompetitionError(f"{path} is missing: run `python -m competition.predict {self.path}` first "
+                                   f"(out-of-fold logits with the same TTA as the OOD logits)")
+        logits = np.load(path)
+        if len(index) != len(logits):
+            raise CompetitionError(f"{path}: {len(logits)} rows but {self.OOF_INDEX} has {len(index)}; "
+                                   f"rerun predict --force")
+        return index, logits.astype(np.float32)
+
+    def test_logits(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(clean test logits, labels) when predict wrote them."""
+        if not (self.path / self.TEST_LOGITS).exists():
+            return None
+        return np.load(self.path / self.TEST_LOGITS), np.load(self.path / self.TEST_LABELS)
+
+    def save_test(self, logits: np.ndarray, labels: np.ndarray, record: dict) -> None:
+        save_npy(self.path / self.TEST_LABELS, labels.astype(np.int64))
+        self.write_output(self.TEST_LOGITS, logits, record)
+
+    def folds_labels(self) -> tuple[Path, np.ndarray]:
+        """The folds CSV the run was trained with, and its labels."""
+        cfg = self.config()
+        path = folds.folds_path(folds.dataset_name(cfg["dataset"], cfg.get("data")), cfg["folds_dir"])
+        return path, folds.read_folds(path)["label"].to_numpy()
+
+
+def expand_runs(patterns: list[str]) -> list[RunDir]:
+    """Trained run folders from paths or glob patterns (quoted, so the shell leaves them alone)."""
+    runs: list[RunDir] = []
+    for p in patterns:
+        hits = sorted(glob.glob(str(p))) if any(c in str(p) for c in "*?[") else [p]
+        if not hits:
+            raise CompetitionError(f"{p} matches no run folder")
+        for h in hits:
+            run = RunDir(h)
+            if not run.weights("best").exists():
+                raise CompetitionError(f"{h} is not a trained run folder (no best.pt): train it first with "
+                                       f"python competition/train.py, or check the path")
+            if run not in runs:
+                runs.append(run)
+    return runs
+
+
+# ---------------------------------------------------------------------------- members
+
+
+@dataclass
+class Member:
+    """Runs that differ only by fold, and their out-of-fold TTA logits (rows sorted)."""
+    name: str
+    runs: list[RunDir]
+    oof_index: np.ndarray | None = None
+    oof_logits: np.ndarray | None = None
+    cfgs: list[dict] = field(default_factory=list)
+
+
+def group_members(runs: list[RunDir]) -> list[Member]:
+    """Group runs into members (fold runs of one config) without loading any logits."""
+    members: dict[str, Member] = {}
+    for run in runs:
+        run = RunDir(run) if not isinstance(run, RunDir) else run
+        m = members.setdefault(run.member, Member(run.member, []))
+        m.runs.append(run)
+        m.cfgs.append(run.config())
+    return list(members.values())
+
+
+def load_members(runs: list[RunDir]) -> list[Member]:
+    """Members with their out-of-fold TTA logits: the union of their runs' held-out folds."""
+    members = group_members(runs)
+    for mem in members:
+        idx, logits = zip(*(run.oof_tta() for run in mem.runs))
+        idx_all = np.concatenate(idx)
+        if len(np.unique(idx_all)) != len(idx_all):
+            raise CompetitionError(f"member {mem.name}: runs {', '.join(r.name for r in mem.runs)} hold out "
+                                   f"overlapping rows (the same fold twice?); name the runs to combine explicitly")
+        order = np.argsort(idx_all)
+        mem.oof_index, mem.oof_logits = idx_all[order], np.concatenate(logits)[order]
+    return members
+
+
+def members_from_json(path) -> tuple[list[Member], np.ndarray, dict]:
+    """The members and weights a submission's JSON sidecar recorded (for competition.score)."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text())
+        members = group_members([RunDir(r) for m in spec["members"] for r in m["runs"]])
+        weights = {m["name"]: m["weight"] for m in spec["members"]}
+        weights = np.asarray([weights[m.name] for m in members], float)
+    except FileNotFoundError:
+        raise CompetitionError(f"{path} does not exist: make it with python -m competition.ensemble") from None
+    except (KeyError, TypeError, ValueError) as e:
+        raise CompetitionError(f"{path} is not an ensemble JSON written by competition.ensemble ({e})") from None
+    return members, weights, spec
+
+
+def oof_labels(members: list[Member]) -> np.ndarray:
+    """Labels of the folds CSV every run was trained with (they must all share it)."""
+    found = {run.folds_labels()[0]: run for m in members for run in m.runs}
+    if len(found) != 1:
+        raise CompetitionError(f"the runs were trained on different folds files ({', '.join(map(str, found))}): "
+                               f"an ensemble needs one dataset and one split")
+    return next(iter(found.values())).folds_labels()[1]
+
+
+def num_classes(members: list[Member]) -> int:
+    ks = {int(run.data_config()["num_classes"]) for m in members for run in m.runs}
+    if len(ks) != 1:
+        raise CompetitionError(f"the runs predict different numbers of classes {sorted(ks)}")
+    return ks.pop()
+
+
+def member_mean(paths: list[Path]) -> np.ndarray:
+    """Mean over a member's fold models of one logits file each (float32)."""
+    total = None
+    for p in paths:
+        z = np.load(p).astype(np.float32)
+        if total is not None and z.shape != total.shape:
+            raise CompetitionError(f"{p}: shape {z.shape} differs from {paths[0]}'s {total.shape}; rerun predict")
+        total = z if total is None else total + z
+    return total / len(paths)
+
+
+def combine(member_logits: list[np.ndarray], weights) -> np.ndarray:
+    """The ensemble's logits: the weighted sum of its members'."""
+    return sum(float(w) * z for w, z in zip(weights, member_logits) if w > 0)
+
+
+def test_logits(members: list[Member], weights) -> tuple[np.ndarray, np.ndarray] | None:
+    """Ensembled clean-test logits and labels, when every run has them."""
+    if not all((run / RunDir.TEST_LOGITS).exists() for m in members for run in m.runs):
+        return None
+    labels = members[0].runs[0].test_logits()[1]
+    return combine([member_mean([r / RunDir.TEST_LOGITS for r in m.runs]) for m in members], weights), labels
+
+
+def ood_logits(members: list[Member], weights, ood: data.OodSet, adapted: bool = False):
+    """Yield (OOD file, ensembled logits float32 (rows, C)) file by file: never all in memory."""
+    per_run = {r: r.ood_logits_paths(ood, adapted) for m in members for r in m.runs}
+    for k, (src, rows) in enumerate(zip(ood.files, ood.rows)):
+        zs = []
+        for m in members:
+            z = member_mean([per_run[r][k] for r in m.runs])
+            if len(z) != rows:
+                raise CompetitionError(f"{per_run[m.runs[0]][k]} has {len(z)} rows but {src} has {rows}; "
+                                       f"rerun predict with --force")
+            zs.append(z)
+        yield src, combine(zs, weights)

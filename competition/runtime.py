@@ -1,0 +1,60 @@
+"""The device side of every stage: the Accelerator, mixed precision, and CPU allocator tuning.
+
+One place decides bf16 vs fp32 and how several CPU processes talk, so training, prediction
+and the benchmarks run with the same settings.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from competition.files import CompetitionError
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def mixed_precision(setting: str = "auto") -> str:
+    """Accelerate's mixed_precision for a config value: auto = bf16 on a GPU that has it, else fp32."""
+    if setting not in PRECISIONS:
+        raise CompetitionError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, not {setting!r}")
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return setting
+
+
+def make_accelerator(precision: str = "auto", **kwargs):
+    """An Accelerator for this machine. Several processes without a GPU (torchrun on a CPU box)
+    need Accelerate's gloo backend (`cpu=True`); on CPU, freed memory is kept (keep_freed_memory)."""
+    from accelerate import Accelerator
+
+    if not torch.cuda.is_available():
+        keep_freed_memory()
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    return Accelerator(cpu=multi_cpu, mixed_precision=mixed_precision(precision), **kwargs)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to keep freed memory instead of handing it back to the kernel after every step.
+
+    Each CPU training step frees and re-allocates tens of MB of activations; with glibc's
+    defaults the large blocks are mmap'ed and munmap'ed every time, and page faults took a
+    quarter of the wall time of a 2-core run (`sys` time). Keeping them in the heap made
+    bench/throughput.py 25% faster there. No effect on GPUs (CUDA has its own caching
+    allocator); a no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 * 2**20) and libc.mallopt(m_trim_threshold, 2**30)
+                    and libc.mallopt(m_top_pad, 256 * 2**20))
+    except (OSError, AttributeError):
+        return False
+
+
+def sync() -> None:
+    """Wait for queued GPU work (timing); nothing on a CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

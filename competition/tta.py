@@ -1,0 +1,100 @@
+"""Test-time augmentation: views of a uint8 batch and the model's logits averaged over them.
+
+A view is (mirror, dy, dx): an optional horizontal mirror, then a shift by dy rows and dx
+columns with reflect padding (the padding training's flip_translate uses). Specs, as typed
+after `--tta` or in a config's `oof_tta`: a preset name or a comma list of views, each `id`,
+`flip`, `DY:DX` (shifted) or `fDY:DX` (mirrored and shifted). Presets:
+
+    none   id                                            1 view
+    flip   id, flip                                      2 views
+    shift1 {id, flip} x {0, (+1,+1), (-1,-1)}            6 views (airbench's mirror+translate)
+    shift2 {id, flip} x {0, (+-1,+-1), (+-2,+-2)}        10 views
+
+Training (held-out accuracy with its `oof_tta`) and prediction both go through `view_logits`,
+so the accuracy train.py reports is the one the submission gets.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from competition import augment
+from competition.files import CompetitionError
+
+View = tuple  # (mirror: bool, dy: int, dx: int)
+IDENTITY: View = (False, 0, 0)
+
+TTA_PRESETS: dict[str, list[View]] = {
+    "none": [IDENTITY],
+    "flip": [IDENTITY, (True, 0, 0)],
+    "shift1": [(m, d, d) for m in (False, True) for d in (0, 1, -1)],
+    "shift2": [(m, d, d) for m in (False, True) for d in (0, 1, -1, 2, -2)],
+}
+
+
+def parse_tta(spec: str | None) -> list[View]:
+    """A preset name or a comma list of views (see the module docstring)."""
+    spec = (spec or "none").strip()
+    if spec in TTA_PRESETS:
+        return list(TTA_PRESETS[spec])
+    views = []
+    for token in (t.strip() for t in spec.split(",") if t.strip()):
+        if token in ("id", "flip"):
+            views.append((token == "flip", 0, 0))
+            continue
+        mirror = token.startswith("f")
+        body = token[1:] if mirror else token
+        try:
+            dy, dx = (int(v) for v in body.split(":"))
+        except ValueError:
+            raise CompetitionError(f"--tta {spec!r}: cannot read view {token!r}; use a preset "
+                                   f"({', '.join(TTA_PRESETS)}) or views like id,flip,1:1,f-1:-1") from None
+        views.append((mirror, dy, dx))
+    if not views:
+        raise CompetitionError(f"--tta {spec!r} names no view")
+    return views
+
+
+def tta_name(views: list[View]) -> str:
+    """The preset name of `views`, else their comma list: what predict.json and file names record."""
+    for name, preset in TTA_PRESETS.items():
+        if preset == views:
+            return name
+    return ",".join(("f" if m else "") + (f"{dy}:{dx}" if dy or dx else ("flip" if m else "id"))
+                    for m, dy, dx in views)
+
+
+def apply_view(images: torch.Tensor, view: View) -> torch.Tensor:
+    """One view of a uint8 (B, H, W, C) batch, as one gather."""
+    mirror, dy, dx = view
+    if not (mirror or dy or dx):
+        return images
+    _, h, w, _ = images.shape
+    dev = images.device
+    rows = augment.reflect_index(torch.arange(h, device=dev) + dy, h)
+    cols = augment.reflect_index(torch.arange(w, device=dev) + dx, w)
+    if mirror:
+        cols = cols.flip(0)
+    return images[:, rows][:, :, cols]
+
+
+def view_logits(model: nn.Module, images: torch.Tensor, prep: dict, views: list[View]) -> list[torch.Tensor]:
+    """float32 (B, C) logits of a uint8 (B, H, W, 3) batch, one tensor per view. `prep` is the
+    run's data config (mean, std, image_size, channels_last): the preprocessing training used."""
+    return [model(augment.to_input(apply_view(images, v), prep["mean"], prep["std"], prep["image_size"],
+                                   prep["channels_last"])).float() for v in views]
+
+
+@torch.no_grad()
+def tta_logits(model: nn.Module, images: torch.Tensor, prep: dict, views: list[View],
+               average: str = "logits") -> torch.Tensor:
+    """float32 (B, C) logits of a uint8 (B, H, W, 3) batch averaged over `views`.
+
+    average="prob" returns log(mean softmax): still a logit vector, so the ensemble and the
+    argmax treat both kinds alike."""
+    total = None
+    for out in view_logits(model, images, prep, views):
+        out = out.softmax(1) if average == "prob" else out
+        total = out if total is None else total + out
+    total = total / len(views)
+    return total.clamp_min(1e-12).log() if average == "prob" else total
