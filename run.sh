@@ -16,15 +16,21 @@
 #   --weights PATH  Part 3 ImageNet ResNet-50 weights file (offline machines)
 #   --n N           local suite images per corruption and severity [digits 40, else 1000]
 #   --tta NAME      predict's TTA [digits: flip; else shift1]   --bn-adapt  also BN-adapted logits
-#   --name NAME     submission name [<dataset>-<preset>-p<parts>]   --retrain  retrain finished runs (train.py --force)
+#   --name NAME     submission name, and the prefix of its run folders (NAME-part<P>-f<F>-s0)
+#                   [submission <dataset>-<preset>-p<parts>; runs <preset>-<dataset>-f<F>-s0]
+#   --retrain       retrain finished runs (train.py --force)
+#   KEY=VALUE ...   config overrides for every training run (e.g. epochs=2 batch_size=64)
 #
-# Everything the stages print goes to stderr; the LAST line (and the only one on stdout) is the
-# path of the submission CSV, so `csv=$(./run.sh ...)` works.
+# Paths are relative to the directory you call it from. Everything the stages print goes to
+# stderr; the LAST line (and the only one on stdout) is the absolute path of the submission
+# CSV, so `csv=$(./run.sh ...)` works from anywhere.
 set -euo pipefail
+CALLER=$PWD
+abspath() { [[ -z $1 || $1 == /* ]] && printf '%s' "$1" || printf '%s/%s' "$CALLER" "$1"; }
 cd "$(dirname "$0")"
 
 DATASET=digits DATA="" OOD_DIR="" PARTS=1,2,3 FOLDS=1 K=5 PRESET=unset WEIGHTS="" N="" TTA="" NAME=""
-BN_ADAPT=0 RETRAIN=0
+BN_ADAPT=0 RETRAIN=0 USER_OVERRIDES=()
 PY=${PYTHON:-python}
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -45,25 +51,33 @@ while [[ $# -gt 0 ]]; do
     --bn-adapt) BN_ADAPT=1; shift ;;
     --retrain) RETRAIN=1; shift ;;
     -h|--help) usage 0 ;;
+    *=*) [[ $1 == name=* ]] && { echo "run.sh: use --name NAME (run folders get NAME-part<P>-f<F>-s0)" >&2; exit 2; }
+         USER_OVERRIDES+=("$1"); shift ;;
     *) echo "run.sh: unknown argument $1 (see ./run.sh --help)" >&2; exit 2 ;;
   esac
 done
 
+DATA=$(abspath "$DATA"); OOD_DIR=$(abspath "$OOD_DIR"); WEIGHTS=$(abspath "$WEIGHTS")
 case $DATASET in
   digits) DSNAME=digits; [[ $PRESET == unset ]] && PRESET=demo; N=${N:-40}; TTA=${TTA:-flip} ;;
   cifar100) DSNAME=cifar100; [[ $PRESET == unset ]] && PRESET=""; N=${N:-1000}; TTA=${TTA:-shift1}
             OOD_DIR=${OOD_DIR:-data/ood-test} ;;
   imagefolder) [[ -n $DATA ]] || { echo "run.sh: --dataset imagefolder needs --data PATH" >&2; exit 2; }
-               b=$(basename "$DATA"); DSNAME=${b%%.*}; [[ $PRESET == unset ]] && PRESET=""
+               b=$(basename "$DATA"); DSNAME=$(printf '%s' "${b%%.*}" | sed -E 's/[^A-Za-z0-9._-]+/-/g; s/^-+|-+$//g')
+               DSNAME=${DSNAME:-images}; [[ $PRESET == unset ]] && PRESET=""
                N=${N:-1000}; TTA=${TTA:-shift1} ;;
   *) echo "run.sh: --dataset must be digits, cifar100 or imagefolder" >&2; exit 2 ;;
 esac
 [[ $PARTS =~ ^[123](,[123])*$ ]] || { echo "run.sh: --parts must look like 1,2,3" >&2; exit 2; }
 [[ $FOLDS =~ ^[1-9][0-9]*$ && $FOLDS -le $K ]] || { echo "run.sh: --folds must be 1..$K" >&2; exit 2; }
+RUN_PREFIX=$NAME
 NAME=${NAME:-$DSNAME-${PRESET:-full}-p${PARTS//,/}}
+[[ $NAME =~ ^[A-Za-z0-9._+-]+$ ]] || {
+  echo "run.sh: --name '$NAME' must be letters, digits and . _ + - (it names files)" >&2; exit 2; }
 SUITE=data/ood-local/$DSNAME-n$N
 DATA_ARGS=(); [[ -n $DATA ]] && DATA_ARGS=(--data "$DATA")
 OVERRIDES=(dataset="$DATASET"); [[ -n $DATA ]] && OVERRIDES+=(data="$DATA")
+OVERRIDES+=("${USER_OVERRIDES[@]}")
 
 exec 3>&1 1>&2  # stage output to stderr; fd 3 keeps stdout for the CSV path
 T0=$SECONDS
@@ -86,17 +100,20 @@ for P in ${PARTS//,/ }; do
       EXTRA=(weights="$WEIGHTS")
     fi
   fi
+  # The run folder train.py makes (runs.run_name): <presets>-<dataset>-f<fold>-s<seed>, or --name's.
   if [[ -z $PRESET ]]; then RUN=part$P; PRESET_ARGS=()
   elif [[ $PRESET == part$P* ]]; then RUN=$PRESET; PRESET_ARGS=(--preset "$PRESET")
   else RUN=part$P-$PRESET; PRESET_ARGS=(--preset "$PRESET"); fi
+  RUN=$RUN-$DSNAME
   for ((F = 0; F < FOLDS; F++)); do
-    DIR=models/$RUN-f$F-s0
+    DIR=models/$RUN-f$F-s0; NAMED=()
+    [[ -n $RUN_PREFIX ]] && { DIR=models/$RUN_PREFIX-part$P-f$F-s0; NAMED=(name="$RUN_PREFIX-part$P-f$F-s0"); }
     RUNS+=("$DIR")
     # train.py itself skips a finished run with the same config (and refuses a changed one).
     step "train part $P fold $F -> $DIR"
     FORCE=(); [[ $RETRAIN == 1 ]] && FORCE=(--force)
     $PY competition/train.py --part "$P" "${PRESET_ARGS[@]}" --fold "$F" "${FORCE[@]}" \
-      "${OVERRIDES[@]}" "${EXTRA[@]}"
+      "${OVERRIDES[@]}" "${EXTRA[@]}" "${NAMED[@]}"
   done
 done
 
@@ -123,4 +140,4 @@ step "local score on $SUITE"
 $PY -m competition.score "${RUNS[@]}" "submissions/$NAME.json" --ood-dir "$SUITE" "${BN[@]}"
 
 step "done in $((SECONDS - T0)) s; submission (validated against $TARGET):"
-echo "submissions/$NAME.csv" >&3
+echo "$PWD/submissions/$NAME.csv" >&3

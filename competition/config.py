@@ -140,9 +140,102 @@ def resolve(part: int | None = None, presets: list[str] | None = None, overrides
     return cfg
 
 
+# ---------------------------------------------------------------------------- value checks
+
+# What each key accepts: (kind, low, high, None allowed). kind: int | num (int or float) | bool |
+# str | ints (a list of ints >= low) | map; for str, `low` is the list of choices (None: any).
+# Ranges are inclusive; ("num", 0, None) with "gt" means strictly above. Checked before a run
+# writes or deletes anything, so a typo costs one message, never a run folder.
+RULES: dict[str, tuple] = {
+    "part": ("int", 0, 3, False), "name": ("str", None, None, True), "seed": ("int", 0, None, False),
+    "fold": ("int", -1, None, False), "dataset": ("str", None, None, False), "data": ("str", None, None, True),
+    "data_dir": ("str", None, None, False), "folds_dir": ("str", None, None, False),
+    "models_dir": ("str", None, None, False), "train_subset": ("int", 1, None, True),
+    "val_subset": ("int", 1, None, True), "oof_tta": ("str", None, None, False), "eval_train": ("int", 0, None, True),
+    "model": ("str", None, None, False), "model_args": ("map", None, None, True), "pretrained": ("bool",),
+    "weights": ("str", None, None, True), "image_size": ("int", 8, 512, True), "train_sizes": ("map", None, None, True),
+    "norm": ("str", ["data", "imagenet", "none"], None, False), "channels_last": ("bool",), "compile": ("bool",),
+    "epochs": ("int", 1, None, False), "stop_after": ("int", 1, None, True), "batch_size": ("int", 1, None, False),
+    "optimizer": ("str", ["sgd", "adamw", "adam", "radam"], None, False), "lr": ("num", "gt0", None, False),
+    "momentum": ("num", 0, 1, False), "nesterov": ("bool",), "weight_decay": ("num", 0, None, False),
+    "no_decay_norm_bias": ("bool",), "layer_decay": ("num", "gt0", 1, True), "grad_clip": ("num", "gt0", None, True),
+    "grad_accum": ("int", 1, None, False), "label_smoothing": ("num", 0, 0.999, False),
+    "mixed_precision": ("str", ["auto", "no", "bf16", "fp16"], None, False),
+    "sched": ("str", ["cosine", "const", "step"], None, False), "warmup_epochs": ("num", 0, None, False),
+    "warmup_lr": ("num", 0, None, False), "min_lr": ("num", 0, None, False),
+    "cycle_epochs": ("num", "gt0", None, True), "cycle_mul": ("num", "gt0", None, False),
+    "cycle_decay": ("num", "gt0", None, False), "step_milestones": ("ints", 0, None, True),
+    "step_gamma": ("num", "gt0", None, False), "batch_size_milestones": ("ints", 0, None, True),
+    "batch_size_factor": ("int", 1, None, False), "cpu_aug": ("str", None, None, False),
+    "strong_aug_epoch": ("int", 0, None, True), "flip": ("bool",), "translate": ("int", 0, 16, False),
+    "mixup": ("num", 0, None, False), "cutmix": ("num", 0, None, False), "mix_prob": ("num", 0, 1, False),
+    "random_erasing": ("num", 0, 1, False), "workers": ("int", 0, None, False), "unfreeze": ("map", None, None, True),
+    "bn_adapt": ("bool",), "ema": ("num", "gt0", 0.999999, True), "patience": ("int", 1, None, True),
+    "log_with": ("str", ["tensorboard", "wandb"], None, True), "progress": ("bool",),
+}
+
+
+def _bad(key: str, value, want: str) -> CompetitionError:
+    return CompetitionError(f"config {key}={value!r}: {want} (set it in a preset or as {key}=VALUE; "
+                            f"competition/configs/base.yaml documents every key)")
+
+
+def check_value(key: str, value) -> None:
+    """Raise a clear error unless `value` is what `key` accepts (RULES)."""
+    rule = RULES.get(key)
+    if rule is None:
+        return
+    kind, *rest = rule
+    nullable = rest[2] if rest else False
+    if value is None:
+        if kind == "bool" or not nullable:
+            raise _bad(key, value, "a value is required")
+        return
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise _bad(key, value, "must be true or false")
+        return
+    low, high = rest[0], rest[1]
+    if kind in ("int", "num"):
+        ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok or (kind == "num" and value != value):
+            raise _bad(key, value, "must be a whole number" if kind == "int" else "must be a number")
+        if (low == "gt0" and not value > 0) or (isinstance(low, (int, float)) and value < low) or \
+                (high is not None and value > high):
+            lo = "above 0" if low == "gt0" else f">= {low}" if low is not None else ""
+            hi = f"<= {high}" if high is not None else ""
+            raise _bad(key, value, f"must be {' and '.join(x for x in (lo, hi) if x)}")
+    elif kind == "str":
+        if not isinstance(value, str) or not value:
+            raise _bad(key, value, "must be a text")
+        if low is not None and value not in low:
+            raise _bad(key, value, f"must be one of {', '.join(low)}")
+    elif kind == "ints":
+        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in value):
+            raise _bad(key, value, f"must be a list of whole numbers >= {low}, e.g. [10, 20]")
+    elif kind == "map" and not isinstance(value, dict):
+        raise _bad(key, value, "must be a mapping, e.g. {key: value}")
+
+
+def validate(cfg: dict) -> dict:
+    """`cfg` unchanged when every key holds an acceptable value, else one clear error."""
+    check_keys(cfg)
+    for key, value in cfg.items():
+        check_value(key, value)
+    for epoch, size in (cfg.get("train_sizes") or {}).items():
+        if not str(epoch).isdigit() or isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 512:
+            raise _bad("train_sizes", cfg["train_sizes"], "must map epochs (whole numbers >= 0) to image sizes "
+                                                          "8..512, e.g. {0: 24, 6: 32}")
+    if (cfg.get("mixup") or cfg.get("cutmix")) and cfg["batch_size"] % 2:
+        raise _bad("batch_size", cfg["batch_size"], "must be even with mixup/cutmix (timm pairs each image "
+                                                     "with its mirror in the batch)")
+    return cfg
+
+
 # Keys that do not change what a run learns: a finished run with other values of these is
-# still the same run (no retraining, no refusal).
-NOT_COMPARED = frozenset({"progress", "log_with", "workers", "stop_after"})
+# still the same run (no retraining, no refusal). The three folders are where things are, not
+# what they hold: a models/ folder copied to another machine or path keeps its runs.
+NOT_COMPARED = frozenset({"progress", "log_with", "workers", "stop_after", "data_dir", "folds_dir", "models_dir"})
 
 
 def comparable(cfg: dict) -> dict:

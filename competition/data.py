@@ -286,21 +286,63 @@ def open_ood(path, image_shape: tuple[int, int] | None = (32, 32)) -> np.ndarray
     return arr
 
 
+COMPETITION_SHAPE = (OOD_FILES, SEVERITIES * 10_000)  # 19 files of 50,000 rows (5 severities x 10,000 images)
+
+
 class OodSet:
     """A folder of OOD files, checked: the competition's `distortionNN.npy` or a labelled local
     suite made by `python -m competition.score suite` (which adds corruptions.json, labels.npy
     and suite.json). Every stage that reads OOD files (predict, ensemble, score, submit) opens
-    the folder through this class, so they all agree on which files and rows there are."""
+    the folder through this class, so they all agree on which files and rows there are.
 
-    def __init__(self, path, expected: int | None = None):
-        self.path = Path(path)
-        self.files = ood_files(self.path, expected=expected)
+    Checked always: files numbered 00.. without gaps, as many as a suite's corruptions.json
+    names (no more, no fewer), every file the same number of rows (5 x N). `shape` = (files,
+    rows per file) is also required when given: COMPETITION_SHAPE for the real CIFAR-100 test set."""
+
+    def __init__(self, path, shape: tuple[int, int] | None = None):
+        self.path, self.shape = Path(path), shape
+        if not self.path.is_dir():
+            raise CompetitionError(f"OOD directory {self.path} does not exist: put distortion00.npy .. "
+                                   f"distortion18.npy there (from DL4DS/ood-test-files, ood-test/) or pass --download")
+        found = sorted(int(p.name[10:12]) for p in self.path.glob("distortion*.npy")
+                       if re.fullmatch(r"distortion\d{2}\.npy", p.name))
+        names = self.info()["names"] if self.is_suite else {}
+        count = shape[0] if shape else len(names) or (max(found) + 1 if found else 0)
+        missing = [ood_name(i) for i in range(count) if i not in found]
+        extra = [ood_name(i) for i in found if i >= count]
+        why = (f"the competition has {count}" if shape else f"its corruptions.json names {count}" if names
+               else f"numbered 00..{count - 1:02d}")
+        if missing or extra or not count:
+            raise CompetitionError(
+                f"{self.path}: {'missing ' + ', '.join(missing) if missing else ''}"
+                f"{'; ' if missing and extra else ''}{'unexpected ' + ', '.join(extra) if extra else ''}"
+                f"{'no distortionNN.npy files' if not count else ''} ({why} files); a submission needs every "
+                f"file and only those: restore or remove files, or rebuild the suite")
+        self.files = [self.path / ood_name(i) for i in range(count)]
         self.rows = [open_ood(p, image_shape=None).shape[0] for p in self.files]
+        if len(set(self.rows)) > 1:
+            common = max(set(self.rows), key=self.rows.count)
+            odd = [f"{p.name} ({r})" for p, r in zip(self.files, self.rows) if r != common]
+            raise CompetitionError(f"{self.path}: {', '.join(odd)} rows, but the other files have {common}: every "
+                                   f"OOD file holds the same images at 5 severities; the odd file is truncated "
+                                   f"or from another set (download or rebuild it)")
+        if shape and self.rows[0] != shape[1]:
+            raise CompetitionError(f"{self.path}: {self.rows[0]} rows per file, but the competition's files have "
+                                   f"{shape[1]}: these are not the real test files (pass --allow-partial to use a "
+                                   f"partial copy on purpose)")
 
     @property
     def is_suite(self) -> bool:
         """A local suite (it holds corruptions.json), not the competition's files."""
         return (self.path / "corruptions.json").exists()
+
+    @staticmethod
+    def required_shape(path, datasets, allow_partial: bool = False) -> tuple[int, int] | None:
+        """COMPETITION_SHAPE when runs trained on cifar100 predict real (not local-suite) OOD files:
+        a partial or foreign copy of the test set would give a submission Kaggle rejects."""
+        if allow_partial or "cifar100" not in set(datasets) or (Path(path) / "corruptions.json").exists():
+            return None
+        return COMPETITION_SHAPE
 
     @property
     def labels(self) -> np.ndarray | None:

@@ -102,7 +102,7 @@ def write_csv(members: list[Member], weights, ood: data.OodSet, csv: Path, n_cla
         if labels is not None:
             table.append(file_accuracy(z, labels))
     submit.write_submission(csv, np.concatenate(preds), ood.rows)
-    submit.check_submission(csv, ood_dir=ood.path, num_classes=n_classes)
+    submit.check_submission(csv, ood_dir=ood.path, num_classes=n_classes, shape=ood.shape)
     return np.stack(table) if table else None
 
 
@@ -147,7 +147,7 @@ def report(info: dict, say=print) -> None:
 
 
 def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "caruana",
-          rounds: int = 40, bn_adapt: bool = False, say=print) -> Path:
+          rounds: int = 40, bn_adapt: bool = False, say=print, allow_partial: bool = False) -> Path:
     """Fit the weights, write submissions/<name>.csv and .json, validate the CSV; returns the CSV."""
     t0 = time.time()
     if not re.fullmatch(r"[\w.+-]+", name):
@@ -155,8 +155,9 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
     if method not in ("caruana", "equal"):
         raise CompetitionError(f"--method must be caruana or equal, not {method!r}")
     members = load_members([r if isinstance(r, RunDir) else RunDir(r) for r in runs])
+    datasets = [c.get("dataset") for m in members for c in m.cfgs]
+    ood = data.OodSet(ood_dir, data.OodSet.required_shape(ood_dir, datasets, allow_partial))
     labels_all, n_classes = oof_labels(members), num_classes(members)
-    ood = ood_dir if isinstance(ood_dir, data.OodSet) else data.OodSet(ood_dir)
     oof_fit = shared_oof(members, labels_all, say)
     weights = fit_weights(oof_fit[2], oof_fit[1], rounds) if method == "caruana" else \
         np.full(len(members), 1 / len(members))
@@ -182,9 +183,11 @@ def main(argv=None):
     p.add_argument("--method", default="caruana", choices=("caruana", "equal"))
     p.add_argument("--rounds", type=int, default=40, help="greedy selection rounds (weights are multiples of 1/k)")
     p.add_argument("--out-dir", default="submissions")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept fewer OOD files or rows than the competition's 19 x 50,000 (cifar100 runs)")
     args = p.parse_args(argv)
     return build(expand_runs(args.runs), args.name, args.ood_dir, args.out_dir, args.method, args.rounds,
-                 args.bn_adapt)
+                 args.bn_adapt, allow_partial=args.allow_partial)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,14 @@ class CompetitionError(Exception):
     """
 
 
+class Interrupted(Exception):
+    """A run stopped on request (SIGINT / SIGTERM) after saving what it needs to continue; the
+    message says how. Entry points print it and exit with 130, the shell's code for Ctrl-C."""
+
+
 def cli(main):
-    """Wrap an entry point so a CompetitionError prints one clear line, not a traceback."""
+    """Wrap an entry point so a CompetitionError prints one clear line (exit 2), a requested stop
+    its resume hint (exit 130), and Ctrl-C one line (exit 130) instead of a traceback."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -29,8 +35,27 @@ def cli(main):
         except CompetitionError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Interrupted as e:
+            print(f"stopped: {e}", file=sys.stderr)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C); files written so far are complete, nothing is half-written", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper
+
+
+def check_writable(folder, what: str = "folder") -> None:
+    """An error naming the folder and the fix unless files can be created in it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise CompetitionError(f"cannot write in {folder} ({e.strerror or e}): make it writable, or choose another "
+                               f"{what}") from None
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ that exists (models trained on the old folds would leak validation images) unles
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,10 @@ def folds_path(dataset: str, folds_dir="folds") -> Path:
 
 
 def dataset_name(source: str, path=None) -> str:
-    """Name used for folds/<name>.csv: the source, or the image folder's file name."""
+    """Name used for folds/<name>.csv and in run names: the source, or the image folder's file
+    name (characters other than letters, digits, . _ - become -, so it is a safe file name)."""
     if source == "imagefolder" and path is not None:
-        return Path(path).name.split(".")[0]
+        return re.sub(r"[^\w.-]+", "-", Path(path).name.split(".")[0]).strip("-") or "images"
     return source
 
 

@@ -173,7 +173,8 @@ def save_random_resnet50(path) -> Path:
     from competition.files import atomic_path
 
     path = Path(path)
-    with atomic_path(path, ".pth") as tmp:
+    with torch.random.fork_rng(), atomic_path(path, ".pth") as tmp:
+        torch.manual_seed(0)  # the same file on every machine, so the demo's Part 3 is reproducible
         torch.save(timm.create_model("resnet50", pretrained=False).state_dict(), tmp)
     return path
 

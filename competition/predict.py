@@ -147,7 +147,8 @@ def plan(run: RunDir, cfg: dict, settings: dict, n_views: int, ood_sets: list[da
     for ood in ood_sets:
         for src, n in zip(ood.files, ood.rows):
             for adapted in (False, True) if bn_adapt else (False,):
-                record = {**settings, "source": source_stamp(src), **({"bn_blend": bn_blend} if adapted else {})}
+                record = {**settings, "source": source_stamp(src), "ood_files": len(ood.files),
+                          **({"bn_blend": bn_blend} if adapted else {})}
                 add(Job(f"{RunDir.ood_subdir(ood, adapted)}/{src.name}", record, "ood_bn" if adapted else "ood",
                         src, n * (n_views + adapted)))
     return todo, [j.rel for j in current]
@@ -177,13 +178,16 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
 
 def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, average: str = "logits",
                 bn_adapt: bool | None = None, bn_blend: float = 1.0, batch_size: int = 512,
-                test: bool = True, oof: bool = True, force: bool = False, accelerator=None) -> dict:
+                test: bool = True, oof: bool = True, force: bool = False, accelerator=None,
+                allow_partial: bool = False) -> dict:
     """Write the run's TTA logits (see the module docstring). views=None and bn_adapt=None follow
     the run's config (oof_tta, or flip when that is none; bn_adapt). Returns {output path:
-    'written' | 'skipped'}."""
+    'written' | 'skipped'}. A run trained on cifar100 needs the competition's full OOD set
+    (19 files x 50,000 rows) unless allow_partial."""
     from tqdm.auto import tqdm
 
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run.check_unlocked("predicting with it")
     if average not in ("logits", "prob"):
         raise CompetitionError(f"--average must be logits or prob, not {average!r}")
     if not 0.0 <= bn_blend <= 1.0:
@@ -198,8 +202,8 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
     if bn_adapt and not adapt.batchnorms(model):
         acc.print(f"{run}: no batch-norm layers, --bn-adapt does nothing; skipping it")
         bn_adapt = False
-    settings = {"tta": tta.tta_name(views), "average": average}
-    ood_sets = [d if isinstance(d, data.OodSet) else data.OodSet(d) for d in ood_dirs]
+    settings = {"tta": tta.tta_name(views), "average": average, "weights": run.weights_hash()}
+    ood_sets = [data.OodSet(d, data.OodSet.required_shape(d, [cfg["dataset"]], allow_partial)) for d in ood_dirs]
     jobs, current = plan(run, cfg, settings, len(views), ood_sets, bn_adapt, bn_blend, test, oof, force, acc.print)
     status = {str(run / rel): "skipped" for rel in current}
     if not jobs:
@@ -240,6 +244,8 @@ def main(argv=None):
     p.add_argument("--no-test", action="store_true", help="skip the clean test split")
     p.add_argument("--no-oof", action="store_true", help="skip the out-of-fold TTA logits")
     p.add_argument("--force", action="store_true", help="redo outputs that are up to date")
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept fewer OOD files or rows than the competition's 19 x 50,000 (cifar100 runs)")
     args = p.parse_args(argv)
     views = tta.parse_tta(args.tta) if args.tta else None
     if args.download:  # the competition's files only: a local suite is made by competition.score suite
@@ -247,11 +253,11 @@ def main(argv=None):
             if not (Path(d) / "corruptions.json").exists():
                 data.ood_files(d, download=True)
     runs = expand_runs(args.runs)
-    ood_sets = [data.OodSet(d) for d in args.ood_dir]
     acc = runtime.make_accelerator()
     for run in runs:
-        predict_run(run, ood_sets, views, args.average, args.bn_adapt, args.bn_blend, args.batch_size,
-                    test=not args.no_test, oof=not args.no_oof, force=args.force, accelerator=acc)
+        predict_run(run, args.ood_dir, views, args.average, args.bn_adapt, args.bn_blend, args.batch_size,
+                    test=not args.no_test, oof=not args.no_oof, force=args.force, accelerator=acc,
+                    allow_partial=args.allow_partial)
     return [r.path for r in runs]
 
 

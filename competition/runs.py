@@ -8,7 +8,8 @@
         metrics.csv, curves.png    train    one row per epoch, and its plot
         oof_logits.npy             train    float32 (n_fold, C), best weights, no TTA
         oof_index.npy              train    int64 rows of the folds CSV, sorted
-        summary.json               train    held-out accuracy, epochs, times
+        summary.json               train    held-out accuracy, epochs, times; written last: the run is finished
+        .lock                      train    {pid, host} of the process training it (removed at exit)
         predict.json               predict  per output: its source and settings
         oof_tta_logits.npy         predict  the held-out fold with the OOD logits' TTA
         test_logits.npy (+labels)  predict  the dataset's clean test split
@@ -21,8 +22,12 @@ are the union of its runs' held-out folds, its test and OOD logits the mean of i
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import os
 import re
+import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +41,14 @@ _FOLD_TAG = re.compile(r"-f\d+(?=-|$)")
 
 
 def run_name(cfg: dict) -> str:
-    """The run folder's name: cfg name, else <presets>-f<fold>-s<seed>."""
-    return cfg.get("name") or f"{cfg['preset']}-f{cfg['fold']}-s{cfg['seed']}"
+    """The run folder's name: cfg name, else <presets>-<dataset>-f<fold>-s<seed> (the dataset in
+    the name, so the same preset on two data sets makes two runs, not a refusal)."""
+    dataset = folds.dataset_name(cfg["dataset"], cfg.get("data"))
+    return cfg.get("name") or f"{cfg['preset']}-{dataset}-f{cfg['fold']}-s{cfg['seed']}"
 
 
 def member_key(name: str) -> str:
-    """A run name without its fold tag: part1-demo-f3-s0 -> part1-demo-s0 (the ensemble member)."""
+    """A run name without its fold tag: part1-demo-digits-f3-s0 -> part1-demo-digits-s0 (the ensemble member)."""
     return _FOLD_TAG.sub("", Path(name).name)
 
 
@@ -105,6 +112,40 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         found = self.checkpoints()
         return found[-1] if found else None
+
+    @staticmethod
+    def checkpoint_problem(ckpt: Path, custom: int) -> str | None:
+        """Why an Accelerate checkpoint folder would not resume exactly (a missing, empty or
+        truncated file), or None. `custom` = objects registered for checkpointing. Accelerate
+        itself only logs "Could not load random states" and goes on, which is no longer exact."""
+        import torch
+        from safetensors.torch import load_file
+
+        needed = ["optimizer.bin"] + [f"custom_checkpoint_{i}.pkl" for i in range(custom)]
+        model = next((n for n in ("model.safetensors", "pytorch_model.bin") if (ckpt / n).exists()), None)
+        rng = sorted(p.name for p in ckpt.glob("random_states_*.pkl"))
+        missing = [n for n in needed if not (ckpt / n).exists()] + ([] if model else ["model.safetensors"]) + \
+            ([] if rng else ["random_states_0.pkl"])
+        if missing:
+            return f"{', '.join(missing)} missing"
+        for name in [model] + needed + rng:
+            try:
+                if name.endswith(".safetensors"):
+                    load_file(ckpt / name)
+                else:
+                    torch.load(ckpt / name, map_location="cpu", weights_only=False)
+            except Exception as e:
+                return f"{name} does not load ({type(e).__name__}: {str(e)[:120]})"
+        return None
+
+    def move_aside(self, what: str) -> Path:
+        """Rename the folder to a hidden sibling (for --force, or a broken checkpoint); returns it."""
+        aside = self.path.with_name(f".{self.name}.{what}")
+        if aside.exists():
+            import shutil
+            shutil.rmtree(aside)
+        self.path.rename(aside)
+        return aside
 
     @property
     def metrics_csv(self) -> Path:
@@ -178,6 +219,68 @@ class RunDir:
     def summary(self) -> dict:
         return read_json(self.path / self.SUMMARY, {})
 
+    @property
+    def finished(self) -> bool:
+        """summary.json is written last (atomically), so only a run that wrote every output has it."""
+        return (self.path / self.SUMMARY).exists()
+
+    # ---- the lock: one process trains a run folder at a time
+    LOCK = ".lock"
+
+    def lock_holder(self) -> dict | None:
+        """{pid, host, since} of the live process holding the lock, or None. A lock left by a dead
+        process on this host is stale: removed, with a message."""
+        path = self.path / self.LOCK
+        holder = read_json(path) if path.exists() else None
+        if holder is None:
+            return None
+        if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+            print(f"{self.path}: taking over the lock of pid {holder.get('pid')}, which is no longer running")
+            path.unlink(missing_ok=True)
+            return None
+        return holder
+
+    def check_unlocked(self, doing: str) -> None:
+        holder = self.lock_holder()
+        if holder is not None and holder.get("pid") != os.getpid():
+            raise CompetitionError(
+                f"{self.path} is being trained by process {holder.get('pid')} on {holder.get('host')} (since "
+                f"{holder.get('since')}): wait for it to finish before {doing}, or stop it; if that process is "
+                f"gone, delete {self.path / self.LOCK}")
+
+    def acquire_lock(self) -> None:
+        """Hold the run folder's lock (created exclusively: of two racing processes, one wins)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.check_unlocked("starting another")
+        try:
+            fd = os.open(self.path / self.LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if read_json(self.path / self.LOCK, {}).get("pid") == os.getpid():
+                return
+            self.check_unlocked("starting another")
+            return self.acquire_lock()
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
+
+    def release_lock(self) -> None:
+        path = self.path / self.LOCK
+        if read_json(path, {}).get("pid") == os.getpid():
+            path.unlink(missing_ok=True)
+
+    def weights_hash(self) -> str:
+        """sha1 of best.pt: what predict records, so logits of replaced weights are never reused."""
+        path = self.weights("best")
+        st = path.stat()
+        key = (st.st_size, st.st_mtime_ns)
+        if getattr(self, "_hash_key", None) != key:
+            h = hashlib.sha1()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 22), b""):
+                    h.update(chunk)
+            self._hash, self._hash_key = h.hexdigest(), key
+        return self._hash
+
     def save_summary(self, summary: dict) -> None:
         save_json(self.path / self.SUMMARY, summary)
 
@@ -222,8 +325,18 @@ class RunDir:
             if entry is None or entry.get("source") != source_stamp(src):
                 raise CompetitionError(f"{path} was predicted from other OOD files than {src} (or before it "
                                        f"changed): {how} (it redoes stale files)")
+            if entry.get("ood_files", len(ood.files)) != len(ood.files):
+                raise CompetitionError(f"{ood.path} held {entry['ood_files']} OOD files when {self.path} was "
+                                       f"predicted, and holds {len(ood.files)} now: restore the folder, or {how}")
+            self.check_weights(entry, path, how)
             out.append(path)
         return out
+
+    def check_weights(self, entry: dict, path: Path, how: str) -> None:
+        """An output predicted with other weights than today's best.pt is stale: an error."""
+        if entry.get("weights") != self.weights_hash():
+            raise CompetitionError(f"{path} was predicted with another {self.weights('best').name} than the one "
+                                   f"in {self.path} now (retrained or replaced since): {how} (it redoes it)")
 
     def oof_tta(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows of the folds CSV, float32 TTA logits) of the held-out fold, checked."""
@@ -234,6 +347,8 @@ class RunDir:
         if not path.exists():
             raise CompetitionError(f"{path} is missing: run `python -m competition.predict {self.path}` first "
                                    f"(out-of-fold logits with the same TTA as the OOD logits)")
+        self.check_weights(self.manifest().get(self.OOF_TTA, {}), path,
+                           f"run `python -m competition.predict {self.path}`")
         logits = np.load(path)
         if len(index) != len(logits):
             raise CompetitionError(f"{path}: {len(logits)} rows but {self.OOF_INDEX} has {len(index)}; "
@@ -241,10 +356,11 @@ class RunDir:
         return index, logits.astype(np.float32)
 
     def test_logits(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(clean test logits, labels) when predict wrote them."""
-        if not (self.path / self.TEST_LOGITS).exists():
+        """(clean test logits, labels) when predict wrote them from today's best.pt."""
+        path = self.path / self.TEST_LOGITS
+        if not path.exists() or self.manifest().get(self.TEST_LOGITS, {}).get("weights") != self.weights_hash():
             return None
-        return np.load(self.path / self.TEST_LOGITS), np.load(self.path / self.TEST_LABELS)
+        return np.load(path), np.load(self.path / self.TEST_LABELS)
 
     def save_test(self, logits: np.ndarray, labels: np.ndarray, record: dict) -> None:
         save_npy(self.path / self.TEST_LABELS, labels.astype(np.int64))
@@ -255,6 +371,16 @@ class RunDir:
         cfg = self.config()
         path = folds.folds_path(folds.dataset_name(cfg["dataset"], cfg.get("data")), cfg["folds_dir"])
         return path, folds.read_folds(path)["label"].to_numpy()
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def expand_runs(patterns: list[str]) -> list[RunDir]:
@@ -269,6 +395,9 @@ def expand_runs(patterns: list[str]) -> list[RunDir]:
             if not run.weights("best").exists():
                 raise CompetitionError(f"{h} is not a trained run folder (no best.pt): train it first with "
                                        f"python competition/train.py, or check the path")
+            if not run.finished:
+                raise CompetitionError(f"{h} is not finished (no {RunDir.SUMMARY}: still training, or stopped): "
+                                       f"continue it with `python competition/train.py ... --resume` first")
             if run not in runs:
                 runs.append(run)
     return runs
@@ -360,8 +489,8 @@ def combine(member_logits: list[np.ndarray], weights) -> np.ndarray:
 
 
 def test_logits(members: list[Member], weights) -> tuple[np.ndarray, np.ndarray] | None:
-    """Ensembled clean-test logits and labels, when every run has them."""
-    if not all((run / RunDir.TEST_LOGITS).exists() for m in members for run in m.runs):
+    """Ensembled clean-test logits and labels, when every run has current ones."""
+    if not all(run.test_logits() is not None for m in members for run in m.runs):
         return None
     labels = members[0].runs[0].test_logits()[1]
     return combine([member_mean([r / RunDir.TEST_LOGITS for r in m.runs]) for m in members], weights), labels

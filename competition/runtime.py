@@ -58,3 +58,29 @@ def sync() -> None:
     """Wait for queued GPU work (timing); nothing on a CPU."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def provenance() -> dict:
+    """What made an artifact: the code's git commit (and whether the tree had uncommitted
+    changes) and the versions of the libraries that decide the numbers."""
+    import importlib.metadata
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    commit, dirty = None, None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        if commit:
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                        capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    versions = {}
+    for pkg in ("competition", "torch", "torchvision", "timm", "accelerate", "albumentations", "numpy"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {"commit": commit, "dirty": dirty, "versions": versions}

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from competition.data import SEVERITIES, OodSet
+from competition.data import COMPETITION_SHAPE, SEVERITIES, OodSet
 from competition.files import CompetitionError, atomic_path, cli
 
 HEADER = "id,label"
@@ -64,29 +64,45 @@ def write_submission(path, labels: np.ndarray, rows_per_file: list[int]) -> Path
     return path
 
 
-def check_submission(path, ood_dir=None, rows_per_file: list[int] | None = None,
-                     num_classes: int = 100) -> pd.DataFrame:
-    """Validate a submission CSV and return it (id: str, label: int64).
-
-    Rows are checked against `ood_dir`'s files if given, else against `rows_per_file`, else
-    against the ids' own files and counts (order and format only). Row numbers in messages
-    count data rows from 1, header excluded.
-    """
+def read_csv(path) -> pd.DataFrame:
+    """The CSV as text columns, after the checks Kaggle's parser would fail on: the encoding
+    (UTF-8, with or without the BOM Excel adds), the exact header, readable rows."""
     path = Path(path)
     if not path.is_file():
         raise CompetitionError(f"{path} does not exist: write it with competition.ensemble (or write_submission)")
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM from Excel is not a header error
-        header = f.readline().rstrip("\r\n")
+    raw = path.read_bytes()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise CompetitionError(f"{path} is UTF-16 encoded (a BOM FF FE / FE FF); Kaggle expects UTF-8: save it as "
+                               f"\"CSV UTF-8\", or write it with competition.ensemble")
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a BOM from Excel is not a header error
+    except UnicodeDecodeError as e:
+        raise CompetitionError(f"{path} is not UTF-8 (byte {raw[e.start]:#04x} at offset {e.start}; Latin-1 or "
+                               f"another legacy encoding?); Kaggle expects UTF-8: save it as \"CSV UTF-8\"") from None
+    header = text.split("\n", 1)[0].rstrip("\r")
     if header != HEADER:
         raise CompetitionError(f"{path}: header is {header!r}, expected {HEADER!r} (exactly, first line)")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except Exception as e:  # ragged rows, binary junk
         raise CompetitionError(f"{path} is not a readable CSV ({type(e).__name__}: {e})") from None
     if list(frame.columns) != ["id", "label"]:
         raise CompetitionError(f"{path}: columns {list(frame.columns)}, expected ['id', 'label']")
     if frame.empty:
         raise CompetitionError(f"{path} has a header but no rows")
+    return frame
+
+
+def check_submission(path, ood_dir=None, rows_per_file: list[int] | None = None, num_classes: int = 100,
+                     shape: tuple[int, int] | None = None) -> pd.DataFrame:
+    """Validate a submission CSV and return it (id: str, label: int64).
+
+    Rows are checked against `ood_dir`'s files if given (data.OodSet's checks, with `shape` =
+    (files, rows per file) required when given), else against `rows_per_file`, else against the
+    ids' own files and counts. Row numbers in messages count data rows from 1, header excluded.
+    """
+    path = Path(path)
+    frame = read_csv(path)
     ids = frame["id"].to_numpy()
 
     bad = np.flatnonzero(~frame["id"].str.fullmatch(ID_PATTERN).to_numpy(dtype=bool))
@@ -102,8 +118,10 @@ def check_submission(path, ood_dir=None, rows_per_file: list[int] | None = None,
                                f"each OOD image needs exactly one row")
 
     if ood_dir is not None:
-        rows_per_file = OodSet(ood_dir).rows
+        rows_per_file = OodSet(ood_dir, shape).rows
         source = f"the {len(rows_per_file)} files in {ood_dir}"
+    elif shape is not None:
+        rows_per_file, source = [shape[1]] * shape[0], f"the competition's {shape[0]} files of {shape[1]} rows"
     elif rows_per_file is not None:
         source = f"{len(rows_per_file)} OOD files of {'/'.join(map(str, sorted(set(rows_per_file))))} rows"
     else:
@@ -146,13 +164,15 @@ def _rows_from_ids(ids: pd.Series) -> list[int]:
         missing = sorted(set(range(int(counts.index.max()) + 1)) - set(counts.index))
         raise CompetitionError(f"ids skip distortion{missing[0]:02d}: every OOD file 00..{counts.index.max():02d} "
                                f"needs its rows")
-    rows = []
+    freq = counts.value_counts()  # the most frequent count; ties go to the larger (rows go missing more than extra)
+    common = int(max(freq.index, key=lambda c: (freq[c], c)))
     for f, c in counts.items():
-        if c % SEVERITIES:
-            raise CompetitionError(f"distortion{f:02d} has {c} rows, not a multiple of {SEVERITIES} severities: "
-                                   f"a row is missing or extra (pass --ood-dir to find which)")
-        rows.append(int(c))
-    return rows
+        if c != common or c % SEVERITIES:
+            why = (f"the other files have {common}" if c != common else f"not a multiple of {SEVERITIES} severities")
+            where = "rows are missing" if c < common or c % SEVERITIES else "rows are extra"
+            raise CompetitionError(f"distortion{f:02d} has {c} rows but {why}: {where} (every OOD file holds the same "
+                                   f"images at {SEVERITIES} severities; pass --ood-dir to find which)")
+    return [common] * len(counts)
 
 
 def resolve_competition(competition: str | None) -> str:
@@ -203,6 +223,21 @@ def kaggle_submit(path, message: str, competition: str | None = None) -> str:
     return text
 
 
+def expected_shape(csv, ood_dir, allow_partial: bool, submitting: bool) -> tuple[int, int] | None:
+    """The competition's shape, when the CSV is for it: its sidecar JSON names runs trained on
+    cifar100, or it goes to Kaggle without a sidecar (this pipeline's competition is CIFAR-100's)."""
+    from competition.files import read_json
+
+    sidecar = read_json(Path(csv).with_suffix(".json"))
+    if sidecar is None:
+        return None if allow_partial or not submitting or (ood_dir and OodSet(ood_dir).is_suite) else COMPETITION_SHAPE
+    from competition.runs import RunDir
+
+    runs = [RunDir(r) for r in sidecar.get("runs", [])]
+    datasets = [r.config().get("dataset") for r in runs if (r / RunDir.CONFIG).exists()]
+    return OodSet.required_shape(ood_dir or sidecar.get("ood_dir", ""), datasets, allow_partial)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Check a submission CSV, or check and submit it to Kaggle.",
                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,6 +247,8 @@ def main(argv=None):
     p.add_argument("--competition", help="Kaggle competition slug (default: $KAGGLE_COMPETITION)")
     p.add_argument("--ood-dir", help="folder of distortionNN.npy to check row counts against")
     p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--allow-partial", action="store_true",
+                   help="accept fewer files or rows than the competition's 19 x 50,000 (a test on part of the data)")
     args = p.parse_args(argv)
 
     path = args.check or args.file
@@ -223,7 +260,8 @@ def main(argv=None):
         p.error("submitting needs -m MESSAGE (or use --check FILE to only check)")
     # Before the check, which takes seconds on 950,000 rows.
     competition = None if args.check else resolve_competition(args.competition)
-    frame = check_submission(path, ood_dir=args.ood_dir, num_classes=args.num_classes)
+    frame = check_submission(path, ood_dir=args.ood_dir, num_classes=args.num_classes,
+                             shape=expected_shape(path, args.ood_dir, args.allow_partial, submitting=not args.check))
     files = frame["id"].str.slice(10, 12).nunique()
     against = f"the OOD files in {args.ood_dir}" if args.ood_dir else "its own ids (pass --ood-dir to check counts)"
     print(f"ok: {path}: {len(frame)} rows, {files} files x {SEVERITIES} severities, "

@@ -26,9 +26,13 @@ process writes files.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +45,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from competition import augment, data, folds, metrics, models, optim, plots, runtime, tta
-from competition.config import comparable, resolve
+from competition import augment, data, files, folds, metrics, models, optim, plots, runtime, tta
+from competition.config import comparable, resolve, validate
 from competition.files import CompetitionError, cli
 from competition.loader import ImageRows, as_batch, eval_loader
 from competition.runs import RunDir
@@ -65,27 +69,82 @@ def make_accelerator(cfg: dict, run: RunDir):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(cfg["unfreeze"]))])
 
 
-def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force: bool) -> bool:
-    """Apply the run-folder rules; False means "already trained with this config, skip".
+def check_config(cfg: dict) -> None:
+    """Everything about cfg that can fail, tried before the run folder is touched: values and
+    ranges (config.validate), the data source, the TTA spec, the CPU augmentation, and the
+    model: built (without fetching weights), one forward pass of two images at every size it
+    will see, its optimizer, schedule and unfreezing groups. A typo costs one message, never a run."""
+    validate(cfg)
+    if cfg["dataset"] not in data.SOURCES:
+        raise CompetitionError(f"config dataset={cfg['dataset']!r}: must be one of {', '.join(data.SOURCES)}")
+    tta.parse_tta(cfg["oof_tta"])
+    for kind in {cfg["cpu_aug"], "strong" if cfg["strong_aug_epoch"] is not None else "none"}:
+        augment.cpu_pipeline(kind)
+    if cfg.get("weights") and not Path(cfg["weights"]).is_file():
+        raise CompetitionError(f"config weights={cfg['weights']}: no such file (an ImageNet ResNet-50 state dict)")
+    model = models.model_from_config({**cfg, "pretrained": False, "weights": None}, 10).eval()
+    for size in sorted({cfg["image_size"] or 32, *(cfg.get("train_sizes") or {}).values()}):
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(2, 3, size, size))
+        except Exception as e:
+            raise CompetitionError(f"{cfg['model']} {cfg.get('model_args') or {}} cannot take {size}x{size} input "
+                                   f"({type(e).__name__}: {str(e)[:200]}); choose another image_size (or "
+                                   f"train_sizes) for this model") from None
+        if tuple(out.shape) != (2, 10):
+            raise CompetitionError(f"{cfg['model']}: {size}x{size} input gives output {tuple(out.shape)}, not "
+                                   f"(batch, classes); choose another image_size")
+    optim.make_scheduler(optim.make_optimizer(model, cfg), cfg)
+    for epoch in sorted(int(k) for k in cfg.get("unfreeze") or {}):
+        models.set_trainable(model, models.unfrozen_prefixes(cfg["unfreeze"], epoch))
 
-    A finished run with the same config is skipped; any other existing run is refused unless
-    --resume (continue from the last checkpoint) or --force (delete it and start over)."""
-    if (run / RunDir.CONFIG).exists() and not resume and not force:
-        done = run.weights("last").exists()
-        same = comparable(run.config()) == comparable(cfg)
-        if done and same:
-            accelerator.print(f"{run}: already trained with this config; skipping (--force retrains)")
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys whose value differs between two configs (comparable keys only)."""
+    a, b = comparable(old), comparable(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force: bool) -> Path | None | bool:
+    """Apply the run-folder rules before anything is written. Returns False to skip ("already
+    trained with this config"), else the old run's folder moved aside by --force (deleted once
+    the new run has finished its first epoch, put back if it fails before) or None.
+
+    A finished run (summary.json) with the same config is skipped; any other existing run is
+    refused unless --resume (continue from the last good checkpoint, same config only) or
+    --force. One process at a time: the folder's lock names the one training it."""
+    main = accelerator.is_main_process
+    if main:
+        files.check_writable(run.path.parent, "models_dir")
+        if run.path.exists():
+            run.check_unlocked("training it again")
+    exists, aside = (run / RunDir.CONFIG).exists(), None
+    if exists and not force:
+        changed = changed_keys(run.config(), cfg)
+        if run.finished and not changed:
+            accelerator.print(f"{run}: already trained with this config{' (nothing to resume)' if resume else ''}; "
+                              f"skipping (--force retrains)")
             return False
-        raise CompetitionError(
-            f"{run} already holds a {'finished' if done else 'partial'} run"
-            f"{' with a different config' if not same else ''}: pass --resume to continue it, --force to "
-            f"delete and retrain it, or name=NEW for a new run")
+        if changed and (resume or run.finished):
+            raise CompetitionError(
+                f"{run} was trained with other values of {', '.join(changed)}"
+                f"{' (--resume continues a run with its own config)' if resume else ''}: drop those overrides, "
+                f"pass --force to retrain it, or name=NEW for a new run")
+        if not resume:
+            raise CompetitionError(f"{run} holds a partial run (no summary.json: interrupted or still running): pass "
+                                   f"--resume to continue it, --force to retrain it, or name=NEW for a new run")
+    if resume and not exists:
+        raise CompetitionError(f"--resume: {run} holds no run to resume; train it without --resume")
     if resume and run.latest_checkpoint() is None:
-        raise CompetitionError(f"--resume: {run.checkpoint_dir} holds no checkpoint to resume from")
-    if force and not resume and accelerator.is_main_process and run.path.exists():
-        shutil.rmtree(run.path)
+        raise CompetitionError(f"--resume: {run.checkpoint_dir} holds no checkpoint (interrupted in its first "
+                               f"epoch?); retrain with --force")
+    if force and not resume and main and run.path.exists():
+        aside = run.move_aside("replaced")
+        accelerator.print(f"--force: {run} moved to {aside}; it is deleted once the new run has finished an epoch")
+    if main:
+        run.acquire_lock()
     accelerator.wait_for_everyone()
-    return True
+    return aside
 
 
 # ---------------------------------------------------------------------------- data
@@ -110,7 +169,15 @@ def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, 
         return np.arange(len(labels)), np.arange(0)
     if not 0 <= cfg["fold"] < k:
         raise CompetitionError(f"fold={cfg['fold']} but {path} has folds 0..{k - 1} (or -1 to train on all)")
-    return np.flatnonzero(fold != cfg["fold"]), np.flatnonzero(fold == cfg["fold"])
+    train_rows, val_rows = np.flatnonzero(fold != cfg["fold"]), np.flatnonzero(fold == cfg["fold"])
+    n_classes = int(labels.max()) + 1
+    for rows, what in ((train_rows, "training folds"), (val_rows, f"held-out fold {cfg['fold']}")):
+        absent = np.setdiff1d(np.arange(n_classes), labels[rows])
+        if len(absent):  # its accuracy would not measure those classes, and the OOF logits would not cover them
+            raise CompetitionError(f"{path}: the {what} hold no image of class(es) {absent[:10].tolist()}: make "
+                                   f"stratified folds with fewer splits (python -m competition.folds --k 2 --force) "
+                                   f"or add images of those classes")
+    return train_rows, val_rows
 
 
 def cpu_aug_at(cfg: dict, epoch: int) -> str:
@@ -140,6 +207,9 @@ class TrainData:
     def __init__(self, cfg: dict, accelerator):
         self.cfg, self.acc = cfg, accelerator
         ds = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
+        if len(ds.classes) < 2:
+            raise CompetitionError(f"{cfg.get('data') or cfg['dataset']}: {len(ds.classes)} class ({ds.classes}); a "
+                                   f"classifier needs at least 2 (an image folder holds one sub-folder per class)")
         self.images, self.labels, self.classes = ds.images, ds.labels, list(ds.classes)
         train_rows, self.val_rows = split_rows(cfg, ds.labels, accelerator)
         self.train_rows = data.sample_rows(train_rows, cfg["train_subset"], cfg["seed"])
@@ -175,10 +245,27 @@ class TrainData:
                 batch_size=bs, sampler=torch.utils.data.RandomSampler(range(len(self.train_rows)),
                                                                       generator=self._shuffle),
                 drop_last=len(self.train_rows) >= bs * self.acc.num_processes, collate_fn=as_batch,
-                num_workers=workers, pin_memory=torch.cuda.is_available())
+                num_workers=workers, pin_memory=torch.cuda.is_available(),
+                worker_init_fn=functools.partial(seed_worker, process=self.acc.process_index))
             self._loaders[(bs, kind, size)] = self.acc.prepare(dl)
         self._shuffle.manual_seed(cfg["seed"] * 100_003 + epoch)
-        return self._loaders[(bs, kind, size)], bs, kind, size
+        loader = self._loaders[(bs, kind, size)]
+        transform = loader.dataset.transform
+        if transform is not None and not loader.num_workers:  # in this process: seeded per (seed, epoch, rank)
+            transform.set_random_seed(int(np.random.SeedSequence([cfg["seed"], epoch, self.acc.process_index])
+                                          .generate_state(1)[0]))
+        return loader, bs, kind, size
+
+
+def seed_worker(worker_id: int, process: int = 0) -> None:
+    """worker_init_fn: albumentations keeps its own random state, which DataLoader's worker
+    seeding does not touch, so without this every worker (and every epoch, and every process)
+    would repeat the same augmentations. torch gives each worker of each epoch its own seed
+    (drawn from the checkpointed global RNG); the process index separates DDP ranks."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(int(np.random.SeedSequence([info.seed % 2**32, process]).generate_state(1)[0]))
 
 
 def resolve_data_config(cfg: dict, td: TrainData) -> dict:
@@ -242,6 +329,9 @@ class LoopState:
     def __init__(self):
         self.epoch, self.updates, self.best_acc, self.best_epoch, self.bad_epochs = 0, 0, -1.0, -1, 0
         self.history: list[dict] = []
+        # A checkpoint taken mid-epoch (a stop request): batches done in `epoch` and their running sums.
+        self.step, self.partial = 0, {}
+        self.loop_s = 0.0  # seconds spent in epochs, summed over every session of a resumed run
 
     def state_dict(self):
         return dict(vars(self))
@@ -259,12 +349,36 @@ def restore(run: RunDir, learner: Learner, accelerator, resume: bool) -> LoopSta
     if learner.ema is not None:
         accelerator.register_for_checkpointing(learner.ema)
     if resume:
-        ckpt = run.latest_checkpoint()
+        ckpt = newest_complete_checkpoint(run, 2 + (learner.ema is not None), accelerator)
         accelerator.load_state(str(ckpt))
         # With automatic naming the next save would otherwise reuse checkpoint_0 and collide.
         accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1
-        accelerator.print(f"resumed from {ckpt} at epoch {state.epoch}")
+        where = f"epoch {state.epoch + 1} step {state.step}" if state.step else f"the end of epoch {state.epoch}"
+        accelerator.print(f"resumed from {ckpt} at {where}")
     return state
+
+
+def newest_complete_checkpoint(run: RunDir, custom: int, accelerator) -> Path:
+    """The newest checkpoint whose every file loads; newer broken ones (a crash mid-save, a
+    truncated copy) are moved to broken-checkpoints/ with a message, so the next save cannot
+    collide with them and nothing is silently resumed inexactly."""
+    found = run.checkpoints()
+    problems = {c: RunDir.checkpoint_problem(c, custom) for c in reversed(found)}
+    good = next((c for c, why in problems.items() if why is None), None)
+    broken = [c for c, why in problems.items() if why is not None and (good is None or c.name > good.name)]
+    for c in broken:
+        accelerator.print(f"{c} cannot be resumed from ({problems[c]}); "
+                          f"{'falling back to ' + good.name if good else 'and no older checkpoint loads either'}")
+    accelerator.wait_for_everyone()
+    if good is None:
+        raise CompetitionError(f"--resume: no checkpoint in {run.checkpoint_dir} loads completely "
+                               f"({'; '.join(f'{c.name}: {w}' for c, w in problems.items())}); retrain with --force")
+    if accelerator.is_main_process:
+        for c in broken:
+            (run / "broken-checkpoints").mkdir(exist_ok=True)
+            shutil.move(str(c), str(run / "broken-checkpoints" / c.name))
+    accelerator.wait_for_everyone()
+    return good
 
 
 def start_trackers(run: RunDir, cfg: dict, accelerator) -> None:
@@ -288,20 +402,78 @@ def train_input(images: torch.Tensor, cfg: dict, prep: dict, size: int) -> torch
     return augment.to_input(x, prep["mean"], prep["std"], size, prep["channels_last"])
 
 
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop at the next step and checkpoint (a second Ctrl-C
+    stops at once). With several processes the request is shared every 25 steps, so every
+    rank stops at the same step."""
+
+    def __init__(self):
+        self.name, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(f"\n{self.name}: stopping after this step and saving a checkpoint (again to stop at once)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def now(self, accelerator, step: int) -> bool:
+        if accelerator.num_processes == 1:
+            return self.name is not None
+        if step % 25:
+            return False
+        flag = torch.tensor(float(self.name is not None), device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0
+
+
+def epoch_batches(loader, state: LoopState, accelerator):
+    """The epoch's batches, from the step a mid-epoch checkpoint stopped at. Starting a
+    DataLoader iterator (its first batch) draws its workers' base seed from the global RNG; the
+    interrupted process had already drawn it for this epoch, so the draw is undone here to keep
+    the RNG stream exact."""
+    if not state.step:
+        yield from loader
+        return
+    batches = iter(accelerator.skip_first_batches(loader, state.step))
+    rng = torch.get_rng_state()
+    first = next(batches, None)
+    torch.set_rng_state(rng)
+    if first is not None:
+        yield first
+        yield from batches
+
+
 def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: int, state: LoopState,
-                    accelerator, run: RunDir) -> dict:
+                    accelerator, run: RunDir, stop: StopRequest) -> dict | None:
     """One pass over the training loader; the schedule steps per update. Returns the running
-    loss and accuracy (over every process) and the images seen."""
+    loss and accuracy (over every process) and the images seen; None when a stop request
+    ended the epoch early (state.step and state.partial then say where, for the checkpoint)."""
     from tqdm.auto import tqdm
 
     model, optimizer, epoch = learner.model, learner.optimizer, state.epoch
     model.train()
-    t0, seen, steps = time.time(), 0, len(loader)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    correct = torch.zeros((), device=accelerator.device)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-               disable=not (accelerator.is_main_process and cfg["progress"]), dynamic_ncols=True)
-    for i, (x, y, _) in enumerate(loader):
+    t0, steps, p = time.time(), len(loader), state.partial
+    seen = int(p.get("seen", 0))
+    loss_sum = torch.tensor(float(p.get("loss_sum", 0.0)), device=accelerator.device)
+    correct = torch.tensor(float(p.get("correct", 0.0)), device=accelerator.device)
+    bar = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
+               disable=not (accelerator.is_main_process and cfg["progress"] and sys.stderr.isatty()),
+               dynamic_ncols=True)
+    for i, (x, y, _) in enumerate(epoch_batches(loader, state, accelerator), start=state.step):
+        if stop.now(accelerator, i):
+            state.step, state.partial = i, {"seen": seen, "loss_sum": loss_sum.item(), "correct": correct.item()}
+            bar.close()
+            return None
         with accelerator.accumulate(model):
             x = train_input(x, cfg, data_cfg, size)
             x, target = learner.batch_aug(x, y)
@@ -330,6 +502,7 @@ def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: i
             bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.3f}", lr=f"{_lr(optimizer):.2g}")
         bar.update(1)
     bar.close()
+    state.step, state.partial = 0, {}
     seen_all = accelerator.reduce(torch.tensor(float(seen), device=accelerator.device), "sum").item()
     return {"train_loss": accelerator.reduce(loss_sum, "sum").item() / max(seen_all, 1),
             "train_acc": accelerator.reduce(correct.float(), "sum").item() / max(seen_all, 1),
@@ -403,6 +576,7 @@ def end_of_epoch(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner:
                images_per_s=round(stats["images"] / stats["seconds"], 1))
     state.history.append(row)
     state.epoch += 1
+    state.loop_s += time.time() - epoch_start
     # best.pt: a tie goes to the later epoch (trained longer, at a lower learning rate);
     # patience counts epochs without a strictly better accuracy.
     checked = td.val_loader is not None
@@ -469,26 +643,44 @@ def write_oof(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner: Le
 # ---------------------------------------------------------------------------- the run
 
 
-def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
-    """Train the run `cfg` describes (cfg is not modified); returns its folder."""
-    from accelerate.utils import set_seed
-
+def train(cfg: dict, resume: bool = False, force: bool = False, command: str | None = None) -> Path:
+    """Train the run `cfg` describes (cfg is not modified); returns its folder. `command` is how
+    the user started it, for the resume hint after a stop request."""
+    check_config(cfg)
     run = RunDir.for_config(cfg)
     accelerator = make_accelerator(cfg, run)
-    if not prepare_run_folder(run, cfg, accelerator, resume, force):
+    aside = prepare_run_folder(run, cfg, accelerator, resume, force)
+    if aside is False:
         return run.path
+    try:
+        with StopRequest() as stop:
+            return run_training(run, cfg, accelerator, resume, stop, aside, command)
+    except BaseException:
+        if aside is not None and aside.exists() and accelerator.is_main_process:
+            shutil.rmtree(run.path, ignore_errors=True)  # the new run did not finish an epoch: the old one is back
+            aside.rename(run.path)
+            print(f"the new run stopped before finishing an epoch; the previous {run} is restored", file=sys.stderr)
+        raise
+    finally:
+        if accelerator.is_main_process:
+            run.release_lock()
+
+
+def run_training(run: RunDir, cfg: dict, accelerator, resume: bool, stop: StopRequest, aside: Path | None,
+                 command: str | None) -> Path:
+    """The run, top to bottom, once its folder is claimed (see the module docstring)."""
+    from accelerate.utils import set_seed
+
     t_start = time.time()
     set_seed(cfg["seed"])
     td = TrainData(cfg, accelerator)
     data_cfg = resolve_data_config(cfg, td)
     if accelerator.is_main_process:
-        run.path.mkdir(parents=True, exist_ok=True)
         run.save_configs(cfg, data_cfg)
     accelerator.print(
         f"run {run}: {cfg['model']} on {cfg['dataset']} fold {cfg['fold']}: {len(td.train_rows)} train / "
         f"{len(td.val_rows)} held-out images, {data_cfg['num_classes']} classes, {accelerator.num_processes} "
-        f"process(es) on {accelerator.device}, precision {accelerator.mixed_precision}")
-
+        f"process(es) on {accelerator.device}, {_precision(accelerator)}")
     learner = make_learner(cfg, data_cfg, accelerator)
     state = restore(run, learner, accelerator, resume)
     start_trackers(run, cfg, accelerator)
@@ -497,8 +689,8 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
         f"{cfg['batch_size']} x {accelerator.num_processes} process(es) x {cfg['grad_accum']} accumulation, "
         f"{cfg['optimizer']} lr {cfg['lr']}, {cfg['sched']} schedule")
 
-    writer, t_loop, stop = MetricsWriter(run), time.time(), None
-    while state.epoch < cfg["epochs"] and stop is None:
+    writer, why = MetricsWriter(run), None
+    while state.epoch < cfg["epochs"] and why is None:
         epoch_start = time.time()
         if cfg["unfreeze"]:
             prefixes = models.unfrozen_prefixes(cfg["unfreeze"], state.epoch)
@@ -506,23 +698,41 @@ def train(cfg: dict, resume: bool = False, force: bool = False) -> Path:
             accelerator.print(f"epoch {state.epoch + 1}: training {'all' if prefixes is None else prefixes} "
                               f"({n_open} tensors)")
         loader, bs, kind, size = td.loader(state.epoch, data_cfg["image_size"])
-        stats = train_one_epoch(learner, loader, cfg, data_cfg, size, state, accelerator, run)
-        stop = end_of_epoch(run, cfg, data_cfg, td, learner, state, accelerator, stats, epoch_start, writer, bs,
-                            kind, size)
-    if stop == "stop_after":
+        stats = train_one_epoch(learner, loader, cfg, data_cfg, size, state, accelerator, run, stop)
+        if stats is None:  # a stop request mid-epoch: checkpoint where it is
+            state.loop_s += time.time() - epoch_start
+            accelerator.save_state()
+            why = "signal"
+            break
+        why = end_of_epoch(run, cfg, data_cfg, td, learner, state, accelerator, stats, epoch_start, writer, bs,
+                           kind, size)
+        if aside is not None and aside.exists() and accelerator.is_main_process:
+            shutil.rmtree(aside)  # --force: the new run has finished an epoch; the old one goes now
+        why = why or ("signal" if stop.name else None)
+    if why == "signal":
+        resume_hint = f"`{command} --resume`" if command else "the same command with --resume (without --force)"
+        raise files.Interrupted(f"{stop.name} in epoch {state.epoch + (1 if state.step else 0)}"
+                                f"{f' at step {state.step}' if state.step else ''}; checkpoint saved in "
+                                f"{run.latest_checkpoint()}; continue exactly with {resume_hint}")
+    if why == "stop_after":
         accelerator.print(f"stop_after={cfg['stop_after']}: stopping after epoch {state.epoch}; continue with "
                           f"--resume")
         return run.path
-    loop_time = time.time() - t_loop
 
     summary = write_oof(run, cfg, data_cfg, td, learner, state, accelerator, writer)
     if cfg["log_with"]:
         accelerator.end_training()
-    summary.update(training_loop_s=round(loop_time, 1), total_s=round(time.time() - t_start, 1))
+    summary.update(training_loop_s=round(state.loop_s, 1), total_s=round(time.time() - t_start, 1),
+                   **runtime.provenance())
     if accelerator.is_main_process:
-        run.save_summary(summary)
-    accelerator.print(f"done: {run}  training loop {loop_time:.1f} s, total {summary['total_s']:.1f} s")
+        run.save_summary(summary)  # last: its presence marks the run finished
+    accelerator.print(f"done: {run}  training loop {state.loop_s:.1f} s, total {summary['total_s']:.1f} s")
     return run.path
+
+
+def _precision(accelerator) -> str:
+    mp = accelerator.mixed_precision
+    return "fp32" if mp == "no" else f"{mp} autocast"
 
 
 def _lr(optimizer) -> float:
@@ -623,7 +833,9 @@ def main(argv=None):
                   weights=args.weights)
     if args.find_batch_size:
         return find_batch_size(cfg)
-    return train(cfg, resume=args.resume, force=args.force)
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--force", "--resume")]
+    command = shlex.join(["python", "-m", "competition.train", *argv])
+    return train(cfg, resume=args.resume, force=args.force, command=command)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from competition.files import CompetitionError
 from competition.metrics import accuracy
 
 N, C, K = 300, 5, 3
-OOD_ROWS = (20, 10)
+OOD_ROWS = (20, 20)
 
 
 @pytest.fixture
@@ -37,6 +37,7 @@ def world(tmp_path):
         run = tmp_path / "models" / name
         (run / "ood").mkdir(parents=True)
         (run / "best.pt").write_bytes(b"")
+        (run / "summary.json").write_text("{}")  # finished
         cfg = {"dataset": "digits", "data": None, "folds_dir": str(tmp_path / "folds"), "fold": f}
         (run / "config.yaml").write_text(yaml.safe_dump(cfg))
         (run / "data_config.yaml").write_text(yaml.safe_dump({"num_classes": C}))
@@ -46,10 +47,12 @@ def world(tmp_path):
                 .astype(np.float32))
         np.save(run / "test_logits.npy", r.normal(size=(50, C)).astype(np.float32))
         np.save(run / "test_labels.npy", np.arange(50) % C)
-        manifest = {"oof_tta_logits.npy": {"tta": "flip"}}
+        weights = R.RunDir(run).weights_hash()  # predict records which best.pt made each output
+        manifest = {"oof_tta_logits.npy": {"tta": "flip", "weights": weights}, "test_logits.npy": {"weights": weights}}
         for i, rows in enumerate(OOD_ROWS):
             np.save(run / f"ood/distortion{i:02d}.npy", r.normal(size=(rows, C)).astype(np.float16))
-            manifest[f"ood/distortion{i:02d}.npy"] = {"source": R.source_stamp(ood / f"distortion{i:02d}.npy")}
+            manifest[f"ood/distortion{i:02d}.npy"] = {"source": R.source_stamp(ood / f"distortion{i:02d}.npy"),
+                                                      "weights": weights}
         (run / "predict.json").write_text(json.dumps(manifest))
         return run
 
@@ -95,7 +98,7 @@ def test_ensemble_writes_a_valid_submission_and_sidecar(world):
         want.append(sum(wi * z for wi, z in zip(w, per_member)).argmax(1))
     frame = pd.read_csv(csv)
     assert list(frame.columns) == ["id", "label"] and len(frame) == sum(OOD_ROWS)
-    assert frame["id"].iloc[0] == "distortion00_1_0" and frame["id"].iloc[-1] == "distortion01_5_1"
+    assert frame["id"].iloc[0] == "distortion00_1_0" and frame["id"].iloc[-1] == "distortion01_5_3"
     np.testing.assert_array_equal(frame["label"].to_numpy(), np.concatenate(want))
     assert info["test_accuracy"] is not None
 

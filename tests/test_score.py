@@ -57,18 +57,21 @@ def scored(tmp_path):
     run = tmp_path / "models/p-f0-s0"
     (run / "ood_local").mkdir(parents=True)
     (run / "best.pt").write_bytes(b"")
+    (run / "summary.json").write_text("{}")  # finished
     (run / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "folds_dir": str(tmp_path), "fold": 0,
                                                      "data": None}))
     (run / "data_config.yaml").write_text(yaml.safe_dump({"num_classes": C}))
     np.save(run / "test_logits.npy", np.eye(C)[np.arange(20) % C] * 20)
     np.save(run / "test_labels.npy", np.arange(20) % C)
-    manifest = {}
+    weights = runs.RunDir(run).weights_hash()
+    manifest = {"test_logits.npy": {"weights": weights}}
     for i in range(2):
         z = np.eye(C)[np.tile(labels, 5)] * 20
         if i == 1:
             z[4 * n:] = np.roll(z[4 * n:], 1, axis=1)
         np.save(run / f"ood_local/distortion{i:02d}.npy", z.astype(np.float16))
-        manifest[f"ood_local/distortion{i:02d}.npy"] = {"source": runs.source_stamp(suite / f"distortion{i:02d}.npy")}
+        manifest[f"ood_local/distortion{i:02d}.npy"] = {"source": runs.source_stamp(suite / f"distortion{i:02d}.npy"),
+                                                        "weights": weights}
     (run / "predict.json").write_text(json.dumps(manifest))
     return suite, run
 

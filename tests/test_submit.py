@@ -10,7 +10,7 @@ import pytest
 from competition import submit as S
 from competition.files import CompetitionError
 
-ROWS = [10, 5, 15]  # three OOD files: N = 2, 1, 3 images per severity
+ROWS = [10, 10, 10]  # three OOD files of N = 2 images per severity (every file holds the same images)
 
 
 @pytest.fixture
@@ -73,10 +73,10 @@ def test_rejects_wrong_header(good, header):
 def test_rejects_missing_row(good, ood_dir):
     path, _ = good
     rows = lines(path)
-    rewrite(path, rows[:18] + rows[19:])  # drops data row 18: distortion02_1_2
-    with pytest.raises(CompetitionError, match=r"29 rows, expected 30 .*row 18: id distortion02_1_2 expected"):
+    rewrite(path, rows[:18] + rows[19:])  # drops data row 18: distortion01_4_1
+    with pytest.raises(CompetitionError, match=r"29 rows, expected 30 .*row 18: id distortion01_4_1 expected"):
         S.check_submission(path, ood_dir=ood_dir)
-    with pytest.raises(CompetitionError, match="distortion02 has 14 rows"):  # no reference: the ids alone
+    with pytest.raises(CompetitionError, match="distortion01 has 9 rows"):  # no reference: the ids alone
         S.check_submission(path)
 
 
@@ -104,7 +104,7 @@ def test_rejects_label_out_of_range(good, label):
     rows = lines(path)
     rows[17] = rows[17].split(",")[0] + "," + label
     rewrite(path, rows)
-    with pytest.raises(CompetitionError, match=r"row 17 \(distortion02_1_1\): label .*(out of range|not an integer)"):
+    with pytest.raises(CompetitionError, match=r"row 17 \(distortion01_4_0\): label .*(out of range|not an integer)"):
         S.check_submission(path, num_classes=7)
 
 
@@ -177,8 +177,8 @@ def test_cli_validates_before_submitting(good, no_credentials, monkeypatch):
     rows = lines(path)
     rewrite(path, rows[:-1])
     monkeypatch.setattr(S, "kaggle_submit", lambda *a: pytest.fail("submitted an invalid file"))
-    with pytest.raises(CompetitionError, match="distortion02 has 14 rows"):
-        S.main([str(path), "-m", "test", "--competition", "x"])
+    with pytest.raises(CompetitionError, match="distortion02 has 9 rows"):
+        S.main([str(path), "-m", "test", "--competition", "x", "--allow-partial"])
 
 
 def test_frame_is_what_kaggle_reads(good):

@@ -69,7 +69,7 @@ def test_rerun_is_skipped_and_a_changed_config_refused(dirs):
     run_dir = run(args, dirs)
     stamp = (run_dir / "last.pt").stat().st_mtime_ns
     assert run(args, dirs) == run_dir and (run_dir / "last.pt").stat().st_mtime_ns == stamp
-    with pytest.raises(CompetitionError, match="different config"):
+    with pytest.raises(CompetitionError, match="trained with other values of lr: "):
         run(args + ["lr=0.01"], dirs)
 
 
@@ -130,7 +130,7 @@ def test_two_processes_cover_the_fold_exactly_once(dirs, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "2 process(es)" in out.stdout
-    run_dir = tmp_path / "models" / "part1-demo-f0-s0"
+    run_dir = tmp_path / "models" / "part1-demo-digits-f0-s0"
     index = np.load(run_dir / "oof_index.npy")
     frame = pd.read_csv(tmp_path / "folds" / "digits.csv")
     assert len(index) == len(np.unique(index))

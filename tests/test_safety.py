@@ -1,0 +1,358 @@
+"""Nothing lost, nothing silent: every bad input or interruption a user can cause gets one clear
+message that names the file or key and the fix, and whatever was good before is unchanged
+(compared by file hashes)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from competition import data, ensemble, folds, predict, submit, train
+from competition.files import CompetitionError, Interrupted, check_writable
+from competition.runs import RunDir, run_name
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--part", "1", "--preset", "demo", "epochs=2", "train_subset=128", "model_args.widths=[8,16,16]",
+        "model_args.hidden=16"]
+
+
+def hashes(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished tiny run (module-wide: tests that change it work on a copy)."""
+    tmp = tmp_path_factory.mktemp("safety")
+    dirs = [f"folds_dir={tmp / 'folds'}", f"models_dir={tmp / 'models'}"]
+    run_dir = train.main(TINY + dirs)
+    return run_dir, dirs
+
+
+@pytest.fixture
+def copy(finished, tmp_path):
+    """A private copy of the finished run: (run dir, train args that address it)."""
+    import shutil
+
+    src, dirs = finished
+    shutil.copytree(src.parent.parent, tmp_path / "w")
+    new_dirs = [f"folds_dir={tmp_path / 'w' / 'folds'}", f"models_dir={tmp_path / 'w' / 'models'}"]
+    return tmp_path / "w" / "models" / src.name, TINY + new_dirs
+
+
+# ---------------------------------------------------------------------------- configs: checked before anything is written
+
+
+@pytest.mark.parametrize("bad, key", [("model=nosuchnet", "nosuchnet"), ("epochs=abc", "epochs"),
+                                      ("lr=abc", "lr"), ("lr=-0.1", "lr"), ("batch_size=0", "batch_size"),
+                                      ("epochs=0", "epochs"), ("image_size=7", "image_size"),
+                                      ("image_size=0", "image_size"), ("image_size=-5", "image_size"),
+                                      ("image_size=33.5", "image_size"), ("image_size=1000", "image_size"),
+                                      ("model_args.widths=[8,8,8,8,8,8]", "cannot take 32x32")])
+def test_force_with_a_bad_config_changes_nothing(copy, bad, key):
+    run_dir, args = copy
+    before = hashes(run_dir)
+    with pytest.raises(CompetitionError, match=key):
+        train.main(args + ["--force", bad])
+    assert hashes(run_dir) == before  # best.pt, last.pt, OOF logits, checkpoints: all still there
+
+
+def test_a_bad_config_leaves_no_folder_and_the_fix_runs(tmp_path):
+    dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
+    with pytest.raises(CompetitionError, match="epochs"):
+        train.main(TINY + dirs + ["epochs=abc", "name=r"])
+    assert not (tmp_path / "models" / "r").exists()  # no config.yaml to refuse the corrected command
+    assert RunDir(train.main(TINY + dirs + ["epochs=1", "name=r"])).finished
+
+
+def test_force_moves_the_old_run_aside_until_the_new_one_has_an_epoch(copy, monkeypatch):
+    run_dir, args = copy
+    before = hashes(run_dir)
+    # The new run fails after its data and model are up, before finishing an epoch: the old one is back.
+    monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        train.main(args + ["--force"])
+    assert hashes(run_dir) == before and not (run_dir.parent / f".{run_dir.name}.replaced").exists()
+    monkeypatch.undo()
+    train.main(args + ["--force", "lr=0.05"])  # a clean retrain replaces it, and the aside copy is gone
+    assert RunDir(run_dir).config()["lr"] == 0.05
+    assert not (run_dir.parent / f".{run_dir.name}.replaced").exists()
+
+
+# ---------------------------------------------------------------------------- one process per run folder
+
+
+def test_a_live_lock_refuses_and_a_stale_one_is_taken_over(copy, capsys):
+    run_dir, args = copy
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": socket.gethostname(),
+                                                   "since": "now"}))
+        before = hashes(run_dir)
+        for extra in ([], ["--resume"], ["--force"]):
+            with pytest.raises(CompetitionError, match=f"being trained by process {sleeper.pid}"):
+                train.main(args + extra)
+        with pytest.raises(CompetitionError, match=f"being trained by process {sleeper.pid}"):
+            predict.predict_run(run_dir, [])
+        assert hashes(run_dir) == before
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # now the holder is dead: the lock is stale, taken over with a message, and removed at the end
+    assert train.main(args) == run_dir
+    assert f"lock of pid {sleeper.pid}, which is no longer running" in capsys.readouterr().out
+    assert not (run_dir / ".lock").exists()
+
+
+# ---------------------------------------------------------------------------- completion, resume, checkpoints
+
+
+def test_a_run_without_summary_is_never_already_trained(copy):
+    run_dir, args = copy
+    (run_dir / "summary.json").unlink()  # e.g. SIGINT after last.pt, before the OOF files
+    (run_dir / "oof_logits.npy").unlink()
+    with pytest.raises(CompetitionError, match="partial run .*--resume"):
+        train.main(args)
+    train.main(args + ["--resume"])  # nothing left to train: it writes the OOF logits and the summary
+    assert (run_dir / "oof_logits.npy").exists() and RunDir(run_dir).finished
+
+
+def test_resume_falls_back_past_a_broken_checkpoint(copy, capsys):
+    run_dir, args = copy
+    (run_dir / "summary.json").unlink()
+    newest, older = RunDir(run_dir).checkpoints()[-1], RunDir(run_dir).checkpoints()[-2]
+    (newest / "random_states_0.pkl").write_bytes(b"")  # emptied: Accelerate would only log it and go on
+    train.main(args + ["--resume"])
+    out = capsys.readouterr().out
+    assert f"{newest.name} cannot be resumed from (random_states_0.pkl does not load" in out
+    assert f"falling back to {older.name}" in out and f"resumed from {older}" in out
+    assert (run_dir / "broken-checkpoints" / newest.name).exists()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2]  # epoch 2 trained again from the intact checkpoint
+
+
+def test_resume_with_no_complete_checkpoint_is_one_error(copy):
+    run_dir, args = copy
+    (run_dir / "summary.json").unlink()
+    for ckpt in RunDir(run_dir).checkpoints():
+        data_file = ckpt / "model.safetensors"
+        data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
+    with pytest.raises(CompetitionError, match="no checkpoint .* loads completely .*model.safetensors does not load"):
+        train.main(args + ["--resume"])
+
+
+def test_resume_refuses_a_changed_config_and_a_finished_run_is_left_alone(copy):
+    run_dir, args = copy
+    before = hashes(run_dir)
+    with pytest.raises(CompetitionError, match="other values of epochs, lr"):
+        train.main(args + ["--resume", "epochs=4", "lr=0.2"])
+    train.main(args + ["--resume"])  # finished, same config: nothing to resume, nothing rewritten
+    assert hashes(run_dir) == before
+
+
+# ---------------------------------------------------------------------------- stop requests
+
+
+def test_stop_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
+    dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
+    args = TINY + dirs + ["epochs=3", "train_subset=256", "ema=0.9", "random_erasing=0.3", "mixup=0.2"]
+    full = train.main(args + ["name=full"])
+    real, calls = train.StopRequest.now, {"n": 0}
+
+    def stop_in_epoch_2(self, accelerator, step):  # 4 steps an epoch (256 / 64): call 7 is epoch 2, step 2
+        calls["n"] += 1
+        if calls["n"] == 7:
+            self.name = "SIGINT"
+        return real(self, accelerator, step)
+
+    monkeypatch.setattr(train.StopRequest, "now", stop_in_epoch_2)
+    with pytest.raises(Interrupted, match=r"SIGINT in epoch 2 at step 2; checkpoint saved in .*checkpoint_1; "
+                                          r"continue exactly with `python -m competition.train .* --resume`"):
+        train.main(args + ["name=cut"])
+    monkeypatch.undo()
+    cut = RunDir(tmp_path / "models" / "cut")
+    assert not cut.finished and not (cut.path / ".lock").exists()
+    with pytest.raises(CompetitionError, match="partial run"):
+        train.main(args + ["name=cut"])
+    train.main(args + ["name=cut", "--resume"])
+    cols = ["epoch", "lr", "updates", "train_loss", "train_acc", "val_loss", "val_acc"]
+    pd.testing.assert_frame_equal(pd.read_csv(full / "metrics.csv")[cols], pd.read_csv(cut.metrics_csv)[cols])
+    np.testing.assert_array_equal(np.load(full / "oof_logits.npy"), np.load(cut.path / "oof_logits.npy"))
+
+
+def test_sigint_mid_epoch_exits_130_with_the_resume_command(tmp_path):
+    dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
+    cmd = [sys.executable, "-m", "competition.train", *TINY, *dirs, "epochs=50", "train_subset=null", "name=s"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:
+        if line.startswith("epoch 1/50"):
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "continue exactly with `python -m competition.train" in err
+    assert "--resume`" in err
+    run = RunDir(tmp_path / "models" / "s")
+    assert run.latest_checkpoint() is not None and not run.finished and not (run.path / ".lock").exists()
+
+
+# ---------------------------------------------------------------------------- OOD sets: exact
+
+
+@pytest.fixture
+def predicted(copy, tmp_path):
+    """The copied run predicted on a 3-file local suite (corruptions.json names 3 files)."""
+    from competition import corruptions
+
+    run_dir, _ = copy
+    images = data.load_digits("test").images[:8]
+    suite = tmp_path / "suite"
+    corruptions.make_suite(images, suite, names=["brightness", "contrast", "fog"], labels=np.arange(8) % 10,
+                           workers=1)
+    predict.predict_run(run_dir, [suite], test=False)
+    return run_dir, suite
+
+
+def test_a_missing_extra_or_short_ood_file_is_refused_everywhere(predicted, tmp_path):
+    run_dir, suite = predicted
+    good = (suite / "distortion02.npy").read_bytes()
+    csv = ensemble.build([run_dir], "ok", suite, tmp_path / "subs")
+    cases = {  # what a user does to the folder -> what every stage says
+        "missing": (lambda: (suite / "distortion02.npy").unlink(), "missing distortion02.npy"),
+        "extra": (lambda: np.save(suite / "distortion03.npy", np.zeros((40, 32, 32, 3), np.uint8)),
+                  "unexpected distortion03.npy"),
+        "short": (lambda: np.save(suite / "distortion02.npy", np.zeros((35, 32, 32, 3), np.uint8)),
+                  r"distortion02.npy \(35\) rows, but the other files have 40"),
+    }
+    for what, (damage, message) in cases.items():
+        damage()
+        for stage in (lambda: predict.predict_run(run_dir, [suite], test=False),
+                      lambda: ensemble.build([run_dir], f"x-{what}", suite, tmp_path / "subs"),
+                      lambda: submit.check_submission(csv, ood_dir=suite, num_classes=10)):
+            with pytest.raises(CompetitionError, match=message):
+                stage()
+        assert not (tmp_path / "subs" / f"x-{what}.csv").exists()
+        (suite / "distortion03.npy").unlink(missing_ok=True)
+        (suite / "distortion02.npy").write_bytes(good)
+
+
+def test_cifar100_runs_need_the_competitions_shape(predicted, tmp_path, monkeypatch):
+    run_dir, suite = predicted
+    real = tmp_path / "ood-test"  # not a suite: the competition's files, here with 3 files of 40 rows
+    real.mkdir()
+    for f in suite.glob("distortion*.npy"):
+        (real / f.name).write_bytes(f.read_bytes())
+    cfg = RunDir(run_dir).config()
+    monkeypatch.setattr(RunDir, "config", lambda self: {**cfg, "dataset": "cifar100"})
+    with pytest.raises(CompetitionError, match="missing distortion03.npy.*the competition has 19 files"):
+        ensemble.build([run_dir], "c", real, tmp_path / "subs")
+    assert data.OodSet.required_shape(real, ["cifar100"], allow_partial=True) is None
+    assert data.OodSet.required_shape(suite, ["cifar100"]) is None  # a local suite is never the real set
+
+
+def test_ensemble_refuses_logits_of_replaced_weights(predicted, tmp_path):
+    run_dir, suite = predicted
+    best = run_dir / "best.pt"
+    last = (run_dir / "last.pt").read_bytes()
+    best.write_bytes(last)  # e.g. copied over from another run, or retrained by hand
+    with pytest.raises(CompetitionError, match="predicted with another best.pt .*competition.predict"):
+        ensemble.build([run_dir], "stale", suite, tmp_path / "subs")
+    assert not (tmp_path / "subs" / "stale.csv").exists()
+    predict.predict_run(run_dir, [suite], test=False)  # predict notices the new weights and redoes its outputs
+    assert ensemble.build([run_dir], "fresh", suite, tmp_path / "subs").exists()
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def test_a_dataset_needs_two_classes_and_every_fold_every_class(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "one"
+    (root / "cat").mkdir(parents=True)
+    for i in range(10):
+        Image.fromarray(np.full((8, 8, 3), i * 20, np.uint8)).save(root / "cat" / f"{i}.png")
+    dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}", f"data_dir={tmp_path / 'd'}"]
+    with pytest.raises(CompetitionError, match=r"1 class \(\['cat'\]\); a classifier needs at least 2"):
+        train.main(["--part", "1", "--preset", "demo", "dataset=imagefolder", f"data={root}", *dirs])
+    labels = data.load_digits().labels
+    frame = folds.folds_frame(labels)
+    frame.loc[(frame["fold"] == 0) & (frame["label"] == 3), "fold"] = 1  # fold 0 loses every 3
+    folds.write_folds(frame, tmp_path / "folds" / "digits.csv")
+    with pytest.raises(CompetitionError, match=r"held-out fold 0 hold no image of class\(es\) \[3\]"):
+        train.main(TINY + dirs)
+
+
+# ---------------------------------------------------------------------------- CSVs and folders
+
+
+def test_csv_encodings_and_missing_rows(tmp_path):
+    rows = [10, 10]
+    csv = submit.write_submission(tmp_path / "s.csv", np.arange(20) % 10, rows)
+    text = csv.read_text()
+    (tmp_path / "latin1.csv").write_bytes(text.replace("distortion00_1_0", "distortion00_1_0\u00e9").encode("latin-1"))
+    (tmp_path / "utf16.csv").write_bytes(text.encode("utf-16"))
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    with pytest.raises(CompetitionError, match=r"latin1.csv is not UTF-8 \(byte 0xe9 .*CSV UTF-8"):
+        submit.check_submission(tmp_path / "latin1.csv")
+    with pytest.raises(CompetitionError, match="utf16.csv is UTF-16 encoded"):
+        submit.check_submission(tmp_path / "utf16.csv")
+    assert len(submit.check_submission(tmp_path / "bom.csv", num_classes=10)) == 20  # Excel's BOM is fine
+    (tmp_path / "short.csv").write_text("\n".join(text.splitlines()[:-3]) + "\n")  # its last rows are gone
+    with pytest.raises(CompetitionError, match="distortion01 has 7 rows but the other files have 10: rows are missing"):
+        submit.check_submission(tmp_path / "short.csv", num_classes=10)
+
+
+def test_an_unwritable_models_folder_is_one_error(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CompetitionError, match="cannot write in .*file/models .*choose another models_dir"):
+        train.main(TINY + [f"models_dir={blocker / 'models'}", f"folds_dir={tmp_path / 'folds'}"])
+    import tempfile
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)  # as root, chmod cannot make a folder read-only
+    with pytest.raises(CompetitionError, match=r"cannot write in .*\(Permission denied\)"):
+        check_writable(tmp_path / "ro", "models_dir")
+
+
+def test_run_names_carry_the_dataset():
+    base = {"preset": "part1-demo", "fold": 0, "seed": 0, "name": None, "data": None}
+    assert run_name({**base, "dataset": "digits"}) == "part1-demo-digits-f0-s0"
+    assert run_name({**base, "dataset": "imagefolder", "data": "/x/my data/digits set.tar.gz"}) == \
+        "part1-demo-digits-set-f0-s0"
+    assert run_name({**base, "dataset": "digits", "name": "mine"}) == "mine"
+
+
+def test_run_sh_resolves_paths_from_the_caller_and_prints_an_absolute_csv(tmp_path):
+    log = tmp_path / "calls.txt"
+    stub = tmp_path / "python"  # stands in for every stage: records its arguments, does nothing
+    stub.write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$*\" >> {log}\n")
+    stub.chmod(0o755)
+    (tmp_path / "my data").mkdir()
+    env = {**os.environ, "PYTHON": str(stub)}
+    out = subprocess.run([str(ROOT / "run.sh"), "--dataset", "imagefolder", "--data", "my data/digits set.tar.gz",
+                          "--ood-dir", "ood/x", "--parts", "1", "epochs=2"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(ROOT / "submissions" / "digits-set-full-p1.csv")
+    calls = log.read_text()
+    assert f"data={tmp_path}/my data/digits set.tar.gz" in calls and f"--ood-dir {tmp_path}/ood/x" in calls
+    assert "epochs=2" in calls and "models/part1-digits-set-f0-s0" in calls
+    bad = subprocess.run([str(ROOT / "run.sh"), "--name", "my sub"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "--name 'my sub' must be letters" in bad.stderr
+    assert "my sub" not in log.read_text()  # refused before any stage ran
