@@ -172,6 +172,9 @@ RULES: dict[str, tuple] = {
     "random_erasing": ("num", 0, 1, False), "workers": ("int", 0, None, False), "unfreeze": ("map", None, None, True),
     "bn_adapt": ("bool",), "ema": ("num", "gt0", 0.999999, True), "patience": ("int", 1, None, True),
     "log_with": ("str", ["tensorboard", "wandb"], None, True), "progress": ("bool",),
+    "noise_blur": ("num", 0, 1, False), "noise_std": ("num", 0, 1, False), "blur_sigma": ("num", 0.3, 5, False),
+    "augmix": ("bool",), "augmix_severity": ("int", 1, 10, False), "jsd": ("num", 0, None, False),
+    "ood_check": ("int", 0, None, False), "select_on": ("str", ["clean", "ood"], None, False),
 }
 
 
@@ -226,6 +229,12 @@ def validate(cfg: dict) -> dict:
         if not str(epoch).isdigit() or isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 512:
             raise _bad("train_sizes", cfg["train_sizes"], "must map epochs (whole numbers >= 0) to image sizes "
                                                           "8..512, e.g. {0: 24, 6: 32}")
+    if cfg.get("select_on") == "ood" and not cfg.get("ood_check"):
+        raise _bad("select_on", "ood", "needs ood_check > 0 (the corrupted held-out images it selects on)")
+    if cfg.get("jsd") and not cfg.get("augmix"):
+        raise _bad("jsd", cfg["jsd"], "needs augmix=true (the consistency is between AugMix views)")
+    if cfg.get("jsd") and (cfg.get("mixup") or cfg.get("cutmix")):
+        raise _bad("jsd", cfg["jsd"], "cannot be combined with mixup/cutmix (soft targets); set mixup=0 cutmix=0")
     if (cfg.get("mixup") or cfg.get("cutmix")) and cfg["batch_size"] % 2:
         raise _bad("batch_size", cfg["batch_size"], "must be even with mixup/cutmix (timm pairs each image "
                                                      "with its mirror in the batch)")

@@ -67,6 +67,34 @@ CORRUPTIONS: list[str] = [
     "brightness", "contrast", "saturate",
     "elastic_transform", "pixelate", "jpeg_compression",
 ]
+# The CIFAR-C corruptions by family (Hendrycks & Dietterich's grouping, plus the four extra
+# corruptions in theirs): what a training recipe "saw" is reported by family, so the local
+# score can give the mean over the corruptions a run did not train on.
+FAMILIES = {
+    "noise": ["gaussian_noise", "shot_noise", "impulse_noise", "speckle_noise"],
+    "blur": ["defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "gaussian_blur"],
+    "weather": ["snow", "frost", "fog", "spatter"],
+    "digital": ["brightness", "contrast", "saturate", "elastic_transform", "pixelate", "jpeg_compression"],
+}
+
+
+def trained_on(cfg: dict) -> list[str]:
+    """The CIFAR-C corruptions whose family a training config's augmentation covers (sorted):
+    noise_blur -> noise, blur; cpu_aug strong -> noise, blur, digital; cpu_aug corrupt -> all
+    but frost and fog (augment.corrupt_pipeline). AugMix's operations are disjoint from them by
+    design (no noise, blur, colour or contrast), so it sees none."""
+    fams = set()
+    if cfg.get("noise_blur"):
+        fams |= {"noise", "blur"}
+    kinds = {cfg.get("cpu_aug")} | ({"strong"} if cfg.get("strong_aug_epoch") is not None else set())
+    if "strong" in kinds:
+        fams |= {"noise", "blur", "digital"}  # colour jitter, blur, noise, JPEG
+    seen = {c for f in fams for c in FAMILIES[f]}
+    if "corrupt" in kinds:
+        seen |= {c for f in FAMILIES.values() for c in f} - {"frost", "fog"}
+    return sorted(seen)
+
+
 # Corruptions with no random draw: the seed does not change their output.
 DETERMINISTIC = frozenset({"defocus_blur", "zoom_blur", "gaussian_blur", "brightness", "contrast",
                            "saturate", "pixelate", "jpeg_compression"})
@@ -674,6 +702,26 @@ def fingerprint(array: np.ndarray) -> str:
     h = hashlib.sha1(f"{array.dtype}{array.shape}".encode())
     h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
+
+
+def corrupted_copies(images: np.ndarray, seed: int, names=CORRUPTIONS, cache_dir=None) -> np.ndarray:
+    """uint8 (len(names) * 5 * N, H, W, 3): every corruption at every severity of `images`, in the
+    OOD files' order (corruption, then severity, then image): the suite's own generator, for a
+    run's corrupted out-of-fold check (train's ood_check). Cached in `cache_dir` when given, keyed
+    by the images, seed, names, SUITE_VERSION and the frost source."""
+    check_images(images, "corrupted_copies(images)")
+    names = list(names)
+    key = hashlib.sha1(f"{fingerprint(images)}|{seed}|{names}|{SUITE_VERSION}|{frost_source()}".encode())
+    path = Path(cache_dir) / f"ood-copies-{key.hexdigest()[:16]}.npy" if cache_dir is not None else None
+    if path is not None and path.exists():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            pass  # a damaged cache file is made again
+    out = np.concatenate([corrupt(images, name, s, seed) for name in names for s in range(1, SEVERITIES + 1)])
+    if path is not None:
+        save_npy(path, out)
+    return out
 
 
 def make_suite(images: np.ndarray, out_dir, seed: int = 0, names=CORRUPTIONS,

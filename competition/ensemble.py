@@ -1,21 +1,30 @@
 """Stage 4: weighted logit average of trained runs -> submissions/<name>.csv + <name>.json.
 
-    python -m competition.ensemble models/part1-demo-f0-s0 models/part2-demo-f0-s0 --name demo \\
-        --ood-dir data/ood-local/digits
-    python -m competition.ensemble 'models/part3-f*-s0' 'models/part2-f*-s0' --name p23 --ood-dir data/ood-test
+    python -m competition.ensemble 'models/part1-demo-digits-f*' 'models/part2-demo-digits-f*' --name demo \\
+        --ood-dir data/ood-local/digits-n40
+    python -m competition.ensemble 'models/part3-cifar100-f*-s0' 'models/part2-cifar100-f*-s0' --name p23 \\
+        --ood-dir data/ood-test --adapt auto --suite data/ood-local/cifar100-n1000
     python -m competition.ensemble 'models/part*' --name equal --method equal --ood-dir data/ood-test
 
-Runs that differ only in their fold (`<preset>-f<k>-s<seed>`) form one *member*: its out-of-fold
-logits are the union of its runs' held-out folds (rows of the folds CSV), and its test and OOD
-logits the mean of its fold models (the usual k-fold bagging). Member weights are fitted on the
-out-of-fold logits only (oof_tta_logits.npy: the same TTA as the OOD logits), never on test data.
-When the members' out-of-fold rows differ (one preset trained on folds 0-4, another on fold 0),
-weights are fitted on the rows all members share, and the run says so.
+Runs that differ only in their fold (`<preset>-<dataset>-f<k>-s<seed>`) form one *member*: its
+out-of-fold logits are the union of its runs' held-out folds (rows of the folds CSV), and its
+test and OOD logits the mean of its fold models (the usual k-fold bagging). Each member uses one
+prediction setting (predict's pred/<setting>/): its TTA (--tta, default the run's own) and, with
+--adapt, BN-adapted OOD logits (bn: always; auto: per member, only where the labelled local
+suite shows it pays, printed as one line per member).
 
-The JSON sidecar records the runs, members, weights, each member's and the ensemble's OOF
-accuracy and log-loss, clean test accuracy when every run has test logits, and the local OOD
-scores when --ood-dir is a labelled local suite (python -m competition.score suite). The CSV is
-validated with competition.submit.check_submission before the command returns.
+Member weights (Caruana selection) are fitted on out-of-fold logits only, never on test data:
+--fit-on ood (the default when every run was trained with ood_check) fits them on the corrupted
+copies of held-out images, the leaderboard's kind of image; clean fits them on the held-out
+fold itself. When members' rows differ (one preset on folds 0-4, another on fold 0), the rows
+all members share are used, and the run says so.
+
+The JSON sidecar records the runs, settings, weights, the adaptation choices and the estimates
+behind them, each member's and the ensemble's OOF accuracy (clean and corrupted), clean test
+accuracy, the local OOD score when --ood-dir is a labelled suite, the code's commit and library
+versions, and the sha1 of every logits file used: re-scoring it later gives the same number or
+says the logits changed. The CSV is validated with competition.submit.check_submission before
+the command returns; an existing different submission of the same name is never overwritten.
 """
 from __future__ import annotations
 
@@ -26,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from competition import data, submit
-from competition.files import CompetitionError, cli, save_json
+from competition import data, runtime, submit
+from competition.files import CompetitionError, cli, read_json, save_json
 from competition.metrics import accuracy, file_accuracy, log_loss, table_summary
-from competition.runs import Member, RunDir, combine, expand_runs, load_members, member_mean, num_classes, \
-    ood_logits, oof_labels, test_logits
+from competition.runs import Member, RunDir, adaptation, base_setting, combine, expand_runs, file_hash, \
+    group_members, load_oof, member_oof_ood, member_test, num_classes, ood_logits, oof_labels, setting_name, \
+    test_logits
 
 # ---------------------------------------------------------------------------- weights
 
@@ -91,13 +101,49 @@ def shared_oof(members: list[Member], labels_all: np.ndarray, say=print):
     return common, labels_all[common], oof, aligned
 
 
-def write_csv(members: list[Member], weights, ood: data.OodSet, csv: Path, n_classes: int,
-              adapted: bool) -> np.ndarray | None:
+def shared_oof_ood(members: list[Member], labels_all: np.ndarray):
+    """(labels, each member's logits) of the corrupted held-out copies all members share: every
+    corruption and severity of the rows they all checked (train's ood_check), flattened."""
+    per = [member_oof_ood(m) for m in members]
+    common = per[0][0]
+    for rows, _ in per[1:]:
+        common = np.intersect1d(common, rows)
+    if not len(common):
+        raise CompetitionError("the members share no corrupted out-of-fold rows (other folds or ood_check sizes?): "
+                               "use --fit-on clean")
+    logits = [z[:, np.searchsorted(rows, common)].reshape(-1, z.shape[-1]) for rows, z in per]
+    return np.tile(labels_all[common], len(logits[0]) // len(common)), logits
+
+
+def choose_adaptation(members: list[Member], adapt: str, suite: data.OodSet | None, say=print) -> dict:
+    """Set each member's setting for `adapt` (none | bn | auto); auto keeps BN adaptation for a
+    member only where it raises the member's accuracy on the labelled local suite. Returns the
+    estimates behind each choice."""
+    choices = {}
+    for m in members:
+        base = base_setting(m.setting)
+        if adapt in ("none", "bn"):
+            m.setting = base if adapt == "none" else f"{base}+bn"
+            continue
+        if suite is None or suite.labels is None:
+            raise CompetitionError("--adapt auto needs a labelled local suite the runs were predicted on "
+                                   "(--suite DIR, or --ood-dir a suite) to choose by")
+        est = {s: table_summary(np.stack([file_accuracy(z, suite.labels) for _, z in
+                                          ood_logits([Member(m.name, m.runs, s)], [1.0], suite)]))["ood_accuracy"]
+               for s in (base, f"{base}+bn")}
+        m.setting = max(est, key=lambda s: (est[s], s == base))  # a tie keeps the cheaper plain logits
+        choices[m.name] = {"plain": est[base], "bn": est[f"{base}+bn"], "chosen": adaptation(m.setting)}
+        say(f"  {m.name}: local OOD {est[base]:.4f} plain, {est[f'{base}+bn']:.4f} with BN adaptation -> "
+            f"{'BN adaptation' if m.setting != base else 'plain'}")
+    return choices
+
+
+def write_csv(members: list[Member], weights, ood: data.OodSet, csv: Path, n_classes: int) -> np.ndarray | None:
     """The submission CSV (argmax of the ensembled OOD logits), validated; returns the accuracy
     table (files x severities) when the OOD folder is a labelled local suite."""
     labels = ood.labels
     preds, table = [], []
-    for _, z in ood_logits(members, weights, ood, adapted):
+    for _, z in ood_logits(members, weights, ood):
         preds.append(z.argmax(1).astype(np.int64))
         if labels is not None:
             table.append(file_accuracy(z, labels))
@@ -106,39 +152,51 @@ def write_csv(members: list[Member], weights, ood: data.OodSet, csv: Path, n_cla
     return np.stack(table) if table else None
 
 
+def pinned_hashes(members: list[Member], ood: data.OodSet) -> dict:
+    """sha1 of every logits file the submission is made of: re-scoring its JSON later checks them."""
+    out = {}
+    for m in members:
+        for run in m.runs:
+            paths = run.ood_logits_paths(ood, m.setting)
+            out[str(run)] = {str(p.relative_to(run.path)): file_hash(p) for p in paths}
+    return out
+
+
 def sidecar(name: str, csv: Path, ood: data.OodSet, members: list[Member], weights, oof_fit: tuple,
-            labels_all: np.ndarray, n_classes: int, method: str, rounds: int, adapted: bool) -> dict:
-    """The JSON that says which runs and weights made the CSV, and how each scores."""
+            labels_all: np.ndarray, n_classes: int, method: str, rounds: int, fit_on: str) -> dict:
+    """The JSON that says which runs, settings and weights made the CSV, and how each scores."""
     common, labels, oof, aligned = oof_fit
     ens_oof = combine(oof, weights)
     test = test_logits(members, weights)
-    member_test = {m.name: accuracy(member_mean([r / RunDir.TEST_LOGITS for r in m.runs]), test[1])
-                   for m in members} if test is not None else {}
+    tests = {m.name: member_test(m) for m in members}
     return {
-        "name": name, "csv": str(csv), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "ood_dir": str(ood.path), "ood_logits": RunDir.ood_subdir(ood, adapted), "method": method,
-        "rounds": rounds if method == "caruana" else None, "num_classes": n_classes,
-        "tta": sorted({r.manifest().get(RunDir.OOF_TTA, {}).get("tta", "?") for m in members for r in m.runs}),
+        "name": name, "csv": str(csv), "created": time.strftime("%Y-%m-%d %H:%M:%S"), **runtime.provenance(),
+        "ood_dir": str(ood.path), "ood_files": len(ood.files), "ood_rows": ood.rows[0], "method": method,
+        "rounds": rounds if method == "caruana" else None, "fit_on": fit_on, "num_classes": n_classes,
         "runs": [str(r) for m in members for r in m.runs],
         "weights": {m.name: round(float(w), 6) for m, w in zip(members, weights)},
-        "members": [{"name": m.name, "runs": [str(r) for r in m.runs], "weight": round(float(w), 6),
-                     "oof_rows": int(len(m.oof_index)),
+        "members": [{"name": m.name, "runs": [str(r) for r in m.runs], "setting": m.setting,
+                     "weight": round(float(w), 6), "oof_rows": int(len(m.oof_index)),
                      "oof_accuracy": accuracy(m.oof_logits, labels_all[m.oof_index]),
                      "oof_accuracy_common": accuracy(z, labels), "oof_logloss_common": log_loss(z, labels),
-                     "test_accuracy": member_test.get(m.name)} for m, w, z in zip(members, weights, oof)],
+                     "test_accuracy": accuracy(*tests[m.name]) if tests[m.name] else None}
+                    for m, w, z in zip(members, weights, oof)],
         "oof": {"rows": int(len(common)), "aligned": aligned, "accuracy": accuracy(ens_oof, labels),
                 "logloss": log_loss(ens_oof, labels), "best_member_accuracy": max(accuracy(z, labels) for z in oof)},
         "test_accuracy": accuracy(*test) if test is not None else None,
+        "logits_sha1": pinned_hashes(members, ood),
     }
 
 
 def report(info: dict, say=print) -> None:
-    fitted = f"fitted on {info['oof']['rows']} OOF rows" if info["method"] == "caruana" else "equal weights"
+    fitted = (f"fitted on {info['fit_on']} out-of-fold images" if info["method"] == "caruana" else "equal weights")
     say(f"members ({fitted}):")
     for m in info["members"]:
         say(f"  {m['name']:<28} weight {m['weight']:.3f}  OOF acc {m['oof_accuracy_common']:.4f}  "
-            f"({len(m['runs'])} run(s))")
+            f"({len(m['runs'])} run(s), {m['setting']})")
     line = f"ensemble OOF acc {info['oof']['accuracy']:.4f} (best member {info['oof']['best_member_accuracy']:.4f})"
+    if info.get("oof_ood"):
+        line += f", corrupted OOF acc {info['oof_ood']['accuracy']:.4f} (best member {info['oof_ood']['best_member']:.4f})"
     if info["test_accuracy"] is not None:
         line += f", clean test acc {info['test_accuracy']:.4f}"
     if "local_score" in info:
@@ -146,24 +204,64 @@ def report(info: dict, say=print) -> None:
     say(line)
 
 
-def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "caruana",
-          rounds: int = 40, bn_adapt: bool = False, say=print, allow_partial: bool = False) -> Path:
-    """Fit the weights, write submissions/<name>.csv and .json, validate the CSV; returns the CSV."""
+def same_submission(old: dict, new: dict) -> bool:
+    """The same runs, settings, weights and logits: rewriting the CSV would change nothing."""
+    keys = ("runs", "weights", "logits_sha1", "ood_dir", "fit_on", "method")
+    return all(old.get(k) == new.get(k) for k in keys) and [m.get("setting") for m in old.get("members", [])] == \
+        [m.get("setting") for m in new.get("members", [])]
+
+
+def fit(members: list[Member], labels_all: np.ndarray, method: str, rounds: int, fit_on: str, say=print):
+    """(weights, clean OOF fit tuple, corrupted OOF figures or None): weights fitted on the clean
+    or corrupted out-of-fold logits; both are reported."""
+    oof_fit = shared_oof(members, labels_all, say)
+    ood_fit = shared_oof_ood(members, labels_all) if fit_on == "ood" or all(
+        r.oof_ood_index() is not None for m in members for r in m.runs) else None
+    if method == "equal":
+        weights = np.full(len(members), 1 / len(members))
+    else:
+        labels, logits = (ood_fit if fit_on == "ood" else (oof_fit[1], oof_fit[2]))
+        weights = fit_weights(logits, labels, rounds)
+    ood_figures = None if ood_fit is None else {
+        "rows": int(len(ood_fit[0])), "accuracy": accuracy(combine(ood_fit[1], weights), ood_fit[0]),
+        "best_member": max(accuracy(z, ood_fit[0]) for z in ood_fit[1])}
+    return weights, oof_fit, ood_figures
+
+
+def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "caruana", rounds: int = 40,
+          tta_name: str | None = None, adapt: str = "none", fit_on: str = "auto", suite=None,
+          overwrite: bool = False, say=print, allow_partial: bool = False) -> Path:
+    """Fit the weights, write submissions/<name>.csv and .json, validate the CSV; returns the CSV.
+    An existing CSV is never overwritten by a different submission (a new --name, or overwrite)."""
     t0 = time.time()
     if not re.fullmatch(r"[\w.+-]+", name):
         raise CompetitionError(f"--name {name!r}: use letters, digits and . _ + - (it becomes a file name)")
-    if method not in ("caruana", "equal"):
-        raise CompetitionError(f"--method must be caruana or equal, not {method!r}")
-    members = load_members([r if isinstance(r, RunDir) else RunDir(r) for r in runs])
+    for key, value, allowed in (("method", method, ("caruana", "equal")), ("adapt", adapt, ("none", "bn", "auto")),
+                                ("fit-on", fit_on, ("auto", "clean", "ood"))):
+        if value not in allowed:
+            raise CompetitionError(f"--{key} must be one of {', '.join(allowed)}, not {value!r}")
+    members = group_members([r if isinstance(r, RunDir) else RunDir(r) for r in runs],
+                            setting_name(tta_name) if tta_name else None)
     datasets = [c.get("dataset") for m in members for c in m.cfgs]
     ood = data.OodSet(ood_dir, data.OodSet.required_shape(ood_dir, datasets, allow_partial))
+    suite = data.OodSet(suite) if suite else (ood if ood.labels is not None else None)
+    choices = choose_adaptation(members, adapt, suite, say)
+    load_oof(members)
     labels_all, n_classes = oof_labels(members), num_classes(members)
-    oof_fit = shared_oof(members, labels_all, say)
-    weights = fit_weights(oof_fit[2], oof_fit[1], rounds) if method == "caruana" else \
-        np.full(len(members), 1 / len(members))
+    if fit_on == "auto":  # the leaderboard scores corrupted images: fit there when every run has them
+        fit_on = "ood" if all(r.oof_ood_index() is not None for m in members for r in m.runs) else "clean"
+    weights, oof_fit, ood_figures = fit(members, labels_all, method, rounds, fit_on, say)
     csv = Path(out_dir) / f"{name}.csv"
-    table = write_csv(members, weights, ood, csv, n_classes, bn_adapt)
-    info = sidecar(name, csv, ood, members, weights, oof_fit, labels_all, n_classes, method, rounds, bn_adapt)
+    info = sidecar(name, csv, ood, members, weights, oof_fit, labels_all, n_classes, method, rounds, fit_on)
+    info.update(adaptation=choices or adapt, **({"oof_ood": ood_figures} if ood_figures else {}))
+    old = read_json(csv.with_suffix(".json"))
+    if csv.exists() and old is not None and same_submission(old, info):
+        say(f"{csv}: unchanged (the same runs, settings, weights and logits); not rewritten")
+        return csv
+    if csv.exists() and not overwrite:
+        raise CompetitionError(f"{csv} already exists and holds another submission: choose a new --name, or pass "
+                               f"--overwrite to replace it (its JSON is replaced too)")
+    table = write_csv(members, weights, ood, csv, n_classes)
     if table is not None:
         info["local_score"] = table_summary(table)
     save_json(csv.with_suffix(".json"), info)
@@ -173,21 +271,28 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders or quoted glob patterns (runs differing only in fold "
                                            "form one member)")
     p.add_argument("--name", required=True, help="submission name: submissions/NAME.csv and NAME.json")
     p.add_argument("--ood-dir", default="data/ood-test", help="the distortionNN.npy files the CSV is for")
-    p.add_argument("--bn-adapt", action="store_true", help="use the BN-adapted OOD logits (predict --bn-adapt)")
+    p.add_argument("--tta", default=None, help="the TTA setting to use (default: each run's own, as predict's)")
+    p.add_argument("--adapt", default="none", choices=("none", "bn", "auto"),
+                   help="BN-adapted OOD logits: never, always, or per member where the local suite says it pays")
+    p.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
+    p.add_argument("--suite", help="labelled local suite for --adapt auto (default: --ood-dir when it is one)")
+    p.add_argument("--fit-on", default="auto", choices=("auto", "clean", "ood"),
+                   help="weights fitted on clean or corrupted out-of-fold images (auto: corrupted when every run "
+                        "has them, i.e. was trained with ood_check)")
     p.add_argument("--method", default="caruana", choices=("caruana", "equal"))
     p.add_argument("--rounds", type=int, default=40, help="greedy selection rounds (weights are multiples of 1/k)")
     p.add_argument("--out-dir", default="submissions")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing submission of this name")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept fewer OOD files or rows than the competition's 19 x 50,000 (cifar100 runs)")
     args = p.parse_args(argv)
-    return build(expand_runs(args.runs), args.name, args.ood_dir, args.out_dir, args.method, args.rounds,
-                 args.bn_adapt, allow_partial=args.allow_partial)
+    return build(expand_runs(args.runs), args.name, args.ood_dir, args.out_dir, args.method, args.rounds, args.tta,
+                 args.adapt, args.fit_on, args.suite, args.overwrite, allow_partial=args.allow_partial)
 
 
 if __name__ == "__main__":

@@ -5,20 +5,23 @@
     python -m competition.predict models/part2-demo-f0-s0 --ood-dir data/ood-local/digits-n40 --tta none
     accelerate launch -m competition.predict models/part3-f0-s0 --ood-dir data/ood-test   # every GPU
 
-For each run folder (its best.pt and saved configs) it writes, next to the checkpoint:
+For each run folder (its best.pt and saved configs) it writes, under models/<run>/pred/<setting>/
+(one folder per setting: the TTA, '-prob' for probability averaging, '+bn' for BN adaptation,
+so predicting with another setting never changes what an earlier submission used):
 
-    test_logits.npy, test_labels.npy  the dataset's clean test split (skipped when it has none)
-    oof_tta_logits.npy                the held-out fold with the same TTA; rows = oof_index.npy,
-                                      so the ensemble fits its weights on what it will combine
-    ood/distortionNN.npy              float16 (5*N, C) per OOD file, same row order as the file
-    ood_local/distortionNN.npy        the same for a local corruption suite (a folder holding
-                                      corruptions.json), so it never overwrites the real files'
-    ood[_local]_bnadapt/...           --bn-adapt: batch-norm statistics re-estimated per file and
-                                      severity on that slice's own images (competition/adapt.py)
-    predict.json                      per output: the source it was made from and the settings
+    test.npy (+ ../../test_labels.npy)   the dataset's clean test split (skipped when it has none)
+    oof.npy                             the held-out fold; rows = oof_index.npy, so the ensemble
+                                        fits its weights on what it will combine
+    oof_ood.npy                         the corrupted copies of held-out images (train's ood_check)
+    ood/<folder>-<hash>/distortionNN.npy  float16 (5*N, C) per OOD file, rows in the file's order,
+                                        one subfolder per OOD folder (the competition's, local suites)
+    predict.json                        per output: its source, weights hash and settings
 
-Work already done (file newer than best.pt, same source and settings in predict.json) is
-skipped unless --force. OOD files are memory-mapped and predicted batch by batch, so 19 x
+`+bn` (--bn-adapt): batch-norm statistics re-estimated on each OOD file's severity slice (and each
+corruption x severity slice of oof_ood) from its own images (competition/adapt.py); clean outputs
+exist only in the base setting.
+
+Work already done (same source, weights and settings in predict.json) is skipped unless --force. OOD files are memory-mapped and predicted batch by batch, so 19 x
 50,000 images never sit in memory. Preprocessing is augment.to_input with the run's own
 data config, exactly as in training and validation.
 
@@ -43,10 +46,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from competition import adapt, augment, data, runtime, tta
+from competition import adapt, augment, data, files, runtime, tta
 from competition.files import CompetitionError, cli
 from competition.loader import eval_loader
-from competition.runs import RunDir, expand_runs, source_stamp
+from competition.runs import RunDir, expand_runs, setting_name, source_stamp
 
 
 class Predictor:
@@ -100,13 +103,14 @@ class Predictor:
             adapt.adapt_bn(self.model, batches(), blend, reduce)
             return self.predict(images, rows)
 
-    def predict_ood(self, images: np.ndarray, adapted: bool, blend: float) -> np.ndarray:
-        """float16 logits of one OOD file; adapted: each severity is its own domain, adapted separately."""
+    def predict_ood(self, images: np.ndarray, adapted: bool, blend: float, slices: int | None = None) -> np.ndarray:
+        """float16 logits of OOD images; adapted: each slice of `slices` rows (default: the file's
+        N, one severity) is its own domain, adapted separately."""
         if not adapted:
             return self.predict(images).astype(np.float16)
-        n = len(images) // data.SEVERITIES
-        return np.concatenate([self.predict_adapted(images, np.arange(s * n, (s + 1) * n), blend)
-                               for s in range(data.SEVERITIES)]).astype(np.float16)
+        n = slices or len(images) // data.SEVERITIES
+        return np.concatenate([self.predict_adapted(images, np.arange(s, s + n), blend)
+                               for s in range(0, len(images), n)]).astype(np.float16)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -114,66 +118,85 @@ class Predictor:
 
 @dataclass
 class Job:
-    """One output file of a run: where it goes, what makes it current, what to predict."""
+    """One output file of a run: its setting and path there, what makes it current, what to predict."""
+    setting: str
     rel: str
     record: dict
-    kind: str  # test | oof | ood | ood_bn
-    source: object  # the ImageSet, the OOF rows, or the OOD file
+    kind: str  # test | oof | oof_ood | ood
+    source: object  # the ImageSet, the OOF rows, the OOF-OOD rows, or the OOD file
     passes: int  # forward passes over the images (views, +1 for BN adaptation): the progress bar's units
 
 
-def plan(run: RunDir, cfg: dict, settings: dict, n_views: int, ood_sets: list[data.OodSet], bn_adapt: bool,
+def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data.OodSet], adapts: list[str],
          bn_blend: float, test: bool, oof: bool, force: bool, say=print) -> tuple[list[Job], list[str]]:
-    """The outputs to (re)write and the ones already current (skipped unless force)."""
+    """The outputs to (re)write and the ones already current (skipped unless force). Clean images
+    (test, OOF) go to the base setting only; OOD files and the corrupted OOF copies to every one."""
+    base = setting_name(record["tta"], record["average"])
+    settings = [(base, "none")] + [(setting_name(record["tta"], record["average"], a, bn_blend), a) for a in adapts]
     todo, current = [], []
 
     def add(job: Job):
-        (current if not force and run.is_current(job.rel, job.record) else todo).append(job)
+        (current if not force and run.is_current(job.setting, job.rel, job.record) else todo).append(job)
 
     if test:
         ds = data.load(cfg["dataset"], "test", cfg["data_dir"], cfg.get("data"))
         if ds is None:
             say(f"{run}: {cfg.get('data')} has no test/ split; no clean test logits")
         else:
-            add(Job(RunDir.TEST_LOGITS, {**settings, "source": ["test", cfg["dataset"], str(cfg.get("data")),
-                                                                 len(ds.labels)]}, "test", ds, len(ds.labels) * n_views))
-    if oof:
-        rows = run.oof_index()
-        if rows is None:
-            say(f"{run}: no {RunDir.OOF_INDEX} (trained with fold=-1?); no out-of-fold logits")
-        else:
-            add(Job(RunDir.OOF_TTA, {**settings, "source": ["oof", len(rows), int(rows.sum())]}, "oof", rows,
-                    len(rows) * n_views))
-    for ood in ood_sets:
-        for src, n in zip(ood.files, ood.rows):
-            for adapted in (False, True) if bn_adapt else (False,):
-                record = {**settings, "source": source_stamp(src), "ood_files": len(ood.files),
-                          **({"bn_blend": bn_blend} if adapted else {})}
-                add(Job(f"{RunDir.ood_subdir(ood, adapted)}/{src.name}", record, "ood_bn" if adapted else "ood",
-                        src, n * (n_views + adapted)))
-    return todo, [j.rel for j in current]
+            source = ["test", cfg["dataset"], str(cfg.get("data")), len(ds.labels)]
+            add(Job(base, "test.npy", {**record, "source": source}, "test", ds, len(ds.labels) * n_views))
+    rows, ood_rows = run.oof_index(), run.oof_ood_index()
+    if oof and rows is None:
+        say(f"{run}: no {RunDir.OOF_INDEX} (trained with fold=-1?); no out-of-fold logits")
+    elif oof:
+        add(Job(base, "oof.npy", {**record, "source": ["oof", len(rows), int(rows.sum())]}, "oof", rows,
+                len(rows) * n_views))
+    for setting, a in settings:
+        extra = {"adapt": a, **({"bn_blend": bn_blend} if a == "bn" else {})} if a != "none" else {}
+        if oof and ood_rows is not None:
+            source = ["oof_ood", len(ood_rows), int(ood_rows.sum()), run.data_config().get("ood_check_seed")]
+            add(Job(setting, "oof_ood.npy", {**record, **extra, "source": source}, "oof_ood", ood_rows,
+                    len(ood_rows) * 95 * (n_views + (a != "none"))))
+        for ood in ood_sets:
+            for src, n in zip(ood.files, ood.rows):
+                add(Job(setting, RunDir.ood_rel(ood, src), {**record, **extra, "source": source_stamp(src),
+                                                            "ood_files": len(ood.files)}, "ood", src,
+                        n * (n_views + (a != "none"))))
+    return todo, [f"{j.setting}/{j.rel}" for j in current]
+
+
+def oof_ood_images(run: RunDir, cfg: dict, train_set, rows: np.ndarray) -> np.ndarray:
+    """The run's corrupted held-out copies (train's ood_check): the same generator, seed and cache."""
+    from competition import corruptions
+
+    seed = run.data_config()["ood_check_seed"]
+    return corruptions.corrupted_copies(train_set.images[rows], seed, cache_dir=Path(cfg["data_dir"]) / "cache")
 
 
 def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: float, main: bool) -> None:
     """Predict every job and write its output (main process only)."""
     train_set = None
     for job in jobs:
+        adapted = job.record.get("adapt", "none") != "none"
         if job.kind == "test":
             logits = pred.predict(job.source.images)
             if main:
-                run.save_test(logits, job.source.labels, job.record)
+                run.save_test(job.setting, logits, job.source.labels, job.record)
             continue
+        if job.kind in ("oof", "oof_ood") and train_set is None:
+            train_set = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
+            if run.oof_index() is not None and run.oof_index().max(initial=-1) >= len(train_set.labels):
+                raise CompetitionError(f"{run / RunDir.OOF_INDEX} names row {run.oof_index().max()} but the train "
+                                       f"split has {len(train_set.labels)} images: the run was trained on other data")
         if job.kind == "oof":
-            if train_set is None:
-                train_set = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
-            if job.source.max(initial=-1) >= len(train_set.labels):
-                raise CompetitionError(f"{run / RunDir.OOF_INDEX} names row {job.source.max()} but the train split "
-                                       f"has {len(train_set.labels)} images: the run was trained on other data")
             logits = pred.predict(train_set.images, job.source)
+        elif job.kind == "oof_ood":  # 95 slices of n images: each (corruption, severity) adapted alone
+            logits = pred.predict_ood(oof_ood_images(run, cfg, train_set, job.source), adapted, bn_blend,
+                                      slices=len(job.source))
         else:
-            logits = pred.predict_ood(data.open_ood(job.source, image_shape=None), job.kind == "ood_bn", bn_blend)
+            logits = pred.predict_ood(data.open_ood(job.source, image_shape=None), adapted, bn_blend)
         if main:
-            run.write_output(job.rel, logits, job.record)
+            run.write_output(job.setting, job.rel, logits, job.record)
 
 
 def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, average: str = "logits",
@@ -194,6 +217,7 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
         raise CompetitionError(f"--bn-blend {bn_blend}: must lie in 0..1 (1 = only the adapted statistics)")
     acc = accelerator or runtime.make_accelerator()
     model, cfg, data_cfg = run.load_model(map_location="cpu")
+    files.check_writable(run.path, "run folder")
     if views is None:
         views = tta.parse_tta(cfg.get("oof_tta") or "none")
         views = views if tta.tta_name(views) != "none" else tta.TTA_PRESETS["flip"]
@@ -202,22 +226,23 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
     if bn_adapt and not adapt.batchnorms(model):
         acc.print(f"{run}: no batch-norm layers, --bn-adapt does nothing; skipping it")
         bn_adapt = False
-    settings = {"tta": tta.tta_name(views), "average": average, "weights": run.weights_hash()}
+    record = {"tta": tta.tta_name(views), "average": average, "weights": run.weights_hash()}
     ood_sets = [data.OodSet(d, data.OodSet.required_shape(d, [cfg["dataset"]], allow_partial)) for d in ood_dirs]
-    jobs, current = plan(run, cfg, settings, len(views), ood_sets, bn_adapt, bn_blend, test, oof, force, acc.print)
-    status = {str(run / rel): "skipped" for rel in current}
+    jobs, current = plan(run, cfg, record, len(views), ood_sets, ["bn"] if bn_adapt else [], bn_blend, test, oof,
+                         force, acc.print)
+    status = {str(run.path / RunDir.PRED / rel): "skipped" for rel in current}
     if not jobs:
         acc.print(f"{run}: all {len(current)} outputs up to date (--force redoes them)")
         return status
     bar = tqdm(total=sum(j.passes for j in jobs), desc=f"predict {run.name}", unit="img",
-               disable=not acc.is_main_process, dynamic_ncols=True, mininterval=2)
+               disable=not (acc.is_main_process and sys.stderr.isatty()), dynamic_ncols=True, mininterval=2)
     t0 = time.time()
     execute(run, cfg, Predictor(model, data_cfg, acc, views, average, batch_size, bar), jobs, bn_blend,
             acc.is_main_process)
     bar.close()
     acc.wait_for_everyone()
-    status.update({str(run / j.rel): "written" for j in jobs})
-    acc.print(f"{run}: {len(jobs)} written, {len(current)} up to date, TTA {settings['tta']} ({len(views)} views, "
+    status.update({str(run.pred_dir(j.setting) / j.rel): "written" for j in jobs})
+    acc.print(f"{run}: {len(jobs)} written, {len(current)} up to date, TTA {record['tta']} ({len(views)} views, "
               f"{average} averaged){', BN-adapted copies' if bn_adapt else ''}, {time.time() - t0:.1f} s")
     return status
 
@@ -226,8 +251,7 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (models/<run>) or quoted glob patterns")
     p.add_argument("--ood-dir", action="append", default=[],
                    help="folder of distortionNN.npy (the competition's, or a local suite); repeatable")

@@ -59,12 +59,31 @@ def source_stamp(path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
+def setting_name(tta_name: str, average: str = "logits", adapt: str = "none", blend: float = 1.0) -> str:
+    """The name of a prediction setting, its folder under pred/: the TTA ('flip', 'shift1', or a
+    view list made file-safe), '-prob' for probability averaging, '+bn' / '+bn0.5' / '+tent' for
+    test-time adaptation."""
+    name = re.sub(r"[^\w.]", "_", tta_name) + ("-prob" if average == "prob" else "")
+    if adapt != "none":
+        name += f"+{adapt}" + (f"{blend:g}" if adapt == "bn" and blend != 1.0 else "")
+    return name
+
+
+def base_setting(setting: str) -> str:
+    """The same TTA without adaptation (where clean images' outputs live)."""
+    return setting.split("+")[0]
+
+
+def adaptation(setting: str) -> str:
+    return setting.split("+")[1] if "+" in setting else "none"
+
+
 class RunDir:
     """One run folder: its paths, and loading of what the stages wrote there."""
 
     CONFIG, DATA_CONFIG, SUMMARY, MANIFEST = "config.yaml", "data_config.yaml", "summary.json", "predict.json"
-    OOF_LOGITS, OOF_INDEX, OOF_TTA = "oof_logits.npy", "oof_index.npy", "oof_tta_logits.npy"
-    TEST_LOGITS, TEST_LABELS = "test_logits.npy", "test_labels.npy"
+    OOF_LOGITS, OOF_INDEX = "oof_logits.npy", "oof_index.npy"
+    TEST_LABELS = "test_labels.npy"
 
     def __init__(self, path):
         self.path = Path(path)
@@ -227,14 +246,16 @@ class RunDir:
     # ---- the lock: one process trains a run folder at a time
     LOCK = ".lock"
 
-    def lock_holder(self) -> dict | None:
+    def lock_holder(self, take_over: bool = True) -> dict | None:
         """{pid, host, since} of the live process holding the lock, or None. A lock left by a dead
-        process on this host is stale: removed, with a message."""
+        process on this host is stale: removed with a message (take_over), or just ignored."""
         path = self.path / self.LOCK
         holder = read_json(path) if path.exists() else None
         if holder is None:
             return None
         if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+            if not take_over:
+                return None
             print(f"{self.path}: taking over the lock of pid {holder.get('pid')}, which is no longer running")
             path.unlink(missing_ok=True)
             return None
@@ -274,97 +295,135 @@ class RunDir:
         st = path.stat()
         key = (st.st_size, st.st_mtime_ns)
         if getattr(self, "_hash_key", None) != key:
-            h = hashlib.sha1()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 22), b""):
-                    h.update(chunk)
-            self._hash, self._hash_key = h.hexdigest(), key
+            self._hash, self._hash_key = file_hash(path), key
         return self._hash
 
     def save_summary(self, summary: dict) -> None:
         save_json(self.path / self.SUMMARY, summary)
 
-    # ---- prediction's files
-    def manifest(self) -> dict:
-        """predict.json: {output path relative to the run: {source, tta, ...}}; {} if absent or unreadable
-        (everything is then redone)."""
-        return read_json(self.path / self.MANIFEST, {})
+    # ---- prediction's files: pred/<setting>/, one folder per TTA and adaptation setting, so
+    # predicting with another setting never changes what an earlier submission was made from.
+    PRED = "pred"
+    OOF_OOD, OOF_OOD_INDEX = "oof_ood_logits.npy", "oof_ood_index.npy"
 
-    def write_output(self, rel: str, array: np.ndarray, record: dict) -> None:
+    def pred_dir(self, setting: str) -> Path:
+        return self.path / self.PRED / setting
+
+    def settings(self) -> list[str]:
+        """The settings predict has written outputs for."""
+        root = self.path / self.PRED
+        return sorted(p.name for p in root.iterdir() if (p / self.MANIFEST).exists()) if root.is_dir() else []
+
+    def manifest(self, setting: str) -> dict:
+        """pred/<setting>/predict.json: {output path relative to it: {source, weights, ...}}; {} if
+        absent or unreadable (everything is then redone)."""
+        return read_json(self.pred_dir(setting) / self.MANIFEST, {})
+
+    def write_output(self, setting: str, rel: str, array: np.ndarray, record: dict) -> None:
         """Save one prediction output and record how it was made (the array first: a crash between
         the two leaves an output that is redone, never a record of one that is missing)."""
-        save_npy(self.path / rel, array)
-        manifest = self.manifest()
+        save_npy(self.pred_dir(setting) / rel, array)
+        manifest = self.manifest(setting)
         manifest[rel] = record
-        save_json(self.path / self.MANIFEST, manifest)
+        save_json(self.pred_dir(setting) / self.MANIFEST, manifest)
 
-    def is_current(self, rel: str, record: dict) -> bool:
-        """`rel` exists, is newer than best.pt and was made with exactly `record`."""
-        path = self.path / rel
-        return (path.exists() and path.stat().st_mtime > self.weights("best").stat().st_mtime
-                and self.manifest().get(rel) == record)
+    def is_current(self, setting: str, rel: str, record: dict) -> bool:
+        """`rel` exists and was made with exactly `record` (which names the weights' hash)."""
+        return (self.pred_dir(setting) / rel).exists() and self.manifest(setting).get(rel) == record
 
     @staticmethod
-    def ood_subdir(ood: data.OodSet, adapted: bool = False) -> str:
-        """`ood` for the competition's files, `ood_local` for a local suite; `_bnadapt` when adapted."""
-        return ("ood_local" if ood.is_suite else "ood") + ("_bnadapt" if adapted else "")
+    def ood_rel(ood: data.OodSet, src: Path) -> str:
+        """Where a setting keeps the logits of one OOD file: ood/<folder name>-<hash of its path>/,
+        so two OOD folders (the competition's, local suites) never share an output."""
+        resolved = str(ood.path.resolve())
+        return f"ood/{ood.path.resolve().name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}/{src.name}"
 
-    def ood_logits_paths(self, ood: data.OodSet, adapted: bool = False) -> list[Path]:
-        """The run's logits for every file of `ood`, checked: present, and predicted from these very
-        files (predict.json). A clear error says which predict command is missing."""
-        sub = self.ood_subdir(ood, adapted)
-        manifest = self.manifest()
-        how = (f"run `python -m competition.predict {self.path} --ood-dir {ood.path}"
-               f"{' --bn-adapt' if adapted else ''}` first")
-        out = []
-        for src in ood.files:
-            path = self.path / sub / src.name
-            if not path.exists():
-                raise CompetitionError(f"{path} is missing: {how}")
-            entry = manifest.get(f"{sub}/{src.name}")
-            if entry is None or entry.get("source") != source_stamp(src):
-                raise CompetitionError(f"{path} was predicted from other OOD files than {src} (or before it "
-                                       f"changed): {how} (it redoes stale files)")
-            if entry.get("ood_files", len(ood.files)) != len(ood.files):
-                raise CompetitionError(f"{ood.path} held {entry['ood_files']} OOD files when {self.path} was "
-                                       f"predicted, and holds {len(ood.files)} now: restore the folder, or {how}")
-            self.check_weights(entry, path, how)
-            out.append(path)
-        return out
-
-    def check_weights(self, entry: dict, path: Path, how: str) -> None:
-        """An output predicted with other weights than today's best.pt is stale: an error."""
+    def _checked(self, setting: str, rel: str, how: str, source=None) -> tuple[Path, dict]:
+        path, entry = self.pred_dir(setting) / rel, self.manifest(setting).get(rel)
+        if not path.exists() or entry is None:
+            raise CompetitionError(f"{path} is missing: {how}")
+        if source is not None and entry.get("source") != source:
+            raise CompetitionError(f"{path} was predicted from other files than now (changed since?): {how} "
+                                   f"(it redoes stale outputs)")
         if entry.get("weights") != self.weights_hash():
             raise CompetitionError(f"{path} was predicted with another {self.weights('best').name} than the one "
                                    f"in {self.path} now (retrained or replaced since): {how} (it redoes it)")
+        return path, entry
 
-    def oof_tta(self) -> tuple[np.ndarray, np.ndarray]:
-        """(rows of the folds CSV, float32 TTA logits) of the held-out fold, checked."""
-        index, path = self.oof_index(), self.path / self.OOF_TTA
+    def how(self, setting: str, ood: data.OodSet | None = None) -> str:
+        """The predict command that writes `setting`'s outputs."""
+        tta_name, _, adapt = setting.partition("+")
+        tta_name, _, average = tta_name.partition("-")
+        return (f"run `python -m competition.predict {self.path}{f' --ood-dir {ood.path}' if ood else ''} --tta "
+                f"{tta_name}{' --average prob' if average else ''}{' --bn-adapt' if adapt else ''}` first")
+
+    def ood_logits_paths(self, ood: data.OodSet, setting: str) -> list[Path]:
+        """The run's logits for every file of `ood` under `setting`, checked: present, predicted
+        from these very files and today's best.pt. A clear error says which predict command to run."""
+        how, out = self.how(setting, ood), []
+        for src in ood.files:
+            path, entry = self._checked(setting, self.ood_rel(ood, src), how, source_stamp(src))
+            if entry.get("ood_files", len(ood.files)) != len(ood.files):
+                raise CompetitionError(f"{ood.path} held {entry['ood_files']} OOD files when {self.path} was "
+                                       f"predicted, and holds {len(ood.files)} now: restore the folder, or {how}")
+            out.append(path)
+        return out
+
+    def oof_tta(self, setting: str) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of the folds CSV, float32 TTA logits) of the held-out fold, checked (clean images:
+        an adapted setting uses its base setting's)."""
+        index = self.oof_index()
         if index is None:
             raise CompetitionError(f"{self.path} has no {self.OOF_INDEX} (trained with fold=-1?): without "
                                    f"out-of-fold logits it cannot be weighted; leave it out of the ensemble")
-        if not path.exists():
-            raise CompetitionError(f"{path} is missing: run `python -m competition.predict {self.path}` first "
-                                   f"(out-of-fold logits with the same TTA as the OOD logits)")
-        self.check_weights(self.manifest().get(self.OOF_TTA, {}), path,
-                           f"run `python -m competition.predict {self.path}`")
+        base = base_setting(setting)
+        path, _ = self._checked(base, "oof.npy", self.how(base))
         logits = np.load(path)
         if len(index) != len(logits):
             raise CompetitionError(f"{path}: {len(logits)} rows but {self.OOF_INDEX} has {len(index)}; "
                                    f"rerun predict --force")
         return index, logits.astype(np.float32)
 
-    def test_logits(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(clean test logits, labels) when predict wrote them from today's best.pt."""
-        path = self.path / self.TEST_LOGITS
-        if not path.exists() or self.manifest().get(self.TEST_LOGITS, {}).get("weights") != self.weights_hash():
+    def oof_ood_index(self) -> np.ndarray | None:
+        path = self.path / self.OOF_OOD_INDEX
+        return np.load(path) if path.exists() else None
+
+    def oof_ood(self, setting: str) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of the folds CSV (n,), float32 logits (corruptions * 5, n, C)) of the corrupted
+        copies of held-out images (train's ood_check), under `setting`, checked."""
+        index = self.oof_ood_index()
+        if index is None:
+            raise CompetitionError(f"{self.path} has no {self.OOF_OOD_INDEX}: it was trained with ood_check=0, so "
+                                   f"there are no corrupted out-of-fold images to fit on; use --fit-on clean")
+        path, _ = self._checked(setting, "oof_ood.npy", self.how(setting))
+        logits = np.load(path).astype(np.float32)
+        return index, logits.reshape(-1, len(index), logits.shape[-1])
+
+    def test_logits(self, setting: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(clean test logits, labels) when predict wrote them from today's best.pt, else None."""
+        base = base_setting(setting)
+        path = self.pred_dir(base) / "test.npy"
+        if not path.exists() or self.manifest(base).get("test.npy", {}).get("weights") != self.weights_hash():
             return None
         return np.load(path), np.load(self.path / self.TEST_LABELS)
 
-    def save_test(self, logits: np.ndarray, labels: np.ndarray, record: dict) -> None:
+    def save_test(self, setting: str, logits: np.ndarray, labels: np.ndarray, record: dict) -> None:
         save_npy(self.path / self.TEST_LABELS, labels.astype(np.int64))
-        self.write_output(self.TEST_LOGITS, logits, record)
+        self.write_output(setting, "test.npy", logits, record)
+
+    def score_prefix(self, setting: str, ood: data.OodSet) -> Path:
+        """Where score writes a run's report on a suite: pred/<setting>/ood/<suite>/score(.md/.png/.json)."""
+        return self.pred_dir(setting) / Path(self.ood_rel(ood, ood.files[0])).parent / "score"
+
+    def scores(self) -> list[dict]:
+        """Every local score written for this run (score.json files), newest first."""
+        found = [read_json(p) for p in (self.path / self.PRED).glob("*/ood/*/score.json")]
+        return sorted((f for f in found if f), key=lambda r: r.get("scored", ""), reverse=True)
+
+    def save_oof_ood(self, index: np.ndarray, logits: np.ndarray) -> None:
+        """train's plain OOF-OOD logits (best weights, no TTA) and their held-out rows."""
+        save_npy(self.path / self.OOF_OOD, logits.astype(np.float32))
+        save_npy(self.path / self.OOF_OOD_INDEX, index.astype(np.int64))
 
     def folds_labels(self) -> tuple[Path, np.ndarray]:
         """The folds CSV the run was trained with, and its labels."""
@@ -408,30 +467,39 @@ def expand_runs(patterns: list[str]) -> list[RunDir]:
 
 @dataclass
 class Member:
-    """Runs that differ only by fold, and their out-of-fold TTA logits (rows sorted)."""
+    """Runs that differ only by fold, the prediction setting used for them, and their
+    out-of-fold TTA logits (rows sorted)."""
     name: str
     runs: list[RunDir]
+    setting: str = "flip"
     oof_index: np.ndarray | None = None
     oof_logits: np.ndarray | None = None
     cfgs: list[dict] = field(default_factory=list)
 
 
-def group_members(runs: list[RunDir]) -> list[Member]:
-    """Group runs into members (fold runs of one config) without loading any logits."""
+def default_setting(cfg: dict) -> str:
+    """predict's default for a run: the TTA its training validated (oof_tta), else flip."""
+    tta_name = cfg.get("oof_tta") or "none"
+    return setting_name("flip" if tta_name == "none" else tta_name)
+
+
+def group_members(runs: list[RunDir], setting: str | None = None) -> list[Member]:
+    """Group runs into members (fold runs of one config) without loading any logits; `setting`
+    None: each member's default (default_setting of its config)."""
     members: dict[str, Member] = {}
     for run in runs:
         run = RunDir(run) if not isinstance(run, RunDir) else run
-        m = members.setdefault(run.member, Member(run.member, []))
+        cfg = run.config()
+        m = members.setdefault(run.member, Member(run.member, [], setting or default_setting(cfg)))
         m.runs.append(run)
-        m.cfgs.append(run.config())
+        m.cfgs.append(cfg)
     return list(members.values())
 
 
-def load_members(runs: list[RunDir]) -> list[Member]:
-    """Members with their out-of-fold TTA logits: the union of their runs' held-out folds."""
-    members = group_members(runs)
+def load_oof(members: list[Member]) -> list[Member]:
+    """Each member's out-of-fold TTA logits under its setting: the union of its runs' folds."""
     for mem in members:
-        idx, logits = zip(*(run.oof_tta() for run in mem.runs))
+        idx, logits = zip(*(run.oof_tta(mem.setting) for run in mem.runs))
         idx_all = np.concatenate(idx)
         if len(np.unique(idx_all)) != len(idx_all):
             raise CompetitionError(f"member {mem.name}: runs {', '.join(r.name for r in mem.runs)} hold out "
@@ -441,14 +509,29 @@ def load_members(runs: list[RunDir]) -> list[Member]:
     return members
 
 
+def load_members(runs: list[RunDir], setting: str | None = None) -> list[Member]:
+    return load_oof(group_members(runs, setting))
+
+
+def member_oof_ood(mem: Member) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (n,), logits (corruptions * 5, n, C)) of a member's corrupted out-of-fold images: the
+    union over its runs' folds, rows sorted."""
+    idx, logits = zip(*(run.oof_ood(mem.setting) for run in mem.runs))
+    idx_all, z = np.concatenate(idx), np.concatenate(logits, axis=1)
+    order = np.argsort(idx_all)
+    return idx_all[order], z[:, order]
+
+
 def members_from_json(path) -> tuple[list[Member], np.ndarray, dict]:
-    """The members and weights a submission's JSON sidecar recorded (for competition.score)."""
+    """The members, settings and weights a submission's JSON sidecar recorded (for score, board)."""
     path = Path(path)
     try:
         spec = json.loads(path.read_text())
-        members = group_members([RunDir(r) for m in spec["members"] for r in m["runs"]])
-        weights = {m["name"]: m["weight"] for m in spec["members"]}
-        weights = np.asarray([weights[m.name] for m in members], float)
+        members = []
+        for m in spec["members"]:
+            runs = [RunDir(r) for r in m["runs"]]
+            members.append(Member(m["name"], runs, m["setting"], cfgs=[r.config() for r in runs]))
+        weights = np.asarray([m["weight"] for m in spec["members"]], float)
     except FileNotFoundError:
         raise CompetitionError(f"{path} does not exist: make it with python -m competition.ensemble") from None
     except (KeyError, TypeError, ValueError) as e:
@@ -488,17 +571,25 @@ def combine(member_logits: list[np.ndarray], weights) -> np.ndarray:
     return sum(float(w) * z for w, z in zip(weights, member_logits) if w > 0)
 
 
+def member_test(mem: Member) -> tuple[np.ndarray, np.ndarray] | None:
+    """A member's fold-averaged clean test logits and labels, when every run has current ones."""
+    tests = [run.test_logits(mem.setting) for run in mem.runs]
+    if any(t is None for t in tests):
+        return None
+    return sum(t[0].astype(np.float32) for t in tests) / len(tests), tests[0][1]
+
+
 def test_logits(members: list[Member], weights) -> tuple[np.ndarray, np.ndarray] | None:
     """Ensembled clean-test logits and labels, when every run has current ones."""
-    if not all(run.test_logits() is not None for m in members for run in m.runs):
+    tests = [member_test(m) for m in members]
+    if any(t is None for t in tests):
         return None
-    labels = members[0].runs[0].test_logits()[1]
-    return combine([member_mean([r / RunDir.TEST_LOGITS for r in m.runs]) for m in members], weights), labels
+    return combine([t[0] for t in tests], weights), tests[0][1]
 
 
-def ood_logits(members: list[Member], weights, ood: data.OodSet, adapted: bool = False):
+def ood_logits(members: list[Member], weights, ood: data.OodSet):
     """Yield (OOD file, ensembled logits float32 (rows, C)) file by file: never all in memory."""
-    per_run = {r: r.ood_logits_paths(ood, adapted) for m in members for r in m.runs}
+    per_run = {r: r.ood_logits_paths(ood, m.setting) for m in members for r in m.runs}
     for k, (src, rows) in enumerate(zip(ood.files, ood.rows)):
         zs = []
         for m in members:
@@ -508,3 +599,12 @@ def ood_logits(members: list[Member], weights, ood: data.OodSet, adapted: bool =
                                        f"rerun predict with --force")
             zs.append(z)
         yield src, combine(zs, weights)
+
+
+def file_hash(path) -> str:
+    """sha1 of a file's bytes: what a submission JSON pins for every logits file it used."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()

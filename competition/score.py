@@ -30,9 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from competition import data, folds, plots
+from competition.corruptions import trained_on
 from competition.files import CompetitionError, cli, save_json, save_text
 from competition.metrics import Calibration, accuracy, ece, file_accuracy, table_summary
-from competition.runs import Member, RunDir, expand_runs, members_from_json, ood_logits, oof_labels, test_logits
+from competition.runs import Member, RunDir, adaptation, base_setting, default_setting, expand_runs, file_hash, \
+    members_from_json, ood_logits, oof_labels, setting_name, test_logits
 
 SEV = data.SEVERITIES
 
@@ -100,67 +102,104 @@ def _leaks(cfgs: list[dict], info: dict, runs: list[RunDir]) -> list[str]:
     return [str(r) for c, r in zip(cfgs, runs) if c.get("fold") != info.get("fold")]
 
 
-def submission_target(target: Path, ood: data.OodSet, adapted: bool):
-    """(runs, clean (logits, labels) or None, OOF accuracy, stream of OOD logits) of a submission JSON."""
+def check_pinned(spec: dict, members, ood: data.OodSet, path: Path) -> None:
+    """The logits a submission was made from must be the ones scored now (same sha1)."""
+    for m in members:
+        for run in m.runs:
+            pinned = (spec.get("logits_sha1") or {}).get(str(run))
+            if pinned is None:
+                continue  # scored on another OOD folder than the submission's: nothing pinned there
+            for p in run.ood_logits_paths(ood, m.setting):
+                rel = str(p.relative_to(run.path))
+                if rel in pinned and pinned[rel] != file_hash(p):
+                    raise CompetitionError(f"{p} changed since {path} was made (sha1 differs): its score would not "
+                                           f"be the submission's; predicting again under the same setting rewrote "
+                                           f"it, so rebuild the submission (competition.ensemble) to score it")
+
+
+def submission_target(target: Path, ood: data.OodSet):
+    """(members, weights, clean (logits, labels) or None, OOF accuracy) of a submission JSON."""
     members, weights, spec = members_from_json(target)
-    runs = [r for m in members for r in m.runs]
-    oof_acc = (spec.get("oof") or {}).get("accuracy")
-    return runs, test_logits(members, weights), oof_acc, ood_logits(members, weights, ood, adapted)
+    check_pinned(spec, members, ood, target)
+    return members, weights, test_logits(members, weights), (spec.get("oof") or {}).get("accuracy")
 
 
-def run_target(run: RunDir, ood: data.OodSet, adapted: bool):
-    """The same for one run folder."""
+def run_target(run: RunDir, setting: str):
+    """The same for one run folder under `setting`."""
+    member = Member(run.name, [run], setting, cfgs=[run.config()])
     oof_acc = None
-    if (run / RunDir.OOF_TTA).exists():
-        idx, logits = run.oof_tta()
-        oof_acc = accuracy(logits, oof_labels([Member(run.name, [run])])[idx])
-    stream = ((src, np.load(p).astype(np.float32)) for src, p in zip(ood.files, run.ood_logits_paths(ood, adapted)))
-    return [run], run.test_logits(), oof_acc, stream
+    if (run.pred_dir(base_setting(setting)) / "oof.npy").exists():
+        idx, logits = run.oof_tta(setting)
+        oof_acc = accuracy(logits, oof_labels([member])[idx])
+    return [member], np.ones(1), test_logits([member], np.ones(1)), oof_acc
 
 
-def score_target(target, ood_dir, bn_adapt: bool = False, bins: int = 15, out=None, say=print) -> dict:
-    """Score a run folder or a submission JSON on a labelled suite; writes the markdown report and
-    heat map and returns the numbers."""
+def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "none", bins: int = 15, out=None,
+                 say=print) -> dict:
+    """Score a run folder (under the setting of `tta_name` and `adapt`; default TTA: the run's own)
+    or a submission JSON (under the settings it recorded) on a labelled suite; writes the
+    markdown report, heat map and JSON, and returns the numbers."""
     target, path = Path(target), Path(getattr(ood_dir, "path", ood_dir))
     if not (path / "labels.npy").exists():
         raise CompetitionError(f"{path}/labels.npy is missing: score needs a labelled local suite "
                                f"(python -m competition.score suite --out {path} ...), not the competition's files")
     ood = ood_dir if isinstance(ood_dir, data.OodSet) else data.OodSet(path)
-    labels = ood.labels
-    info, sub = ood.info(), RunDir.ood_subdir(ood, bn_adapt)
     is_json = target.suffix == ".json"
-    runs, test, oof_acc, stream = (submission_target(target, ood, bn_adapt) if is_json
-                                   else run_target(RunDir(target), ood, bn_adapt))
-    prefix = Path(out) if out else (target.parent / f"{target.stem}.score" if is_json else target / f"score_{sub}")
+    if is_json:
+        members, weights, test, oof_acc = submission_target(target, ood)
+    else:
+        run = RunDir(target)
+        setting = setting_name(tta_name, "logits", adapt) if tta_name else \
+            (default_setting(run.config()) + ("+bn" if adapt == "bn" else ""))
+        members, weights, test, oof_acc = run_target(run, setting)
+    runs = [r for m in members for r in m.runs]
+    result = score_table(ood, members, weights, bins)
+    result.update(target=str(target), ood_dir=str(ood.path), scored=time.strftime("%Y-%m-%d %H:%M:%S"),
+                  settings=sorted({m.setting for m in members}), oof_accuracy=oof_acc,
+                  clean_accuracy=accuracy(*test) if test is not None else None,
+                  clean_ece=ece(*test, bins=bins) if test is not None else None,
+                  leaking_runs=_leaks([r.config() for r in runs], ood.info(), runs))
+    seen = sorted({c for r in runs for c in r.summary().get("trained_on", trained_on(r.config()))})
+    unseen = [row for name, row in zip(result["corruptions"], result["table"]) if name not in seen]
+    result.update(trained_on=seen, unseen_accuracy=float(np.mean(unseen)) if unseen else None)
+    prefix = Path(out) if out else (target.parent / f"{target.stem}.score" if is_json
+                                    else runs[0].score_prefix(members[0].setting, ood))
+    save_text(Path(f"{prefix}.md"), markdown(result, ood.info()))
+    plots.heatmap(np.asarray(result["table"]), result["corruptions"], Path(f"{prefix}.png"),
+                  f"{target.name}: OOD accuracy ({', '.join(result['settings'])})")
+    save_json(Path(f"{prefix}.json"), {k: v for k, v in result.items()})
+    if is_json:
+        spec = members_from_json(target)[2]
+        key = "local_score" + ("" if all(adaptation(m.setting) == "none" for m in members) else "_adapted")
+        spec[key] = {k: v for k, v in result.items() if k != "table"}
+        save_json(target, spec)
+    say_result(result, ood.info(), prefix, say)
+    return result
+
+
+def score_table(ood: data.OodSet, members, weights, bins: int) -> dict:
+    """Accuracy per corruption and severity, its summary, and the OOD calibration error."""
+    labels, info = ood.labels, ood.info()
     cal, names, table = Calibration(bins), [], []
-    for src, z in stream:
+    for src, z in ood_logits(members, weights, ood):
         table.append(file_accuracy(z, labels))
         cal.add(z, np.tile(labels, SEV))
         names.append(info["names"].get(src.name, src.stem))
     table = np.stack(table)
-    result = {"target": str(target), "ood_dir": str(ood.path), "logits": sub, "images_per_severity": int(len(labels)),
-              "clean_accuracy": accuracy(*test) if test is not None else None,
-              "clean_ece": ece(*test, bins=bins) if test is not None else None,
-              "oof_accuracy": oof_acc, **table_summary(table), "ood_ece": cal.ece(),
-              "corruptions": names, "table": table.round(6).tolist(),
-              "leaking_runs": _leaks([r.config() for r in runs], info, runs)}
-    save_text(Path(f"{prefix}.md"), markdown(result, info))
-    plots.heatmap(table, names, Path(f"{prefix}.png"), f"{target.name}: OOD accuracy ({sub})")
-    if is_json:
-        spec = members_from_json(target)[2]
-        spec["local_score" + ("_bnadapt" if bn_adapt else "")] = {k: v for k, v in result.items() if k != "table"}
-        save_json(target, spec)
-    say_result(result, info, prefix, say)
-    return result
+    return {"images_per_severity": int(len(labels)), **table_summary(table), "ood_ece": cal.ece(),
+            "corruptions": names, "table": table.round(6).tolist()}
 
 
 def say_result(result: dict, info: dict, prefix: Path, say=print) -> None:
     oof_acc = result["oof_accuracy"]
     clean = f"{result['clean_accuracy']:.4f}" if result["clean_accuracy"] is not None else (
         f"n/a (OOF {oof_acc:.4f})" if oof_acc is not None else "n/a")
+    n_unseen = sum(c not in result["trained_on"] for c in result["corruptions"])
+    unseen = (f" | unseen families {result['unseen_accuracy']:.4f} ({n_unseen} of {len(result['corruptions'])})"
+              if result["trained_on"] and result["unseen_accuracy"] is not None else "")
     say(f"score {result['target']}: clean acc {clean} | OOD acc {result['ood_accuracy']:.4f} (leaderboard estimate, "
-        f"{result['logits']}) | ECE clean {_fmt(result['clean_ece'])} OOD {result['ood_ece']:.4f} | report "
-        f"{Path(f'{prefix}.md')}")
+        f"{', '.join(result['settings'])}){unseen} | ECE clean {_fmt(result['clean_ece'])} OOD "
+        f"{result['ood_ece']:.4f} | report {Path(f'{prefix}.md')}")
     if result["leaking_runs"]:
         say(f"warning: {', '.join(result['leaking_runs'])} trained on the suite's images (fold "
             f"{info.get('fold')} held-out rows): this score is optimistic")
@@ -175,7 +214,9 @@ def markdown(r: dict, info: dict) -> str:
                                                                            if info.get("fold") is not None else ""))
     lines = [f"# Local score: {r['target']}", "",
              f"Suite `{r['ood_dir']}` ({src}; {r['images_per_severity']} images per corruption and severity), "
-             f"logits `{r['logits']}`.", "",
+             f"predictions `{', '.join(r['settings'])}`.", "",
+             f"Training augmentation saw the families of: {', '.join(r['trained_on']) or 'none of the 19'}; "
+             f"mean over the others: **{_fmt(r['unseen_accuracy'])}**.", "",
              "| clean acc | OOF acc | OOD acc (leaderboard estimate) | ECE clean | ECE OOD |",
              "|---:|---:|---:|---:|---:|",
              f"| {_fmt(r['clean_accuracy'])} | {_fmt(r['oof_accuracy'])} | **{r['ood_accuracy']:.4f}** | "
@@ -196,8 +237,8 @@ def markdown(r: dict, info: dict) -> str:
 def _parser() -> argparse.ArgumentParser:
     from competition.corruptions import CORRUPTIONS
 
-    p = argparse.ArgumentParser(prog="python -m competition.score", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m competition.score", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="{suite,run}", required=True)
     s = sub.add_parser("suite", help="build a labelled local OOD suite", description="Build the local OOD suite: "
                        "held-out images corrupted in the competition's file format.")
@@ -217,7 +258,8 @@ def _parser() -> argparse.ArgumentParser:
                        description="Score run folders and submission JSONs on a labelled suite.")
     r.add_argument("targets", nargs="+", help="run folders (or quoted globs) and/or submissions/<name>.json")
     r.add_argument("--ood-dir", required=True, help="the labelled local suite (score suite --out DIR)")
-    r.add_argument("--bn-adapt", action="store_true", help="score the BN-adapted logits (predict --bn-adapt)")
+    r.add_argument("--tta", default=None, help="runs: the TTA setting to score (default: each run's own)")
+    r.add_argument("--bn-adapt", action="store_true", help="runs: score the BN-adapted logits (predict --bn-adapt)")
     r.add_argument("--bins", type=int, default=15, help="confidence bins of the calibration error")
     return p
 
@@ -234,7 +276,7 @@ def main(argv=None):
     results = []
     for t in a.targets:
         targets = [Path(t)] if t.endswith(".json") else [r.path for r in expand_runs([t])]
-        results += [score_target(x, a.ood_dir, a.bn_adapt, a.bins) for x in targets]
+        results += [score_target(x, a.ood_dir, a.tta, "bn" if a.bn_adapt else "none", a.bins) for x in targets]
     return results
 
 

@@ -184,17 +184,9 @@ def resolve_competition(competition: str | None) -> str:
     return competition
 
 
-def kaggle_submit(path, message: str, competition: str | None = None) -> str:
-    """Submit `path` to a Kaggle competition; returns Kaggle's reply.
-
-    `competition` defaults to the KAGGLE_COMPETITION environment variable. kaggle is imported
-    here, not at the top: it authenticates on import, so the rest of this module works without
-    credentials.
-    """
-    competition = resolve_competition(competition)
-    path = Path(path)
-    if not path.is_file():
-        raise CompetitionError(f"{path} does not exist")
+def _kaggle_api():
+    """An authenticated Kaggle API client. kaggle is imported here, not at the top: it
+    authenticates on import, so the rest of this module works without credentials."""
     how = ("set credentials: save kaggle.json (kaggle.com -> Settings -> API -> Create New Token) to "
            "~/.kaggle/kaggle.json (chmod 600), or export KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN)")
     # kaggle prints its help and calls exit(1) when no credentials are found (2.x; 1.x raises
@@ -211,6 +203,19 @@ def kaggle_submit(path, message: str, competition: str | None = None) -> str:
     except (Exception, SystemExit) as e:
         detail = f" ({type(e).__name__}: {e})" if not isinstance(e, SystemExit) else ""
         raise CompetitionError(f"Kaggle authentication failed{detail}; {how}") from None
+    return api
+
+
+def kaggle_submit(path, message: str, competition: str | None = None) -> str:
+    """Submit `path` to a Kaggle competition; returns Kaggle's reply, and records the upload in
+    the submission's JSON sidecar (for the board and fetch_scores).
+
+    `competition` defaults to the KAGGLE_COMPETITION environment variable."""
+    competition = resolve_competition(competition)
+    path = Path(path)
+    if not path.is_file():
+        raise CompetitionError(f"{path} does not exist")
+    api = _kaggle_api()
     try:
         reply = api.competition_submit(str(path), message, competition)
     except Exception as e:  # 401 bad key, 403 rules not accepted, 404 wrong slug, no network
@@ -220,7 +225,66 @@ def kaggle_submit(path, message: str, competition: str | None = None) -> str:
     text = getattr(reply, "message", None) or str(reply)
     if "Could not submit" in text:
         raise CompetitionError(f"Kaggle upload of {path} failed: {text}; try again")
+    record_upload(path, competition, message, text)
     return text
+
+
+def record_upload(csv: Path, competition: str, message: str, reply: str) -> None:
+    """Append the upload to <csv>.json (a minimal one when the CSV has no sidecar)."""
+    import time
+
+    from competition.files import read_json, save_json
+
+    sidecar = Path(csv).with_suffix(".json")
+    spec = read_json(sidecar) or {"name": Path(csv).stem, "csv": str(csv)}
+    spec.setdefault("kaggle", []).append({"competition": competition, "file": Path(csv).name, "message": message,
+                                          "uploaded": time.strftime("%Y-%m-%d %H:%M:%S"), "reply": reply,
+                                          "public_score": None, "private_score": None})
+    save_json(sidecar, spec)
+
+
+def _field(obj, *names):
+    for n in names:  # the Kaggle client's objects and dicts spell fields in camelCase or snake_case by version
+        v = obj.get(n) if isinstance(obj, dict) else getattr(obj, n, None)
+        if v not in (None, ""):
+            return v
+    return None
+
+
+def fetch_scores(submissions_dir="submissions", competition: str | None = None, api=None) -> str:
+    """Read your submissions' scores back from Kaggle (`kaggle competitions submissions`) into
+    every sidecar that recorded an upload of that file and message; returns a summary line."""
+    from competition.files import read_json, save_json
+
+    competition = resolve_competition(competition)
+    api = api or _kaggle_api()
+    try:
+        remote = api.competition_submissions(competition)
+    except Exception as e:
+        raise CompetitionError(f"could not list your submissions of {competition!r} ({type(e).__name__}: {e})") from None
+    found = {}
+    for r in remote or []:
+        key = (_field(r, "fileName", "file_name"), _field(r, "description"))
+        found.setdefault(key, r)  # newest first: Kaggle lists the latest upload of a file first
+    updated = 0
+    for sidecar in sorted(Path(submissions_dir).glob("*.json")):
+        spec = read_json(sidecar)
+        if not spec or not spec.get("kaggle"):
+            continue
+        changed = False
+        for up in spec["kaggle"]:
+            r = found.get((up["file"], up["message"]))
+            score = r is not None and _field(r, "publicScore", "public_score")
+            if score not in (None, False, ""):
+                up["public_score"] = float(score)
+                private = _field(r, "privateScore", "private_score")
+                up["private_score"] = float(private) if private not in (None, "") else None
+                up["status"] = str(_field(r, "status") or "")
+                changed = True
+        if changed:
+            save_json(sidecar, spec)
+            updated += 1
+    return f"Kaggle: {len(remote or [])} submission(s) of {competition}; scores written into {updated} sidecar(s)"
 
 
 def expected_shape(csv, ood_dir, allow_partial: bool, submitting: bool) -> tuple[int, int] | None:

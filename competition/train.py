@@ -78,6 +78,12 @@ def check_config(cfg: dict) -> None:
     if cfg["dataset"] not in data.SOURCES:
         raise CompetitionError(f"config dataset={cfg['dataset']!r}: must be one of {', '.join(data.SOURCES)}")
     tta.parse_tta(cfg["oof_tta"])
+    if cfg["log_with"]:
+        import importlib.util
+
+        if importlib.util.find_spec(cfg["log_with"]) is None:
+            raise CompetitionError(f"config log_with={cfg['log_with']}: the {cfg['log_with']} package is not installed: "
+                                   f"pip install -e '.[{cfg['log_with']}]' (or drop log_with)")
     for kind in {cfg["cpu_aug"], "strong" if cfg["strong_aug_epoch"] is not None else "none"}:
         augment.cpu_pipeline(kind)
     if cfg.get("weights") and not Path(cfg["weights"]).is_file():
@@ -180,6 +186,22 @@ def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, 
     return train_rows, val_rows
 
 
+def ood_check_seed(cfg: dict) -> int:
+    """The seed of a fold's corrupted check images: the fold's alone, so every run held out on
+    that fold (any seed, any preset) is checked, selected and ensembled on the same images."""
+    return 10_000 + int(cfg["fold"])
+
+
+def ood_check_set(cfg: dict, images: np.ndarray, labels: np.ndarray, val_rows: np.ndarray):
+    """(held-out rows (n,), their corrupted copies (19 * 5 * n, H, W, 3), labels) for ood_check."""
+    from competition import corruptions
+
+    seed = ood_check_seed(cfg)
+    rows = data.sample_rows(val_rows, cfg["ood_check"], seed)
+    copies = corruptions.corrupted_copies(images[rows], seed, cache_dir=Path(cfg["data_dir"]) / "cache")
+    return rows, copies, np.tile(labels[rows], len(copies) // len(rows))
+
+
 def cpu_aug_at(cfg: dict, epoch: int) -> str:
     """The per-image CPU augmentation at `epoch` (cfg cpu_aug, strong from strong_aug_epoch)."""
     late = cfg["strong_aug_epoch"] is not None and epoch >= cfg["strong_aug_epoch"]
@@ -218,6 +240,11 @@ class TrainData:
         self.train_eval_rows = data.sample_rows(self.train_rows, n, cfg["seed"] + 2) if n else np.arange(0)
         self.val_loader = self.eval_loader(self.val_check_rows) if len(self.val_check_rows) else None
         self.train_eval_loader = self.eval_loader(self.train_eval_rows) if len(self.train_eval_rows) else None
+        self.ood_rows, self.ood_loader = np.arange(0), None
+        if cfg.get("ood_check") and len(self.val_rows):
+            self.ood_rows, images, labels = ood_check_set(cfg, self.images, self.labels, self.val_rows)
+            self.ood_loader = accelerator.prepare(eval_loader(images, np.arange(len(images)), labels,
+                                                              max(cfg["batch_size"], 256)))
         self._sized: dict[int, np.ndarray] = {}
         self._loaders: dict[tuple, object] = {}
         self._shuffle = torch.Generator()
@@ -272,8 +299,11 @@ def resolve_data_config(cfg: dict, td: TrainData) -> dict:
     """What the data decides, kept apart from the user's config (timm's resolve_data_config
     idea): the classes, the input statistics of the training images, the model's image size."""
     mean, std = augment.input_stats(td.images[td.train_rows], cfg["norm"])
-    return {"num_classes": len(td.classes), "classes": td.classes, "mean": mean, "std": std,
-            "image_size": int(cfg["image_size"] or td.images.shape[1]), "channels_last": bool(cfg["channels_last"])}
+    out = {"num_classes": len(td.classes), "classes": td.classes, "mean": mean, "std": std,
+           "image_size": int(cfg["image_size"] or td.images.shape[1]), "channels_last": bool(cfg["channels_last"])}
+    if len(td.ood_rows):
+        out["ood_check_seed"] = ood_check_seed(cfg)
+    return out
 
 
 # ---------------------------------------------------------------------------- model, optimizer, schedule
@@ -314,10 +344,13 @@ def make_learner(cfg: dict, data_cfg: dict, accelerator) -> Learner:
     if cfg["compile"]:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batch_aug = augment.BatchAugment(cfg, data_cfg["num_classes"], accelerator.device)
+    batch_aug = augment.BatchAugment(cfg, data_cfg["num_classes"], accelerator.device, data_cfg["std"])
     if cfg["mixup"] or cfg["cutmix"]:
         from timm.loss import SoftTargetCrossEntropy
         loss_fn = SoftTargetCrossEntropy()  # Mixup already folded label smoothing into the targets
+    elif cfg.get("jsd"):
+        from timm.loss import JsdCrossEntropy
+        loss_fn = JsdCrossEntropy(num_splits=3, alpha=cfg["jsd"], smoothing=cfg["label_smoothing"] or None)
     else:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"] or 0.0)
     return Learner(model, accelerator.unwrap_model(model), optimizer, scheduler, ema, batch_aug, loss_fn, n_params)
@@ -397,8 +430,12 @@ def start_trackers(run: RunDir, cfg: dict, accelerator) -> None:
 
 def train_input(images: torch.Tensor, cfg: dict, prep: dict, size: int) -> torch.Tensor:
     """A uint8 (B, H, W, 3) training batch -> the model's float input at `size`: random flip and
-    shift (cfg flip, translate), then to_input. The loop and step_throughput both use this."""
+    shift (cfg flip, translate), AugMix when set, then to_input. The loop and step_throughput
+    both use this."""
     x = augment.flip_translate(images, cfg["flip"], cfg["translate"])
+    if cfg.get("augmix"):  # with jsd: clean + 2 AugMix views, stacked (JsdCrossEntropy splits them)
+        views = augment.augmix_views(x, 2 if cfg.get("jsd") else 1, cfg.get("augmix_severity", 3))
+        x = torch.cat([x, *views]) if cfg.get("jsd") else views[0]
     return augment.to_input(x, prep["mean"], prep["std"], size, prep["channels_last"])
 
 
@@ -490,9 +527,9 @@ def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: i
             learner.scheduler.step_update(epoch + (i + 1) / steps)
             if learner.ema is not None:
                 learner.ema.update(learner.net, step=state.updates)
-        loss_sum += loss.detach() * len(x)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(x)
+        loss_sum += loss.detach() * len(y)
+        correct += (logits.detach()[: len(y)].argmax(1) == y).sum()  # with jsd: the clean third
+        seen += len(y)
         if i % 25 == 0 or i == steps - 1:
             if not torch.isfinite(loss_sum):  # checked every 25 steps: each check is a device sync
                 raise CompetitionError(
@@ -572,18 +609,23 @@ def end_of_epoch(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner:
     if td.train_eval_loader is not None:
         row["train_eval_loss"], row["train_eval_acc"] = loss_acc(eval_model, td.train_eval_loader, data_cfg,
                                                                  accelerator)
+    if td.ood_loader is not None:
+        row["ood_loss"], row["ood_acc"] = loss_acc(eval_model, td.ood_loader, data_cfg, accelerator)
     row.update(epoch_time_s=round(time.time() - epoch_start, 2),
                images_per_s=round(stats["images"] / stats["seconds"], 1))
     state.history.append(row)
     state.epoch += 1
     state.loop_s += time.time() - epoch_start
-    # best.pt: a tie goes to the later epoch (trained longer, at a lower learning rate);
-    # patience counts epochs without a strictly better accuracy.
+    # best.pt: the best held-out accuracy, clean or corrupted (select_on); a tie goes to the later
+    # epoch (trained longer, at a lower learning rate); patience counts epochs without a strictly
+    # better one, and the epoch line marks those with `*`.
+    acc = row["ood_acc"] if cfg.get("select_on") == "ood" else val_acc
     checked = td.val_loader is not None
-    improved = not checked or val_acc >= state.best_acc
-    state.bad_epochs = 0 if not checked or val_acc > state.best_acc else state.bad_epochs + 1
+    improved = not checked or acc >= state.best_acc
+    strictly = checked and acc > state.best_acc
+    state.bad_epochs = 0 if not checked or strictly else state.bad_epochs + 1
     if improved:
-        state.best_acc, state.best_epoch = val_acc, epoch + 1
+        state.best_acc, state.best_epoch = acc, epoch + 1
     if accelerator.is_main_process:
         if improved:
             run.save_weights("best", _state_dict(eval_model), cfg, data_cfg, row)
@@ -595,12 +637,13 @@ def end_of_epoch(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner:
     accelerator.print(
         f"epoch {epoch + 1}/{cfg['epochs']}  loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  val_loss "
         f"{val_loss:.4f} val_acc {val_acc:.4f}  lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s "
-        f"{row['images_per_s']:.0f} img/s  ETA {eta / 60:.1f} min" + ("  *" if improved and checked else ""))
+        f"{row['images_per_s']:.0f} img/s  ETA {eta / 60:.1f} min" + (f"  ood_acc {row['ood_acc']:.4f}" if "ood_acc" in row
+                                                                  else "") + ("  *" if strictly else ""))
     if cfg["stop_after"] and state.epoch >= cfg["stop_after"] and state.epoch < cfg["epochs"]:
         return "stop_after"
     if cfg["patience"] and state.bad_epochs >= cfg["patience"]:
-        accelerator.print(f"early stop: no better val_acc for {cfg['patience']} epochs (best {state.best_acc:.4f} "
-                          f"at epoch {state.best_epoch})")
+        accelerator.print(f"early stop: no better {'ood' if cfg.get('select_on') == 'ood' else 'val'}_acc for "
+                          f"{cfg['patience']} epochs (best {state.best_acc:.4f} at epoch {state.best_epoch})")
         return "patience"
     return None
 
@@ -627,6 +670,11 @@ def write_oof(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner: Le
     if accelerator.is_main_process:
         order = np.argsort(rows)
         run.save_oof(rows[order], logits[order])
+    if td.ood_loader is not None:
+        ood_logits, ood_labels, ood_pos, _ = evaluate(eval_model, td.ood_loader, data_cfg, accelerator)
+        if accelerator.is_main_process:
+            run.save_oof_ood(td.ood_rows, ood_logits[np.argsort(ood_pos)])
+        summary.update(oof_ood_images=len(ood_labels), oof_ood_accuracy=metrics.accuracy(ood_logits, ood_labels))
     oof_loss, oof_acc = metrics.log_loss(logits, labels), metrics.accuracy(logits, labels)
     accelerator.print(f"out-of-fold: {len(rows)} images, accuracy {oof_acc:.4f}, loss {oof_loss:.4f} (best epoch "
                       f"{state.best_epoch})")
@@ -722,8 +770,11 @@ def run_training(run: RunDir, cfg: dict, accelerator, resume: bool, stop: StopRe
     summary = write_oof(run, cfg, data_cfg, td, learner, state, accelerator, writer)
     if cfg["log_with"]:
         accelerator.end_training()
+    from competition.corruptions import trained_on
+
+    summary["trained_on"] = trained_on(cfg)  # the CIFAR-C corruptions whose family training saw
     summary.update(training_loop_s=round(state.loop_s, 1), total_s=round(time.time() - t_start, 1),
-                   **runtime.provenance())
+                   finished=time.strftime("%Y-%m-%d %H:%M:%S"), **runtime.provenance())
     if accelerator.is_main_process:
         run.save_summary(summary)  # last: its presence marks the run finished
     accelerator.print(f"done: {run}  training loop {state.loop_s:.1f} s, total {summary['total_s']:.1f} s")
@@ -775,7 +826,7 @@ def step_throughput(cfg: dict, steps: int = 5, warmup: int = 2) -> tuple[float, 
             t0 = time.perf_counter()
         x = train_input(x8, cfg, prep, cfg["image_size"] or side)
         with torch.autocast(dev.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x), y.repeat(len(x) // len(y)))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from competition import data
 from competition import ensemble as E
 from competition import runs as R
 from competition.files import CompetitionError
@@ -35,7 +36,7 @@ def world(tmp_path):
     def make(name, f, signal, seed):
         r = np.random.default_rng(seed)
         run = tmp_path / "models" / name
-        (run / "ood").mkdir(parents=True)
+        run.mkdir(parents=True)
         (run / "best.pt").write_bytes(b"")
         (run / "summary.json").write_text("{}")  # finished
         cfg = {"dataset": "digits", "data": None, "folds_dir": str(tmp_path / "folds"), "fold": f}
@@ -43,20 +44,37 @@ def world(tmp_path):
         (run / "data_config.yaml").write_text(yaml.safe_dump({"num_classes": C}))
         idx = np.flatnonzero(fold == f)
         np.save(run / "oof_index.npy", idx)
-        np.save(run / "oof_tta_logits.npy", (np.eye(C)[labels[idx]] * signal + r.normal(size=(len(idx), C)))
-                .astype(np.float32))
-        np.save(run / "test_logits.npy", r.normal(size=(50, C)).astype(np.float32))
-        np.save(run / "test_labels.npy", np.arange(50) % C)
-        weights = R.RunDir(run).weights_hash()  # predict records which best.pt made each output
-        manifest = {"oof_tta_logits.npy": {"tta": "flip", "weights": weights}, "test_logits.npy": {"weights": weights}}
-        for i, rows in enumerate(OOD_ROWS):
-            np.save(run / f"ood/distortion{i:02d}.npy", r.normal(size=(rows, C)).astype(np.float16))
-            manifest[f"ood/distortion{i:02d}.npy"] = {"source": R.source_stamp(ood / f"distortion{i:02d}.npy"),
-                                                      "weights": weights}
-        (run / "predict.json").write_text(json.dumps(manifest))
+        rd = R.RunDir(run)
+        weights = rd.weights_hash()  # predict records which best.pt made each output
+        rd.write_output("flip", "oof.npy", (np.eye(C)[labels[idx]] * signal + r.normal(size=(len(idx), C)))
+                        .astype(np.float32), {"tta": "flip", "weights": weights})
+        rd.save_test("flip", r.normal(size=(50, C)).astype(np.float32), np.arange(50) % C, {"weights": weights})
+        oodset = data.OodSet(ood)
+        for src in oodset.files:
+            rd.write_output("flip", R.RunDir.ood_rel(oodset, src), r.normal(size=(OOD_ROWS[0], C)).astype(np.float16),
+                            {"source": R.source_stamp(src), "weights": weights, "ood_files": len(oodset.files)})
         return run
 
     return tmp_path, labels, ood, make
+
+
+def ood_logits(run, i):
+    ood = data.OodSet(run.parent.parent / "ood")
+    return run / "pred/flip" / R.RunDir.ood_rel(ood, ood.files[i])
+
+
+def test_an_existing_submission_is_never_overwritten(world):
+    tmp, labels, ood, make = world
+    runs = [make("a-f0-s0", 0, 1.0, 0), make("b-f0-s0", 0, 1.0, 1)]
+    csv = E.build(runs, "t", ood, tmp / "subs")
+    before = csv.read_bytes(), csv.with_suffix(".json").read_bytes()
+    assert E.build(runs, "t", ood, tmp / "subs") == csv  # the same submission: left alone
+    assert (csv.read_bytes(), csv.with_suffix(".json").read_bytes()) == before
+    with pytest.raises(CompetitionError, match="already exists and holds another submission: choose a new --name"):
+        E.build(runs, "t", ood, tmp / "subs", method="equal")
+    assert (csv.read_bytes(), csv.with_suffix(".json").read_bytes()) == before
+    E.build(runs, "t", ood, tmp / "subs", method="equal", overwrite=True)
+    assert json.loads(csv.with_suffix(".json").read_text())["method"] == "equal"
 
 
 def test_member_key_drops_only_the_fold():
@@ -87,14 +105,15 @@ def test_ensemble_writes_a_valid_submission_and_sidecar(world):
     assert all(len(m["runs"]) == K and m["oof_rows"] == N for m in info["members"])
     assert info["oof"]["aligned"] and info["oof"]["rows"] == N
     assert info["oof"]["accuracy"] >= info["oof"]["best_member_accuracy"]
-    assert np.isclose(sum(info["weights"].values()), 1, atol=1e-5) and info["tta"] == ["flip"]
+    assert np.isclose(sum(info["weights"].values()), 1, atol=1e-5)
+    assert {m["setting"] for m in info["members"]} == {"flip"} and info["fit_on"] == "clean"
 
     # the CSV is the argmax of the weighted sum of each member's fold-averaged logits
     w = [m["weight"] for m in info["members"]]
     want = []
     for i in range(len(OOD_ROWS)):
-        per_member = [np.mean([np.load(r / f"ood/distortion{i:02d}.npy").astype(np.float32) for r in runs[m * K:(m + 1) * K]],
-                              0) for m in range(3)]
+        per_member = [np.mean([np.load(ood_logits(r, i)).astype(np.float32) for r in runs[m * K:(m + 1) * K]], 0)
+                      for m in range(3)]
         want.append(sum(wi * z for wi, z in zip(w, per_member)).argmax(1))
     frame = pd.read_csv(csv)
     assert list(frame.columns) == ["id", "label"] and len(frame) == sum(OOD_ROWS)
@@ -116,12 +135,12 @@ def test_misaligned_oof_rows_use_the_intersection(world, capsys):
 def test_missing_logits_say_run_predict_first(world):
     tmp, labels, ood, make = world
     runs = [make("a-f0-s0", 0, 1.0, 0), make("b-f0-s0", 0, 1.0, 1)]
-    (runs[1] / "ood/distortion01.npy").unlink()
-    with pytest.raises(CompetitionError, match=r"b-f0-s0/ood/distortion01.npy is missing: run `python -m "
-                                               r"competition.predict"):
+    ood_logits(runs[1], 1).unlink()
+    with pytest.raises(CompetitionError, match=r"b-f0-s0/pred/flip/ood/ood-\w+/distortion01.npy is missing: run `python "
+                                               r"-m competition.predict .*b-f0-s0 --ood-dir .* --tta flip`"):
         E.build(runs, "t", ood, tmp / "subs")
-    (runs[1] / "oof_tta_logits.npy").unlink()
-    with pytest.raises(CompetitionError, match="oof_tta_logits.npy is missing: run `python -m competition.predict"):
+    (runs[1] / "pred/flip/oof.npy").unlink()
+    with pytest.raises(CompetitionError, match="pred/flip/oof.npy is missing: run `python -m competition.predict"):
         E.build(runs, "t", ood, tmp / "subs")
     assert not (tmp / "subs/t.csv").exists()
 

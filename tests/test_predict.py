@@ -132,35 +132,49 @@ def run(tmp_path_factory):
     return run_dir, ood
 
 
+def out(run_dir, ood, i, setting="flip"):
+    """Where predict puts the logits of OOD file i under a setting (runs.RunDir owns the layout)."""
+    oodset = data.OodSet(ood)
+    return RunDir(run_dir).pred_dir(setting) / RunDir.ood_rel(oodset, oodset.files[i])
+
+
 def test_predict_writes_logits_and_skips_done_work(run, monkeypatch):
     run_dir, ood = run
     status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), batch_size=64)
     assert set(status.values()) == {"written"} and len(status) == 4
-    assert np.load(run_dir / "ood/distortion00.npy").shape == (15, 10)
-    assert np.load(run_dir / "ood/distortion01.npy").shape == (15, 10)
-    assert np.load(run_dir / "ood/distortion01.npy").dtype == np.float16
-    assert np.load(run_dir / "test_logits.npy").shape == (360, 10)  # digits' test split
+    assert np.load(out(run_dir, ood, 0)).shape == (15, 10)
+    assert np.load(out(run_dir, ood, 1)).shape == (15, 10)
+    assert np.load(out(run_dir, ood, 1)).dtype == np.float16
+    assert np.load(run_dir / "pred/flip/test.npy").shape == (360, 10)  # digits' test split
     assert np.load(run_dir / "test_labels.npy").shape == (360,)
-    assert len(np.load(run_dir / "oof_tta_logits.npy")) == len(np.load(run_dir / "oof_index.npy"))
-    assert RunDir(run_dir).ood_logits_paths(data.OodSet(ood)) == [run_dir / "ood/distortion00.npy",
-                                                                   run_dir / "ood/distortion01.npy"]
+    assert len(np.load(run_dir / "pred/flip/oof.npy")) == len(np.load(run_dir / "oof_index.npy"))
+    assert RunDir(run_dir).ood_logits_paths(data.OodSet(ood), "flip") == [out(run_dir, ood, 0), out(run_dir, ood, 1)]
 
     # the same logits as predicting the images one batch in one go (order, gather, padding)
     model, cfg, data_cfg = RunDir(run_dir).load_model()
     x = torch.from_numpy(np.load(ood / "distortion01.npy"))
     want = T.tta_logits(model, x, data_cfg, T.parse_tta("flip")).numpy()
-    np.testing.assert_allclose(np.load(run_dir / "ood/distortion01.npy"), want, atol=2e-2, rtol=1e-2)
+    np.testing.assert_allclose(np.load(out(run_dir, ood, 1)), want, atol=2e-2, rtol=1e-2)
 
     # done work is skipped: nothing is predicted again
     monkeypatch.setattr(T, "tta_logits", lambda *a, **k: pytest.fail("predicted again"))
     assert set(P.predict_run(run_dir, [ood], T.parse_tta("flip")).values()) == {"skipped"}
     monkeypatch.undo()
-    # other settings, or a newer source file, redo only what they touch
+    # a newer source file redoes only what it touches
     os.utime(ood / "distortion00.npy", ns=(os.stat(ood / "distortion00.npy").st_mtime_ns + 10**9,) * 2)
     status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False)
-    assert [status[str(run_dir / f"ood/distortion0{i}.npy")] for i in (0, 1)] == ["written", "skipped"]
+    assert [status[str(out(run_dir, ood, i))] for i in (0, 1)] == ["written", "skipped"]
     status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False, force=True)
     assert set(status.values()) == {"written"}
+
+
+def test_another_tta_never_changes_the_first_ones_outputs(run):
+    run_dir, ood = run
+    P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False)
+    before = out(run_dir, ood, 0).read_bytes(), (run_dir / "pred/flip/oof.npy").read_bytes()
+    P.predict_run(run_dir, [ood], T.parse_tta("shift1"), test=False)
+    assert (out(run_dir, ood, 0).read_bytes(), (run_dir / "pred/flip/oof.npy").read_bytes()) == before
+    assert out(run_dir, ood, 0, "shift1").exists() and sorted(RunDir(run_dir).settings())[:2] == ["flip", "shift1"]
 
 
 def test_default_tta_is_the_one_the_run_reported(run, monkeypatch):
@@ -174,32 +188,31 @@ def test_default_tta_is_the_one_the_run_reported(run, monkeypatch):
             return model, {**cfg, "oof_tta": _tta}, data_cfg
         monkeypatch.setattr(RunDir, "load_model", load)
         P.predict_run(run_dir, [], None, test=False, force=True)
-        assert RunDir(run_dir).manifest()["oof_tta_logits.npy"]["tta"] == want
+        assert RunDir(run_dir).manifest(want)["oof.npy"]["tta"] == want
 
 
 def test_stale_or_missing_ood_logits_are_a_clear_error(run, tmp_path):
     run_dir, ood = run
     P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False)
-    other = tmp_path / "other"
-    other.mkdir()
-    for f in ood.iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(CompetitionError, match="other OOD files.*competition.predict"):
-        RunDir(run_dir).ood_logits_paths(data.OodSet(other))
-    with pytest.raises(CompetitionError, match="ood_bnadapt/distortion00.npy is missing.*--bn-adapt"):
-        RunDir(run_dir).ood_logits_paths(data.OodSet(other), adapted=True)
+    os.utime(ood / "distortion01.npy", ns=(os.stat(ood / "distortion01.npy").st_mtime_ns + 10**9,) * 2)
+    with pytest.raises(CompetitionError, match="predicted from other files than now.*competition.predict"):
+        RunDir(run_dir).ood_logits_paths(data.OodSet(ood), "flip")
+    with pytest.raises(CompetitionError, match=r"pred/flip\+bn/ood/ood-\w+/distortion00.npy is missing.*--bn-adapt"):
+        RunDir(run_dir).ood_logits_paths(data.OodSet(ood), "flip+bn")
 
 
 def test_bn_adapt_writes_a_separate_folder_and_leaves_the_model(run, tmp_path):
     run_dir, ood = run
-    suite = tmp_path / "suite"  # a local suite (corruptions.json) goes to ood_local*, not over ood/
+    suite = tmp_path / "suite"  # a local suite: its own subfolder, never over the real files' logits
     suite.mkdir()
     np.save(suite / "distortion00.npy", np.load(ood / "distortion01.npy"))
     (suite / "corruptions.json").write_text(json.dumps({"names": {"distortion00.npy": "noise"}}))
-    before = (run_dir / "ood/distortion00.npy").read_bytes()
+    P.predict_run(run_dir, [ood], T.parse_tta("none"), test=False, oof=False)
+    before = out(run_dir, ood, 0, "none").read_bytes()
     P.predict_run(run_dir, [suite], T.parse_tta("none"), bn_adapt=True, bn_blend=0.5, test=False, oof=False)
-    plain = np.load(run_dir / "ood_local/distortion00.npy")
-    adapted = np.load(run_dir / "ood_local_bnadapt/distortion00.npy")
+    plain = np.load(out(run_dir, suite, 0, "none"))
+    adapted = np.load(out(run_dir, suite, 0, "none+bn0.5"))
     assert plain.shape == adapted.shape == (15, 10) and not np.allclose(plain, adapted)
-    assert (run_dir / "ood/distortion00.npy").read_bytes() == before
-    assert json.loads((run_dir / "predict.json").read_text())["ood_local_bnadapt/distortion00.npy"]["bn_blend"] == 0.5
+    assert out(run_dir, ood, 0, "none").read_bytes() == before
+    rel = RunDir.ood_rel(data.OodSet(suite), data.OodSet(suite).files[0])
+    assert RunDir(run_dir).manifest("none+bn0.5")[rel]["bn_blend"] == 0.5

@@ -55,24 +55,22 @@ def scored(tmp_path):
                                                                   "distortion01.npy": "snow"}}))
     (suite / "suite.json").write_text(json.dumps({"dataset": "digits", "split": "test", "n": n}))
     run = tmp_path / "models/p-f0-s0"
-    (run / "ood_local").mkdir(parents=True)
+    run.mkdir(parents=True)
     (run / "best.pt").write_bytes(b"")
-    (run / "summary.json").write_text("{}")  # finished
+    (run / "summary.json").write_text(json.dumps({"trained_on": ["gaussian_noise", "fog"]}))  # finished
     (run / "config.yaml").write_text(yaml.safe_dump({"dataset": "digits", "folds_dir": str(tmp_path), "fold": 0,
                                                      "data": None}))
     (run / "data_config.yaml").write_text(yaml.safe_dump({"num_classes": C}))
-    np.save(run / "test_logits.npy", np.eye(C)[np.arange(20) % C] * 20)
-    np.save(run / "test_labels.npy", np.arange(20) % C)
-    weights = runs.RunDir(run).weights_hash()
-    manifest = {"test_logits.npy": {"weights": weights}}
-    for i in range(2):
+    rd = runs.RunDir(run)
+    weights = rd.weights_hash()
+    rd.save_test("flip", np.eye(C)[np.arange(20) % C] * 20, np.arange(20) % C, {"weights": weights})
+    oodset = data.OodSet(suite)
+    for i, src in enumerate(oodset.files):
         z = np.eye(C)[np.tile(labels, 5)] * 20
         if i == 1:
             z[4 * n:] = np.roll(z[4 * n:], 1, axis=1)
-        np.save(run / f"ood_local/distortion{i:02d}.npy", z.astype(np.float16))
-        manifest[f"ood_local/distortion{i:02d}.npy"] = {"source": runs.source_stamp(suite / f"distortion{i:02d}.npy"),
-                                                        "weights": weights}
-    (run / "predict.json").write_text(json.dumps(manifest))
+        rd.write_output("flip", runs.RunDir.ood_rel(oodset, src), z.astype(np.float16),
+                        {"source": runs.source_stamp(src), "weights": weights, "ood_files": 2})
     return suite, run
 
 
@@ -83,15 +81,21 @@ def test_score_a_run(scored, capsys):
     assert r["corruptions"] == ["fog", "snow"] and r["table"] == [[1] * 5, [1, 1, 1, 1, 0]]
     assert r["ood_accuracy"] == pytest.approx(0.9) and r["per_severity"] == [1, 1, 1, 1, 0.5]
     assert r["ood_ece"] == pytest.approx(0.1, abs=1e-3)  # 10% of the images wrong at confidence ~1
-    md = (run / "score_ood_local.md").read_text()
+    prefix = runs.RunDir(run).score_prefix("flip", data.OodSet(suite))
+    md = prefix.with_suffix(".md").read_text()
     assert "| snow | 1.000 | 1.000 | 1.000 | 1.000 | 0.000 | 0.800 |" in md and "**0.9000**" in md
-    assert (run / "score_ood_local.png").read_bytes()[:4] == b"\x89PNG"
-    assert "OOD acc 0.9000" in capsys.readouterr().out
+    assert prefix.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads(prefix.with_suffix(".json").read_text())["ood_accuracy"] == pytest.approx(0.9)
+    # the families training saw (summary.json's trained_on: noise and weather here) and the rest's mean
+    assert r["trained_on"] == ["fog", "gaussian_noise"] and r["unseen_accuracy"] == pytest.approx(0.8)
+    out = capsys.readouterr().out
+    assert "OOD acc 0.9000" in out and "unseen families 0.8000 (1 of 2)" in out
 
 
 def test_score_a_submission_through_its_json(scored, tmp_path):
     suite, run = scored
-    spec = {"members": [{"name": "p-s0", "runs": [str(run)], "weight": 1.0}], "oof": {"accuracy": 0.5}}
+    spec = {"members": [{"name": "p-s0", "runs": [str(run)], "weight": 1.0, "setting": "flip"}],
+            "oof": {"accuracy": 0.5}}
     (tmp_path / "sub.json").write_text(json.dumps(spec))
     r = S.main([str(tmp_path / "sub.json"), "--ood-dir", str(suite)])[0]
     assert r["ood_accuracy"] == pytest.approx(0.9) and r["clean_accuracy"] == 1
@@ -103,8 +107,8 @@ def test_scoring_needs_labels_and_predictions(scored, tmp_path):
     suite, run = scored
     with pytest.raises(CompetitionError, match="labels.npy is missing"):
         S.score_target(run, tmp_path)
-    with pytest.raises(CompetitionError, match="ood_local_bnadapt/distortion00.npy is missing"):
-        S.score_target(run, suite, bn_adapt=True)
+    with pytest.raises(CompetitionError, match=r"pred/flip\+bn/ood/suite-\w+/distortion00.npy is missing"):
+        S.score_target(run, suite, adapt="bn")
 
 
 def test_build_suite_from_the_test_split(tmp_path):
@@ -114,7 +118,7 @@ def test_build_suite_from_the_test_split(tmp_path):
     assert np.load(out / "distortion00.npy").shape == (30, 32, 32, 3)
     info = json.loads((out / "suite.json").read_text())
     assert info["split"] == "test" and info["n"] == 6 and len(np.load(out / "labels.npy")) == 6
-    assert runs.RunDir.ood_subdir(data.OodSet(out)) == "ood_local"
+    assert data.OodSet(out).is_suite
 
 
 def test_build_suite_without_test_split_uses_fold0_and_warns(tmp_path, capsys):

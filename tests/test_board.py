@@ -1,0 +1,122 @@
+"""The competitor's cockpit: the board lists runs with and without predictions and submissions
+with their Kaggle scores; an old submission re-scores to the same number after another TTA is
+predicted; provenance is recorded; trackers write real event files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from competition import board, corruptions, data, ensemble, predict, score, submit, train, tta
+from competition.files import CompetitionError
+from competition.runs import RunDir
+
+TINY = ["--part", "1", "--preset", "demo", "epochs=2", "train_subset=192", "model_args.widths=[8,16,16]",
+        "model_args.hidden=16"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Two finished runs (one predicted and scored on a labelled suite, one not predicted) and a
+    partial run (stopped after one epoch), in one project-like folder."""
+    tmp = tmp_path_factory.mktemp("board")
+    dirs = [f"folds_dir={tmp / 'folds'}", f"models_dir={tmp / 'models'}"]
+    a = train.main(TINY + dirs + ["name=a"])
+    b = train.main(TINY + dirs + ["name=b", "lr=0.05"])
+    train.main(TINY + dirs + ["name=c", "stop_after=1"])
+    suite = tmp / "suite"
+    images = data.load_digits("test")
+    corruptions.make_suite(images.images[:10], suite, names=["brightness", "fog"], labels=images.labels[:10],
+                           workers=1)
+    predict.predict_run(a, [suite], tta.parse_tta("flip"), test=True)
+    score.score_target(a, suite, "flip")
+    return tmp, a, b, suite
+
+
+def test_board_lists_runs_with_and_without_predictions(world, capsys):
+    tmp, a, b, suite = world
+    runs, subs = board.main(["--models-dir", str(tmp / "models"), "--submissions-dir", str(tmp / "subs"),
+                             "--out", str(tmp / "board")])
+    by_name = {r["run"]: r for r in runs.to_dict("records")}
+    assert set(by_name) == {"a", "b", "c"}
+    assert by_name["a"]["local OOD"] == pytest.approx(json.loads(next(a.rglob("score.json")).read_text())["ood_accuracy"])
+    assert np.isnan(by_name["b"]["local OOD"]) and by_name["b"]["state"] == "finished"  # not predicted: shown as -
+    assert by_name["c"]["state"] == "partial"
+    assert runs["run"].iloc[0] == "a"  # sorted by the local OOD estimate, unscored runs last
+    assert len(by_name["a"]["commit"]) >= 8 or by_name["a"]["commit"] == ""
+    out = capsys.readouterr().out
+    assert "| a |" in out and "## Submissions (0)" in out
+    assert (tmp / "board.png").read_bytes()[:4] == b"\x89PNG" and (tmp / "board_runs.csv").exists()
+
+
+def test_old_submission_rescores_the_same_after_another_tta(world):
+    tmp, a, b, suite = world
+    csv = ensemble.build([a], "s1", suite, tmp / "subs")
+    first = score.score_target(tmp / "subs" / "s1.json", suite)["ood_accuracy"]
+    predict.predict_run(a, [suite], tta.parse_tta("shift1"))  # another TTA: its own pred/ folder
+    again = score.score_target(tmp / "subs" / "s1.json", suite)["ood_accuracy"]
+    assert again == first
+    spec = json.loads(csv.with_suffix(".json").read_text())
+    assert spec["members"][0]["setting"] == "flip" and spec["logits_sha1"][str(a)]
+    assert spec["commit"] is None or len(spec["commit"]) == 40
+    assert set(spec["versions"]) >= {"torch", "timm", "accelerate", "albumentations"}
+    # the logits it pinned change (predicting the same setting again with other weights): said, not re-scored
+    logits = next((a / "pred" / "flip" / "ood").rglob("distortion00.npy"))
+    saved = logits.read_bytes()
+    z = np.load(logits)
+    np.save(logits, z[:, ::-1].copy())
+    with pytest.raises(CompetitionError, match="changed since .*s1.json was made"):
+        score.score_target(tmp / "subs" / "s1.json", suite)
+    logits.write_bytes(saved)
+
+
+def test_uploads_and_kaggle_scores_reach_the_board(world, monkeypatch):
+    tmp, a, b, suite = world
+    csv = ensemble.build([a], "s2", suite, tmp / "subs", method="equal")
+
+    class Reply:
+        message = "Successfully submitted"
+
+    class FakeApi:
+        def competition_submit(self, path, message, competition):
+            return Reply()
+
+        def competition_submissions(self, competition):
+            return [{"fileName": "s2.csv", "description": "first try", "publicScore": "0.6125", "privateScore": "",
+                     "status": "complete"}]
+
+    monkeypatch.setattr(submit, "_kaggle_api", lambda: FakeApi())
+    submit.kaggle_submit(csv, "first try", "ds542")
+    spec = json.loads(csv.with_suffix(".json").read_text())
+    assert spec["kaggle"][0]["message"] == "first try" and spec["kaggle"][0]["public_score"] is None
+    assert "1 sidecar" in submit.fetch_scores(tmp / "subs", "ds542")
+    _, subs = board.main(["--models-dir", str(tmp / "models"), "--submissions-dir", str(tmp / "subs"),
+                          "--sort", "kaggle"])
+    row = subs[subs["submission"] == "s2"].iloc[0]
+    assert row["Kaggle public"] == pytest.approx(0.6125) and row["uploads"] == 1
+    assert subs["submission"].iloc[0] == "s2"  # sorted by Kaggle score, unscored last
+
+
+def test_finished_run_records_provenance_and_what_training_saw(world):
+    tmp, a, b, suite = world
+    summary = RunDir(a).summary()
+    assert set(summary["versions"]) >= {"torch", "timm", "accelerate", "albumentations", "competition"}
+    assert "commit" in summary and "dirty" in summary and summary["trained_on"] == []
+
+
+def test_tensorboard_writes_event_files_and_a_missing_tracker_is_one_error(tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
+    run = train.main(TINY + dirs + ["log_with=tensorboard", "epochs=1"])
+    events = list(run.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(CompetitionError, match=r"wandb package is not installed: pip install -e '.\[wandb\]'"):
+        train.main(TINY + dirs + ["log_with=wandb", "name=w"])
+    assert not (tmp_path / "models" / "w").exists()
+    shutil.rmtree(run)
