@@ -9,16 +9,21 @@
 #            --ood-dir DIR --parts 1,2 --folds 2 --preset demo
 #
 # Options (defaults in brackets):
-#   --dataset digits|cifar100|imagefolder [digits]   --data PATH (imagefolder)
+#   --dataset digits|cifar100|cifar10|imagefolder [digits]   --data PATH (imagefolder)
 #   --ood-dir DIR   the OOD files the submission is for [cifar100: data/ood-test; else the local suite]
 #   --parts 1,2,3 [1,2,3]   --folds K: train folds 0..K-1 of the split [1]   --k K: split size [5]
 #   --preset NAME   added after part<N> [digits: demo; else none]
 #   --weights PATH  Part 3 ImageNet ResNet-50 weights file (offline machines)
 #   --n N           local suite images per corruption and severity [digits 40, else 1000]
-#   --tta NAME      predict's TTA [digits: flip; else shift1]   --bn-adapt  also BN-adapted logits
+#   --tta NAME      predict's TTA [digits: flip; else shift1]
+#   --tta-adapt none|bn|tent|auto   test-time adaptation of the OOD logits per file and severity
+#                   [auto: BN and TENT are predicted, and each member keeps whichever raises its
+#                   local-suite estimate; bn: cheap (one extra pass); tent: ~2-3x bn's cost]
+#   --selftrain R   R rounds of pseudo-label self-training on the OOD files (needs --ood-dir) [0]
 #   --name NAME     submission name, and the prefix of its run folders (NAME-part<P>-f<F>-s0)
 #                   [submission <dataset>-<preset>-p<parts>; runs <preset>-<dataset>-f<F>-s0]
-#   --retrain       retrain finished runs (train.py --force)
+#   --retrain       retrain finished runs (train.py --force); the submission gets a new name
+#   --overwrite     replace an existing submission of the same name instead
 #   KEY=VALUE ...   config overrides for every training run (e.g. epochs=2 batch_size=64)
 #
 # Paths are relative to the directory you call it from. Everything the stages print goes to
@@ -30,7 +35,7 @@ abspath() { [[ -z $1 || $1 == /* ]] && printf '%s' "$1" || printf '%s/%s' "$CALL
 cd "$(dirname "$0")"
 
 DATASET=digits DATA="" OOD_DIR="" PARTS=1,2,3 FOLDS=1 K=5 PRESET=unset WEIGHTS="" N="" TTA="" NAME=""
-BN_ADAPT=0 RETRAIN=0 USER_OVERRIDES=()
+ADAPT=auto RETRAIN=0 OVERWRITE=0 SELFTRAIN=0 USER_OVERRIDES=()
 PY=${PYTHON:-python}
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
@@ -48,7 +53,10 @@ while [[ $# -gt 0 ]]; do
     --n) need "$@"; N=$2; shift 2 ;;
     --tta) need "$@"; TTA=$2; shift 2 ;;
     --name) need "$@"; NAME=$2; shift 2 ;;
-    --bn-adapt) BN_ADAPT=1; shift ;;
+    --bn-adapt) ADAPT=bn; shift ;;
+    --tta-adapt) need "$@"; ADAPT=$2; shift 2 ;;
+    --selftrain) need "$@"; SELFTRAIN=$2; shift 2 ;;
+    --overwrite) OVERWRITE=1; shift ;;
     --retrain) RETRAIN=1; shift ;;
     -h|--help) usage 0 ;;
     *=*) [[ $1 == name=* ]] && { echo "run.sh: use --name NAME (run folders get NAME-part<P>-f<F>-s0)" >&2; exit 2; }
@@ -60,15 +68,21 @@ done
 DATA=$(abspath "$DATA"); OOD_DIR=$(abspath "$OOD_DIR"); WEIGHTS=$(abspath "$WEIGHTS")
 case $DATASET in
   digits) DSNAME=digits; [[ $PRESET == unset ]] && PRESET=demo; N=${N:-40}; TTA=${TTA:-flip} ;;
+  cifar10) DSNAME=cifar10; [[ $PRESET == unset ]] && PRESET=""; N=${N:-1000}; TTA=${TTA:-shift1} ;;
   cifar100) DSNAME=cifar100; [[ $PRESET == unset ]] && PRESET=""; N=${N:-1000}; TTA=${TTA:-shift1}
             OOD_DIR=${OOD_DIR:-data/ood-test} ;;
   imagefolder) [[ -n $DATA ]] || { echo "run.sh: --dataset imagefolder needs --data PATH" >&2; exit 2; }
                b=$(basename "$DATA"); DSNAME=$(printf '%s' "${b%%.*}" | sed -E 's/[^A-Za-z0-9._-]+/-/g; s/^-+|-+$//g')
                DSNAME=${DSNAME:-images}; [[ $PRESET == unset ]] && PRESET=""
                N=${N:-1000}; TTA=${TTA:-shift1} ;;
-  *) echo "run.sh: --dataset must be digits, cifar100 or imagefolder" >&2; exit 2 ;;
+  *) echo "run.sh: --dataset must be digits, cifar100, cifar10 or imagefolder" >&2; exit 2 ;;
 esac
 [[ $PARTS =~ ^[123](,[123])*$ ]] || { echo "run.sh: --parts must look like 1,2,3" >&2; exit 2; }
+[[ $ADAPT =~ ^(none|bn|tent|auto)$ ]] || { echo "run.sh: --tta-adapt must be none, bn, tent or auto" >&2; exit 2; }
+[[ $SELFTRAIN =~ ^[0-9]+$ ]] || { echo "run.sh: --selftrain takes a number of rounds" >&2; exit 2; }
+[[ $SELFTRAIN == 0 || -n $OOD_DIR ]] || {
+  echo "run.sh: --selftrain needs --ood-dir (the unlabelled test files to pseudo-label; the local suite measures)" >&2
+  exit 2; }
 [[ $FOLDS =~ ^[1-9][0-9]*$ && $FOLDS -le $K ]] || { echo "run.sh: --folds must be 1..$K" >&2; exit 2; }
 RUN_PREFIX=$NAME
 NAME=${NAME:-$DSNAME-${PRESET:-full}-p${PARTS//,/}}
@@ -129,15 +143,34 @@ if [[ -n $OOD_DIR ]]; then
 else
   echo "no --ood-dir: the submission is made for the local suite $SUITE (a stand-in for the real OOD files)"
 fi
-BN=(); [[ $BN_ADAPT == 1 ]] && BN=(--bn-adapt)
-step "predict ${#RUNS[@]} run(s) with TTA $TTA: clean test, out-of-fold, OOD"
-$PY -m competition.predict "${RUNS[@]}" "${OOD_ARGS[@]}" --tta "$TTA" "${BN[@]}"
+case $ADAPT in none) PADAPT=() ;; bn|tent) PADAPT=(--adapt "$ADAPT") ;; auto) PADAPT=(--adapt bn,tent) ;; esac
+step "predict ${#RUNS[@]} run(s) with TTA $TTA (adapted copies: ${PADAPT[*]:-none}): clean test, out-of-fold, OOD"
+$PY -m competition.predict "${RUNS[@]}" "${OOD_ARGS[@]}" --tta "$TTA" "${PADAPT[@]}"
+# No TTA on the suite too, for the table of what each stage adds (cheap: one view).
+$PY -m competition.predict "${RUNS[@]}" --ood-dir "$SUITE" --tta none --no-test --no-oof
 
-step "ensemble -> submissions/$NAME.csv (weights fitted on out-of-fold logits)"
-$PY -m competition.ensemble "${RUNS[@]}" --name "$NAME" --ood-dir "$TARGET" "${BN[@]}"
+# A finished submission is never overwritten: a rerun with the same runs is left alone, and
+# --retrain (new weights) writes NAME-2, NAME-3, ... unless --overwrite.
+SUB=$NAME
+if [[ $RETRAIN == 1 && $OVERWRITE == 0 ]]; then
+  i=2; while [[ -e submissions/$SUB.csv ]]; do SUB=$NAME-$i; i=$((i + 1)); done
+fi
+OVER=(); [[ $OVERWRITE == 1 ]] && OVER=(--overwrite)
+step "ensemble -> submissions/$SUB.csv (weights fitted on out-of-fold logits; adaptation: $ADAPT)"
+$PY -m competition.ensemble "${RUNS[@]}" --name "$SUB" --ood-dir "$TARGET" --tta "$TTA" --adapt "$ADAPT" \
+  --suite "$SUITE" "${OVER[@]}"
+
+if [[ $SELFTRAIN -gt 0 ]]; then
+  step "self-training: $SELFTRAIN round(s) on the pseudo-labelled $TARGET"
+  ST_FORCE=(); [[ $OVERWRITE == 1 ]] && ST_FORCE=(--force)
+  $PY -m competition.selftrain "submissions/$SUB.json" --rounds "$SELFTRAIN" --suite "$SUITE" "${ST_FORCE[@]}"
+  SUB=$SUB-st$SELFTRAIN
+fi
 
 step "local score on $SUITE"
-$PY -m competition.score "${RUNS[@]}" "submissions/$NAME.json" --ood-dir "$SUITE" "${BN[@]}"
+$PY -m competition.score "${RUNS[@]}" --ood-dir "$SUITE" --tta "$TTA"
+$PY -m competition.score "submissions/$SUB.json" --ood-dir "$SUITE"
+$PY -m competition.board --stages "submissions/$SUB.json" --suite "$SUITE"
 
 step "done in $((SECONDS - T0)) s; submission (validated against $TARGET):"
-echo "$PWD/submissions/$NAME.csv" >&3
+echo "$PWD/submissions/$SUB.csv" >&3

@@ -221,7 +221,9 @@ def summarize(frame: pd.DataFrame) -> dict:
     clean = "train_eval_acc" in frame and frame["train_eval_acc"].notna().any()
     tl, ta = ("train_eval_loss", "train_eval_acc") if clean else ("train_loss", "train_acc")
     last = frame.iloc[-1]
-    best = int(frame["val_acc"].idxmax()) if frame["val_acc"].notna().any() else len(frame) - 1
+    # the last epoch with the best accuracy: train.py keeps the later epoch of a tie as best.pt
+    best = int(frame.index[frame["val_acc"] == frame["val_acc"].max()][-1]) if frame["val_acc"].notna().any() \
+        else len(frame) - 1
     return {"train loss": last[tl], "train acc": last[ta], "val loss": last["val_loss"], "val acc": last["val_acc"],
             "best train loss": frame[tl].min(), "best train acc": frame[ta].max(),
             "best val loss": frame["val_loss"].min(), "best val acc": frame["val_acc"].max(),

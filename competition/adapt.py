@@ -3,9 +3,11 @@
     BN adaptation  re-estimate every batch-norm layer's statistics on the slice's own images
                    (Schneider et al. 2020, "Improving robustness against common corruptions by
                    covariate shift adaptation"); no gradient, one pass.
+    TENT           also learn the BN layers' scale and shift by minimising the entropy of the
+                   slice's predictions for a few steps (Wang et al. 2021), then re-estimate.
 
-Every adaptation is temporary: `bn_source_stats` puts the source statistics back when the
-slice is done (also on error), so one slice never leaks into the next.
+Every adaptation is temporary: `bn_source_stats` / `source_weights` put the source model back
+when the slice is done (also on error), so one slice never leaks into the next: episodic.
 """
 from __future__ import annotations
 
@@ -70,3 +72,60 @@ def adapt_bn(model: nn.Module, batches, blend: float = 1.0, reduce=None) -> int:
             m.running_var.mul_(blend).add_(var, alpha=1 - blend)
     model.eval()
     return seen
+
+
+def bn_affine(model: nn.Module) -> list[nn.Parameter]:
+    """The scale and shift of every batch-norm layer: all TENT updates."""
+    return [p for m in batchnorms(model) if m.affine for p in (m.weight, m.bias)]
+
+
+@contextlib.contextmanager
+def source_weights(model: nn.Module):
+    """On exit (also on error), every parameter and buffer is back to its value on entry, and
+    requires_grad and train/eval modes too: episodic adaptation never leaks into the next slice."""
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    modes = {n: m.training for n, m in model.named_modules()}
+    try:
+        yield model
+    finally:
+        model.load_state_dict(saved)
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads[n])
+            p.grad = None
+        for n, m in model.named_modules():
+            m.train(modes[n])
+
+
+def tent(model: nn.Module, batches, steps: int = 1, lr: float = 1e-3) -> int:
+    """TENT (Wang et al., ICLR 2021) on one slice: BN layers normalise with the batch's own
+    statistics, and only their affine parameters learn, by minimising the mean prediction
+    entropy, for `steps` passes over `batches` (a callable returning the slice's float input
+    batches in a fixed order). Leaves the model in eval mode with running statistics
+    re-estimated on the slice (adapt_bn), the way it then predicts. Call inside source_weights.
+    Returns the updates made."""
+    params = bn_affine(model)
+    if not params:
+        raise ValueError("no batch-norm affine parameters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    model.eval()
+    for m in batchnorms(model):
+        m.train()  # batch statistics, as TENT normalises test batches
+    updates = 0
+    for _ in range(steps):
+        for x in batches():
+            with torch.enable_grad():
+                logits = model(x).float()
+                loss = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            updates += 1
+    for p in params:
+        p.requires_grad_(False)
+    adapt_bn(model, batches())
+    return updates

@@ -4,6 +4,7 @@
     python -m competition.board --sort ood              # runs by local OOD estimate (also: clean, time, ...)
     python -m competition.board --out board             # also board.md, board_runs.csv, board_submissions.csv, board.png
     python -m competition.board --fetch --competition SLUG   # first fetch Kaggle's scores of your uploads
+    python -m competition.board --stages submissions/x.json --suite data/ood-local/x   # what each stage adds
 
 Runs: part, model, fold, seed, epochs, held-out accuracy (plain, and with the TTA train
 validated), the local OOD estimate (plain and BN-adapted, from `competition.score`), the mean
@@ -21,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from competition import plots
-from competition.files import cli, read_json, save_text
+from competition.files import CompetitionError, cli, read_json, save_text
 from competition.runs import RunDir, adaptation
 
 RUN_SORTS = {"ood": "local OOD", "ood_bn": "local OOD +BN", "clean": "held-out acc", "tta": "held-out acc TTA",
@@ -133,6 +134,40 @@ def chart(runs: pd.DataFrame, subs: pd.DataFrame, path) -> Path:
     return plots.save(fig, path, "competition board", dpi=100)
 
 
+def stages(spec_path, suite_dir) -> str:
+    """What each stage adds to a submission, on a labelled local suite: every member without and
+    with TTA, the ensemble, and the ensemble with the adaptation the submission used."""
+    import numpy as np
+
+    from competition import data
+    from competition.metrics import file_accuracy
+    from competition.runs import Member, base_setting, members_from_json, ood_logits
+
+    members, weights, spec = members_from_json(spec_path)
+    suite = data.OodSet(suite_dir)
+
+    def acc(ms, ws):
+        try:
+            return float(np.mean([file_accuracy(z, suite.labels) for _, z in ood_logits(ms, ws, suite)]))
+        except CompetitionError:  # not predicted under that setting: shown as -
+            return None
+
+    rows = []
+    for m in members:
+        base = base_setting(m.setting)
+        rows.append((f"member {m.name}, no TTA", acc([Member(m.name, m.runs, "none")], [1.0])))
+        rows.append((f"member {m.name}, TTA {base}", acc([Member(m.name, m.runs, base)], [1.0])))
+    plain = [Member(m.name, m.runs, base_setting(m.setting)) for m in members]
+    rows.append((f"ensemble of {len(members)} (weights fitted on {spec.get('fit_on', 'clean')} OOF)", acc(plain, weights)))
+    if any(m.setting != base_setting(m.setting) for m in members):
+        rows.append(("ensemble + adaptation (" + ", ".join(sorted({m.setting for m in members})) + ")",
+                     acc(members, weights)))
+    fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    return (f"What each stage adds (local OOD accuracy on {suite.path}, {suite.labels.size} images x "
+            f"{len(suite.files)} x 5):\n\n| stage | local OOD |\n|---|---:|\n"
+            + "\n".join(f"| {name} | {fmt(v)} |" for name, v in rows) + "\n")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default="models")
@@ -141,7 +176,15 @@ def main(argv=None):
     p.add_argument("--out", help="write OUT.md, OUT_runs.csv, OUT_submissions.csv and OUT.png too")
     p.add_argument("--fetch", action="store_true", help="first read your uploads' Kaggle scores (needs credentials)")
     p.add_argument("--competition", help="Kaggle competition slug for --fetch (default: $KAGGLE_COMPETITION)")
+    p.add_argument("--stages", metavar="SUBMISSION_JSON", help="instead: what each stage adds to this submission")
+    p.add_argument("--suite", help="with --stages: the labelled local suite to measure on")
     args = p.parse_args(argv)
+    if args.stages:
+        if not args.suite:
+            p.error("--stages needs --suite DIR (a labelled local suite)")
+        text = stages(args.stages, args.suite)
+        print(text)
+        return text
     if args.fetch:
         from competition import submit
 

@@ -175,6 +175,7 @@ RULES: dict[str, tuple] = {
     "noise_blur": ("num", 0, 1, False), "noise_std": ("num", 0, 1, False), "blur_sigma": ("num", 0.3, 5, False),
     "augmix": ("bool",), "augmix_severity": ("int", 1, 10, False), "jsd": ("num", 0, None, False),
     "ood_check": ("int", 0, None, False), "select_on": ("str", ["clean", "ood"], None, False),
+    "exclude_folds": ("ints", 0, None, True), "init_from": ("str", None, None, True), "pseudo": ("str", None, None, True),
 }
 
 
@@ -231,6 +232,8 @@ def validate(cfg: dict) -> dict:
                                                           "8..512, e.g. {0: 24, 6: 32}")
     if cfg.get("select_on") == "ood" and not cfg.get("ood_check"):
         raise _bad("select_on", "ood", "needs ood_check > 0 (the corrupted held-out images it selects on)")
+    if cfg.get("pseudo") and (cfg.get("mixup") or cfg.get("cutmix") or cfg.get("jsd")):
+        raise _bad("pseudo", cfg["pseudo"], "takes its own soft targets: set mixup=0 cutmix=0 jsd=0")
     if cfg.get("jsd") and not cfg.get("augmix"):
         raise _bad("jsd", cfg["jsd"], "needs augmix=true (the consistency is between AugMix views)")
     if cfg.get("jsd") and (cfg.get("mixup") or cfg.get("cutmix")):

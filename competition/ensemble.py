@@ -116,25 +116,27 @@ def shared_oof_ood(members: list[Member], labels_all: np.ndarray):
 
 
 def choose_adaptation(members: list[Member], adapt: str, suite: data.OodSet | None, say=print) -> dict:
-    """Set each member's setting for `adapt` (none | bn | auto); auto keeps BN adaptation for a
-    member only where it raises the member's accuracy on the labelled local suite. Returns the
-    estimates behind each choice."""
+    """Set each member's setting for `adapt`: none | bn | tent (always that), or auto: per member,
+    the setting (plain, +bn, +tent: those predicted for every run of it) with the best accuracy
+    on the labelled local suite, printed as one line. Returns the estimates behind each choice."""
     choices = {}
     for m in members:
         base = base_setting(m.setting)
-        if adapt in ("none", "bn"):
-            m.setting = base if adapt == "none" else f"{base}+bn"
+        if adapt != "auto":
+            m.setting = base if adapt == "none" else f"{base}+{adapt}"
             continue
         if suite is None or suite.labels is None:
             raise CompetitionError("--adapt auto needs a labelled local suite the runs were predicted on "
                                    "(--suite DIR, or --ood-dir a suite) to choose by")
+        candidates = [base] + [f"{base}+{a}" for a in ("bn", "tent")
+                               if all((r.pred_dir(f"{base}+{a}") / RunDir.MANIFEST).exists() for r in m.runs)]
         est = {s: table_summary(np.stack([file_accuracy(z, suite.labels) for _, z in
                                           ood_logits([Member(m.name, m.runs, s)], [1.0], suite)]))["ood_accuracy"]
-               for s in (base, f"{base}+bn")}
-        m.setting = max(est, key=lambda s: (est[s], s == base))  # a tie keeps the cheaper plain logits
-        choices[m.name] = {"plain": est[base], "bn": est[f"{base}+bn"], "chosen": adaptation(m.setting)}
-        say(f"  {m.name}: local OOD {est[base]:.4f} plain, {est[f'{base}+bn']:.4f} with BN adaptation -> "
-            f"{'BN adaptation' if m.setting != base else 'plain'}")
+               for s in candidates}
+        m.setting = max(candidates, key=lambda s: (est[s], -candidates.index(s)))  # a tie keeps the cheaper one
+        choices[m.name] = {**{adaptation(s): est[s] for s in candidates}, "chosen": adaptation(m.setting)}
+        say(f"  {m.name}: local OOD " + ", ".join(f"{est[s]:.4f} {adaptation(s) if s != base else 'plain'}"
+                                                  for s in candidates) + f" -> {adaptation(m.setting)}")
     return choices
 
 
@@ -236,7 +238,8 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
     t0 = time.time()
     if not re.fullmatch(r"[\w.+-]+", name):
         raise CompetitionError(f"--name {name!r}: use letters, digits and . _ + - (it becomes a file name)")
-    for key, value, allowed in (("method", method, ("caruana", "equal")), ("adapt", adapt, ("none", "bn", "auto")),
+    for key, value, allowed in (("method", method, ("caruana", "equal")),
+                                ("adapt", adapt, ("none", "bn", "tent", "auto")),
                                 ("fit-on", fit_on, ("auto", "clean", "ood"))):
         if value not in allowed:
             raise CompetitionError(f"--{key} must be one of {', '.join(allowed)}, not {value!r}")
@@ -277,8 +280,9 @@ def main(argv=None):
     p.add_argument("--name", required=True, help="submission name: submissions/NAME.csv and NAME.json")
     p.add_argument("--ood-dir", default="data/ood-test", help="the distortionNN.npy files the CSV is for")
     p.add_argument("--tta", default=None, help="the TTA setting to use (default: each run's own, as predict's)")
-    p.add_argument("--adapt", default="none", choices=("none", "bn", "auto"),
-                   help="BN-adapted OOD logits: never, always, or per member where the local suite says it pays")
+    p.add_argument("--adapt", default="none", choices=("none", "bn", "tent", "auto"),
+                   help="adapted OOD logits (predict --adapt): none, bn, tent, or auto: per member, what the labelled "
+                        "local suite says pays")
     p.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
     p.add_argument("--suite", help="labelled local suite for --adapt auto (default: --ood-dir when it is one)")
     p.add_argument("--fit-on", default="auto", choices=("auto", "clean", "ood"),

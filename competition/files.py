@@ -100,3 +100,14 @@ def read_json(path, default=None):
         return json.loads(Path(path).read_text())
     except (FileNotFoundError, ValueError, UnicodeDecodeError):
         return default
+
+
+def read_npz(path, keys, what: str) -> dict:
+    """The arrays `keys` of an .npz, or one error naming the file and what it should be."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except FileNotFoundError:
+        raise CompetitionError(f"{path} does not exist ({what})") from None
+    except Exception as e:
+        raise CompetitionError(f"{path} is not {what} ({type(e).__name__}: {e})") from None

@@ -44,9 +44,8 @@ def plot_run(frame: pd.DataFrame, path, title: str = "") -> Path:
             axes[1].plot(frame["epoch"], frame[col], style, label=col.replace("_acc", ""))
     axes[2].plot(frame["epoch"], frame["lr"])
     for ax, name in zip(axes, ("loss", "accuracy", "learning rate (end of epoch)")):
-        ax.set_xlabel("epoch")
         ax.set_title(name)
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax)
         if ax.lines and name != "learning rate (end of epoch)":
             ax.legend()
     return save(fig, path, title)
@@ -54,19 +53,30 @@ def plot_run(frame: pd.DataFrame, path, title: str = "") -> Path:
 
 def plot_overlay(frames: dict[str, pd.DataFrame], path, title: str = "",
                  columns=("train_loss", "val_loss", "train_acc", "val_acc")) -> Path:
-    """One panel per metric, one line per variant."""
+    """One panel per metric, one line per variant, on a grid at most 3 panels wide."""
     plt = pyplot()
     cols = [c for c in columns if any(c in f for f in frames.values())]
-    fig, axes = plt.subplots(1, len(cols), figsize=(4.2 * len(cols), 3.6), squeeze=False)
-    for ax, col in zip(axes[0], cols):
+    ncol = min(3, len(cols))
+    nrow = -(-len(cols) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.6 * ncol, 3.4 * nrow), squeeze=False)
+    for ax, col in zip(axes.flat, cols):
         for name, frame in frames.items():
             if col in frame:
                 ax.plot(frame["epoch"], frame[col], label=name)
         ax.set_title(col)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
+        _epoch_axis(ax)
+    for ax in list(axes.flat)[len(cols):]:
+        ax.axis("off")
     axes[0][0].legend(fontsize=8)
     return save(fig, path, title)
+
+
+def _epoch_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    ax.grid(alpha=0.3)
 
 
 def heatmap(table: np.ndarray, names: list[str], path, title: str) -> Path:

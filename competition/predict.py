@@ -103,14 +103,46 @@ class Predictor:
             adapt.adapt_bn(self.model, batches(), blend, reduce)
             return self.predict(images, rows)
 
-    def predict_ood(self, images: np.ndarray, adapted: bool, blend: float, slices: int | None = None) -> np.ndarray:
-        """float16 logits of OOD images; adapted: each slice of `slices` rows (default: the file's
-        N, one severity) is its own domain, adapted separately."""
-        if not adapted:
+    def predict_tent(self, images: np.ndarray, rows: np.ndarray, steps: int, lr: float, batch: int) -> np.ndarray:
+        """TTA logits of images[rows] after TENT on those same images, in this process alone (a
+        slice is one domain; several processes split the slices, not a slice's batches). The
+        source weights are back in place when it returns."""
+        dev = self.acc.device
+
+        def batches():  # a fixed order: the result does not depend on which slices came before
+            for x, _, _ in eval_loader(images, rows, batch_size=batch):
+                yield augment.to_input(x.to(dev), self.prep["mean"], self.prep["std"], self.prep["image_size"],
+                                       self.prep["channels_last"])
+
+        out = np.zeros((len(rows), self.prep["num_classes"]), np.float32)
+        with adapt.source_weights(self.model):
+            adapt.tent(self.model, batches, steps, lr)
+            with torch.no_grad():
+                for x, _, pos in eval_loader(images, rows, batch_size=self.batch_size):
+                    with self.acc.autocast():
+                        z = tta.tta_logits(self.model, x.to(dev), self.prep, self.views, self.average)
+                    out[pos.numpy()] = z.float().cpu().numpy()
+        if self.bar is not None:
+            self.bar.update(len(rows) * (steps + len(self.views)) * self.acc.num_processes)
+        return out
+
+    def predict_ood(self, images: np.ndarray, mode: str, blend: float = 1.0, slices: int | None = None,
+                    tent_args: dict | None = None) -> np.ndarray:
+        """float16 logits of OOD images; with adaptation (mode bn | tent) each slice of `slices` rows
+        (default: the file's N, one severity) is its own domain, adapted separately."""
+        if mode == "none":
             return self.predict(images).astype(np.float16)
         n = slices or len(images) // data.SEVERITIES
-        return np.concatenate([self.predict_adapted(images, np.arange(s, s + n), blend)
-                               for s in range(0, len(images), n)]).astype(np.float16)
+        starts = list(range(0, len(images), n))
+        if mode == "bn":
+            return np.concatenate([self.predict_adapted(images, np.arange(s, s + n), blend)
+                                   for s in starts]).astype(np.float16)
+        from accelerate.utils import gather_object
+
+        mine = [(k, self.predict_tent(images, np.arange(s, s + n), **(tent_args or {})))
+                for k, s in enumerate(starts) if k % self.acc.num_processes == self.acc.process_index]
+        done = dict(gather_object(mine) if self.acc.num_processes > 1 else mine)
+        return np.concatenate([done[k] for k in range(len(starts))]).astype(np.float16)
 
 
 # ---------------------------------------------------------------------------- one run
@@ -128,7 +160,8 @@ class Job:
 
 
 def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data.OodSet], adapts: list[str],
-         bn_blend: float, test: bool, oof: bool, force: bool, say=print) -> tuple[list[Job], list[str]]:
+         bn_blend: float, test: bool, oof: bool, force: bool, say=print,
+         tent_args: dict | None = None) -> tuple[list[Job], list[str]]:
     """The outputs to (re)write and the ones already current (skipped unless force). Clean images
     (test, OOF) go to the base setting only; OOD files and the corrupted OOF copies to every one."""
     base = setting_name(record["tta"], record["average"])
@@ -152,17 +185,22 @@ def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data
         add(Job(base, "oof.npy", {**record, "source": ["oof", len(rows), int(rows.sum())]}, "oof", rows,
                 len(rows) * n_views))
     for setting, a in settings:
-        extra = {"adapt": a, **({"bn_blend": bn_blend} if a == "bn" else {})} if a != "none" else {}
+        extra = {"adapt": a, **({"bn_blend": bn_blend} if a == "bn" else {}),
+                 **({f"tent_{k}": v for k, v in (tent_args or {}).items()} if a == "tent" else {})} if a != "none" else {}
         if oof and ood_rows is not None:
             source = ["oof_ood", len(ood_rows), int(ood_rows.sum()), run.data_config().get("ood_check_seed")]
             add(Job(setting, "oof_ood.npy", {**record, **extra, "source": source}, "oof_ood", ood_rows,
-                    len(ood_rows) * 95 * (n_views + (a != "none"))))
+                    len(ood_rows) * 95 * (n_views + _extra_passes(a, tent_args))))
         for ood in ood_sets:
             for src, n in zip(ood.files, ood.rows):
                 add(Job(setting, RunDir.ood_rel(ood, src), {**record, **extra, "source": source_stamp(src),
                                                             "ood_files": len(ood.files)}, "ood", src,
-                        n * (n_views + (a != "none"))))
+                        n * (n_views + _extra_passes(a, tent_args))))
     return todo, [f"{j.setting}/{j.rel}" for j in current]
+
+
+def _extra_passes(adapt_mode: str, tent_args: dict | None) -> int:
+    return {"none": 0, "bn": 1}.get(adapt_mode, 1 + (tent_args or {}).get("steps", 1))
 
 
 def oof_ood_images(run: RunDir, cfg: dict, train_set, rows: np.ndarray) -> np.ndarray:
@@ -177,7 +215,8 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
     """Predict every job and write its output (main process only)."""
     train_set = None
     for job in jobs:
-        adapted = job.record.get("adapt", "none") != "none"
+        mode = job.record.get("adapt", "none")
+        tent_args = {k: job.record[f"tent_{k}"] for k in ("steps", "lr", "batch")} if mode == "tent" else None
         if job.kind == "test":
             logits = pred.predict(job.source.images)
             if main:
@@ -191,10 +230,11 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
         if job.kind == "oof":
             logits = pred.predict(train_set.images, job.source)
         elif job.kind == "oof_ood":  # 95 slices of n images: each (corruption, severity) adapted alone
-            logits = pred.predict_ood(oof_ood_images(run, cfg, train_set, job.source), adapted, bn_blend,
-                                      slices=len(job.source))
+            logits = pred.predict_ood(oof_ood_images(run, cfg, train_set, job.source), mode, bn_blend,
+                                      slices=len(job.source), tent_args=tent_args)
         else:
-            logits = pred.predict_ood(data.open_ood(job.source, image_shape=None), adapted, bn_blend)
+            logits = pred.predict_ood(data.open_ood(job.source, image_shape=None), mode, bn_blend,
+                                      tent_args=tent_args)
         if main:
             run.write_output(job.setting, job.rel, logits, job.record)
 
@@ -202,11 +242,12 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
 def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, average: str = "logits",
                 bn_adapt: bool | None = None, bn_blend: float = 1.0, batch_size: int = 512,
                 test: bool = True, oof: bool = True, force: bool = False, accelerator=None,
-                allow_partial: bool = False) -> dict:
+                allow_partial: bool = False, adapts: list[str] | None = None, tent_args: dict | None = None) -> dict:
     """Write the run's TTA logits (see the module docstring). views=None and bn_adapt=None follow
-    the run's config (oof_tta, or flip when that is none; bn_adapt). Returns {output path:
-    'written' | 'skipped'}. A run trained on cifar100 needs the competition's full OOD set
-    (19 files x 50,000 rows) unless allow_partial."""
+    the run's config (oof_tta, or flip when that is none; bn_adapt). `adapts` lists the adapted
+    settings to write besides the plain one (bn, tent); bn_adapt=True is adapts=["bn"].
+    Returns {output path: 'written' | 'skipped'}. A run trained on cifar100 needs the
+    competition's full OOD set (19 files x 50,000 rows) unless allow_partial."""
     from tqdm.auto import tqdm
 
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
@@ -221,15 +262,19 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
     if views is None:
         views = tta.parse_tta(cfg.get("oof_tta") or "none")
         views = views if tta.tta_name(views) != "none" else tta.TTA_PRESETS["flip"]
-    if bn_adapt is None:
-        bn_adapt = bool(cfg.get("bn_adapt"))
-    if bn_adapt and not adapt.batchnorms(model):
-        acc.print(f"{run}: no batch-norm layers, --bn-adapt does nothing; skipping it")
-        bn_adapt = False
+    adapts = list(adapts if adapts is not None else (["bn"] if (cfg.get("bn_adapt") if bn_adapt is None
+                                                               else bn_adapt) else []))
+    unknown = [a for a in adapts if a not in ("bn", "tent")]
+    if unknown:
+        raise CompetitionError(f"--adapt {','.join(unknown)}: adaptations are bn and tent")
+    if adapts and not adapt.batchnorms(model):
+        raise CompetitionError(f"{run}: {cfg['model']} has no batch-norm layers, so --adapt {','.join(adapts)} has "
+                               f"nothing to adapt; predict without it")
+    tent_args = {"steps": 1, "lr": 1e-3, "batch": 128, **(tent_args or {})}
     record = {"tta": tta.tta_name(views), "average": average, "weights": run.weights_hash()}
     ood_sets = [data.OodSet(d, data.OodSet.required_shape(d, [cfg["dataset"]], allow_partial)) for d in ood_dirs]
-    jobs, current = plan(run, cfg, record, len(views), ood_sets, ["bn"] if bn_adapt else [], bn_blend, test, oof,
-                         force, acc.print)
+    jobs, current = plan(run, cfg, record, len(views), ood_sets, adapts, bn_blend, test, oof, force, acc.print,
+                         tent_args)
     status = {str(run.path / RunDir.PRED / rel): "skipped" for rel in current}
     if not jobs:
         acc.print(f"{run}: all {len(current)} outputs up to date (--force redoes them)")
@@ -243,7 +288,7 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
     acc.wait_for_everyone()
     status.update({str(run.pred_dir(j.setting) / j.rel): "written" for j in jobs})
     acc.print(f"{run}: {len(jobs)} written, {len(current)} up to date, TTA {record['tta']} ({len(views)} views, "
-              f"{average} averaged){', BN-adapted copies' if bn_adapt else ''}, {time.time() - t0:.1f} s")
+              f"{average} averaged){', adapted: ' + ', '.join(adapts) if adapts else ''}, {time.time() - t0:.1f} s")
     return status
 
 
@@ -261,7 +306,12 @@ def main(argv=None):
                    "run's oof_tta (the TTA its reported accuracy used), else flip")
     p.add_argument("--average", default="logits", choices=("logits", "prob"), help="how TTA views are averaged")
     p.add_argument("--bn-adapt", action="store_true", default=None,
-                   help="also write BN-adapted OOD logits (default: the run config's bn_adapt)")
+                   help="also write BN-adapted OOD logits (default: the run config's bn_adapt); = --adapt bn")
+    p.add_argument("--adapt", default=None, help="adapted OOD logits to write besides the plain ones: bn, tent "
+                   "or bn,tent (episodic per OOD file and severity)")
+    p.add_argument("--tent-steps", type=int, default=1, help="TENT: passes over each slice (default 1)")
+    p.add_argument("--tent-lr", type=float, default=1e-3, help="TENT: Adam learning rate (default 1e-3)")
+    p.add_argument("--tent-batch", type=int, default=128, help="TENT: images per update (default 128)")
     p.add_argument("--bn-blend", type=float, default=1.0,
                    help="BN statistics = ALPHA * adapted + (1 - ALPHA) * source (default 1)")
     p.add_argument("--batch-size", type=int, default=512, help="images per batch per process")
@@ -279,9 +329,11 @@ def main(argv=None):
     runs = expand_runs(args.runs)
     acc = runtime.make_accelerator()
     for run in runs:
+        adapts = [a.strip() for a in args.adapt.split(",") if a.strip()] if args.adapt else None
         predict_run(run, args.ood_dir, views, args.average, args.bn_adapt, args.bn_blend, args.batch_size,
                     test=not args.no_test, oof=not args.no_oof, force=args.force, accelerator=acc,
-                    allow_partial=args.allow_partial)
+                    allow_partial=args.allow_partial, adapts=adapts,
+                    tent_args={"steps": args.tent_steps, "lr": args.tent_lr, "batch": args.tent_batch})
     return [r.path for r in runs]
 
 

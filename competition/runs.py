@@ -355,7 +355,8 @@ class RunDir:
         tta_name, _, adapt = setting.partition("+")
         tta_name, _, average = tta_name.partition("-")
         return (f"run `python -m competition.predict {self.path}{f' --ood-dir {ood.path}' if ood else ''} --tta "
-                f"{tta_name}{' --average prob' if average else ''}{' --bn-adapt' if adapt else ''}` first")
+                f"{tta_name}{' --average prob' if average else ''}{' --adapt ' + adapt.rstrip('0123456789.') if adapt else ''}` "
+                f"first")
 
     def ood_logits_paths(self, ood: data.OodSet, setting: str) -> list[Path]:
         """The run's logits for every file of `ood` under `setting`, checked: present, predicted

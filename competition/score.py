@@ -31,7 +31,7 @@ import numpy as np
 
 from competition import data, folds, plots
 from competition.corruptions import trained_on
-from competition.files import CompetitionError, cli, save_json, save_text
+from competition.files import CompetitionError, cli, read_json, save_json, save_text
 from competition.metrics import Calibration, accuracy, ece, file_accuracy, table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, default_setting, expand_runs, file_hash, \
     members_from_json, ood_logits, oof_labels, setting_name, test_logits
@@ -41,9 +41,9 @@ SEV = data.SEVERITIES
 # ---------------------------------------------------------------------------- the suite
 
 
-def held_out_images(dataset: str, path=None, data_dir="data", folds_dir="folds"):
-    """(images, labels, source) to corrupt: the test split, else fold 0's held-out images."""
-    test = data.load(dataset, "test", data_dir, path)
+def held_out_images(dataset: str, path=None, data_dir="data", folds_dir="folds", fold: int | None = None):
+    """(images, labels, source) to corrupt: the test split, else fold 0's (or `fold`'s) images."""
+    test = data.load(dataset, "test", data_dir, path) if fold is None else None
     if test is not None:
         return test.images, test.labels, {"dataset": dataset, "data": path and str(path), "split": "test"}
     train = data.load(dataset, "train", data_dir, path)
@@ -51,12 +51,14 @@ def held_out_images(dataset: str, path=None, data_dir="data", folds_dir="folds")
     frame = folds.read_folds(fpath)
     if len(frame) != len(train.labels):
         raise CompetitionError(f"{fpath} was made for another dataset ({len(frame)} rows, {len(train.labels)} images)")
-    rows = np.flatnonzero(frame["fold"].to_numpy() == 0)
-    print(f"warning: {path} has no test/ split: the suite uses fold 0's {len(rows)} held-out images. Runs trained "
-          f"with another --fold saw them in training, so their local scores LEAK (too high); score fold-0 runs",
-          file=sys.stderr)
+    fold = fold or 0
+    rows = np.flatnonzero(frame["fold"].to_numpy() == fold)
+    print(f"note: the suite uses fold {fold}'s {len(rows)} images of the training split. Runs that trained on fold "
+          f"{fold} saw them, so their local scores LEAK (too high): score runs that hold it out (--fold {fold}) or "
+          f"exclude it (exclude_folds)", file=sys.stderr)
     return train.images[rows], train.labels[rows], {"dataset": dataset, "data": path and str(path),
-                                                    "split": "train", "fold": 0, "rows_of": str(fpath)}
+                                                    "split": "train", "fold": fold, "rows_of": str(fpath),
+                                                    "fold_rows": rows.tolist()}
 
 
 def images_from_file(path) -> tuple[np.ndarray, None, dict]:
@@ -71,15 +73,17 @@ def images_from_file(path) -> tuple[np.ndarray, None, dict]:
 
 def build_suite(out, dataset: str = "digits", path=None, data_dir="data", folds_dir="folds", n: int = 200,
                 seed: int = 0, names=None, workers: int | None = None, images_npy=None, preview=None,
-                preview_images: int = 2) -> Path:
+                preview_images: int = 2, fold: int | None = None) -> Path:
     """Write the local suite to `out` (skipped when it is already there); returns `out`. Labelled
     when the images come from a dataset; `images_npy` corrupts a .npy of images instead.
     `preview`: also draw a PNG of the first `preview_images` images under every corruption."""
     from competition import corruptions
 
     images, labels, source = images_from_file(images_npy) if images_npy else held_out_images(dataset, path, data_dir,
-                                                                                             folds_dir)
+                                                                                             folds_dir, fold)
     rows = data.sample_rows(len(images), n, seed)
+    if "fold_rows" in source:  # which rows of the folds CSV the suite's images are (for leak checks)
+        source["source_rows"] = np.asarray(source.pop("fold_rows"))[rows].tolist()
     names = list(names or corruptions.CORRUPTIONS)
     t0 = time.time()
     corruptions.make_suite(images[rows], out, seed=seed, names=names,
@@ -96,10 +100,19 @@ def build_suite(out, dataset: str = "digits", path=None, data_dir="data", folds_
 
 
 def _leaks(cfgs: list[dict], info: dict, runs: list[RunDir]) -> list[str]:
-    """Runs trained on the suite's images (a suite from fold 0 of the training split)."""
+    """Runs that saw the suite's images: trained on its fold of the training split, or on
+    pseudo-labelled copies of them (competition.selftrain)."""
     if info.get("split") != "train":
         return []
-    return [str(r) for c, r in zip(cfgs, runs) if c.get("fold") != info.get("fold")]
+    rows = set(info.get("source_rows") or [])
+    out = []
+    for c, r in zip(cfgs, runs):
+        trained_on_fold = c.get("fold") != info.get("fold") and info.get("fold") not in (c.get("exclude_folds") or [])
+        pseudo = (read_json(Path(c["pseudo"]).with_suffix(".json")) or {}).get("source_rows", []) if c.get("pseudo") \
+            else []
+        if trained_on_fold or (rows and rows & set(pseudo)):
+            out.append(str(r))
+    return out
 
 
 def check_pinned(spec: dict, members, ood: data.OodSet, path: Path) -> None:
@@ -150,7 +163,7 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
     else:
         run = RunDir(target)
         setting = setting_name(tta_name, "logits", adapt) if tta_name else \
-            (default_setting(run.config()) + ("+bn" if adapt == "bn" else ""))
+            (default_setting(run.config()) + (f"+{adapt}" if adapt != "none" else ""))
         members, weights, test, oof_acc = run_target(run, setting)
     runs = [r for m in members for r in m.runs]
     result = score_table(ood, members, weights, bins)
@@ -248,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--images", help="a uint8 (N, H, W, 3) .npy to corrupt instead of a dataset (no labels)")
     s.add_argument("--data-dir", default="data")
     s.add_argument("--folds-dir", default="folds", help="for a dataset without test split: fold 0 is used")
+    s.add_argument("--fold", type=int, default=None, help="use this fold of the training split (not the test split)")
     s.add_argument("--n", type=int, default=200, help="held-out images per corruption and severity (0: all)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--names", default=",".join(CORRUPTIONS), help="comma-separated corruptions, in file order")
@@ -259,7 +273,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("targets", nargs="+", help="run folders (or quoted globs) and/or submissions/<name>.json")
     r.add_argument("--ood-dir", required=True, help="the labelled local suite (score suite --out DIR)")
     r.add_argument("--tta", default=None, help="runs: the TTA setting to score (default: each run's own)")
-    r.add_argument("--bn-adapt", action="store_true", help="runs: score the BN-adapted logits (predict --bn-adapt)")
+    r.add_argument("--adapt", default="none", choices=("none", "bn", "tent"),
+                   help="runs: score the adapted logits (predict --adapt)")
+    r.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
     r.add_argument("--bins", type=int, default=15, help="confidence bins of the calibration error")
     return p
 
@@ -272,11 +288,11 @@ def main(argv=None):
     if a.command == "suite":
         names = [x.strip() for x in a.names.split(",") if x.strip()]
         return build_suite(a.out, a.dataset, a.data, a.data_dir, a.folds_dir, a.n, a.seed, names, a.workers,
-                           a.images, a.preview, a.preview_images)
+                           a.images, a.preview, a.preview_images, a.fold)
     results = []
     for t in a.targets:
         targets = [Path(t)] if t.endswith(".json") else [r.path for r in expand_runs([t])]
-        results += [score_target(x, a.ood_dir, a.tta, "bn" if a.bn_adapt else "none", a.bins) for x in targets]
+        results += [score_target(x, a.ood_dir, a.tta, a.adapt, a.bins) for x in targets]
     return results
 
 

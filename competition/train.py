@@ -59,6 +59,9 @@ def make_accelerator(cfg: dict, run: RunDir):
     in run/checkpoints (the last two kept)."""
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
+    import logging
+
+    logging.getLogger("accelerate.accelerator").addFilter(_quiet_checkpoint_rotation)
     if cfg["log_with"] == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # never block on a login prompt
     return runtime.make_accelerator(
@@ -67,6 +70,12 @@ def make_accelerator(cfg: dict, run: RunDir):
                                             total_limit=2),
         # Frozen stages get no gradient while progressive unfreezing holds them; DDP must know.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(cfg["unfreeze"]))])
+
+
+def _quiet_checkpoint_rotation(record) -> bool:
+    """Drop Accelerate's "Deleting 1 checkpoints to make room" warning: keeping the last two
+    checkpoints is this loop's design (total_limit=2), not news every epoch."""
+    return "checkpoints to make room" not in record.getMessage()
 
 
 def check_config(cfg: dict) -> None:
@@ -86,6 +95,10 @@ def check_config(cfg: dict) -> None:
                                    f"pip install -e '.[{cfg['log_with']}]' (or drop log_with)")
     for kind in {cfg["cpu_aug"], "strong" if cfg["strong_aug_epoch"] is not None else "none"}:
         augment.cpu_pipeline(kind)
+    if cfg.get("init_from") and not RunDir(cfg["init_from"]).weights("best").exists():
+        raise CompetitionError(f"config init_from={cfg['init_from']}: no best.pt there (a trained run folder)")
+    if cfg.get("pseudo") and not Path(cfg["pseudo"]).is_file():
+        raise CompetitionError(f"config pseudo={cfg['pseudo']}: no such file (competition.selftrain writes it)")
     if cfg.get("weights") and not Path(cfg["weights"]).is_file():
         raise CompetitionError(f"config weights={cfg['weights']}: no such file (an ImageNet ResNet-50 state dict)")
     model = models.model_from_config({**cfg, "pretrained": False, "weights": None}, 10).eval()
@@ -171,11 +184,14 @@ def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, 
                                f"{len(labels)} images); rerun `python -m competition.folds --force` for it")
     fold = frame["fold"].to_numpy()
     k = int(fold.max()) + 1
+    excluded = np.isin(fold, cfg.get("exclude_folds") or [])  # a reserve: neither trained on nor held out
+    if cfg["fold"] in (cfg.get("exclude_folds") or []):
+        raise CompetitionError(f"fold={cfg['fold']} is also in exclude_folds {cfg['exclude_folds']}")
     if cfg["fold"] == -1:
-        return np.arange(len(labels)), np.arange(0)
+        return np.flatnonzero(~excluded), np.arange(0)
     if not 0 <= cfg["fold"] < k:
         raise CompetitionError(f"fold={cfg['fold']} but {path} has folds 0..{k - 1} (or -1 to train on all)")
-    train_rows, val_rows = np.flatnonzero(fold != cfg["fold"]), np.flatnonzero(fold == cfg["fold"])
+    train_rows, val_rows = np.flatnonzero((fold != cfg["fold"]) & ~excluded), np.flatnonzero(fold == cfg["fold"])
     n_classes = int(labels.max()) + 1
     for rows, what in ((train_rows, "training folds"), (val_rows, f"held-out fold {cfg['fold']}")):
         absent = np.setdiff1d(np.arange(n_classes), labels[rows])
@@ -235,6 +251,9 @@ class TrainData:
         self.images, self.labels, self.classes = ds.images, ds.labels, list(ds.classes)
         train_rows, self.val_rows = split_rows(cfg, ds.labels, accelerator)
         self.train_rows = data.sample_rows(train_rows, cfg["train_subset"], cfg["seed"])
+        self.soft = None  # (N, C) soft targets of every row when pseudo-labelled images join the training set
+        if cfg.get("pseudo"):
+            self._add_pseudo(cfg["pseudo"], len(ds.classes))
         self.val_check_rows = data.sample_rows(self.val_rows, cfg["val_subset"], cfg["seed"] + 1)
         n = int(cfg.get("eval_train") or 0)
         self.train_eval_rows = data.sample_rows(self.train_rows, n, cfg["seed"] + 2) if n else np.arange(0)
@@ -248,6 +267,27 @@ class TrainData:
         self._sized: dict[int, np.ndarray] = {}
         self._loaders: dict[tuple, object] = {}
         self._shuffle = torch.Generator()
+
+    def _add_pseudo(self, path, n_classes: int) -> None:
+        """Append the pseudo-labelled OOD images of `path` (competition.selftrain writes it) to the
+        training rows, with their soft targets; the labelled rows get one-hot targets."""
+        from competition.files import read_npz
+
+        z = read_npz(path, ("images", "probs"), "a pseudo-label file written by competition.selftrain")
+        images, probs = z["images"], z["probs"].astype(np.float32)
+        if images.shape[1:] != self.images.shape[1:] or probs.shape != (len(images), n_classes):
+            raise CompetitionError(f"{path}: images {images.shape} / targets {probs.shape} do not fit this data set "
+                                   f"({self.images.shape[1:]} images, {n_classes} classes)")
+        n = len(self.images)
+        self.soft = np.concatenate([np.eye(n_classes, dtype=np.float32)[self.labels], probs])
+        self.images = np.concatenate([self.images, images])
+        self.labels = np.concatenate([self.labels, probs.argmax(1)])
+        self.train_rows = np.concatenate([self.train_rows, n + np.arange(len(images))])
+
+    def targets(self, pos: torch.Tensor, smoothing: float) -> torch.Tensor:
+        """Soft targets of a training batch (positions in train_rows), label smoothing applied."""
+        t = torch.from_numpy(self.soft[self.train_rows[pos.cpu().numpy()]])
+        return t * (1 - smoothing) + smoothing / t.shape[1]
 
     def eval_loader(self, rows: np.ndarray):
         return self.acc.prepare(eval_loader(self.images, rows, self.labels, max(self.cfg["batch_size"], 256)))
@@ -299,6 +339,9 @@ def resolve_data_config(cfg: dict, td: TrainData) -> dict:
     """What the data decides, kept apart from the user's config (timm's resolve_data_config
     idea): the classes, the input statistics of the training images, the model's image size."""
     mean, std = augment.input_stats(td.images[td.train_rows], cfg["norm"])
+    if cfg.get("init_from"):  # fine-tuning: the weights expect the inputs they were trained on
+        source = RunDir(cfg["init_from"]).data_config()
+        mean, std = source["mean"], source["std"]
     out = {"num_classes": len(td.classes), "classes": td.classes, "mean": mean, "std": std,
            "image_size": int(cfg["image_size"] or td.images.shape[1]), "channels_last": bool(cfg["channels_last"])}
     if len(td.ood_rows):
@@ -332,6 +375,9 @@ def make_learner(cfg: dict, data_cfg: dict, accelerator) -> Learner:
     """Model, optimizer (timm parameter groups), per-update timm schedule, EMA, batch
     augmentation and loss, placed on the device by Accelerate."""
     model = models.model_from_config(cfg, data_cfg["num_classes"])
+    if cfg.get("init_from"):
+        model.load_state_dict(torch.load(RunDir(cfg["init_from"]).weights("best"), map_location="cpu",
+                                         weights_only=False)["model"])
     n_params = sum(p.numel() for p in model.parameters())
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -345,9 +391,9 @@ def make_learner(cfg: dict, data_cfg: dict, accelerator) -> Learner:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     batch_aug = augment.BatchAugment(cfg, data_cfg["num_classes"], accelerator.device, data_cfg["std"])
-    if cfg["mixup"] or cfg["cutmix"]:
+    if cfg["mixup"] or cfg["cutmix"] or cfg.get("pseudo"):
         from timm.loss import SoftTargetCrossEntropy
-        loss_fn = SoftTargetCrossEntropy()  # Mixup already folded label smoothing into the targets
+        loss_fn = SoftTargetCrossEntropy()  # Mixup (or TrainData.targets) already folded label smoothing in
     elif cfg.get("jsd"):
         from timm.loss import JsdCrossEntropy
         loss_fn = JsdCrossEntropy(num_splits=3, alpha=cfg["jsd"], smoothing=cfg["label_smoothing"] or None)
@@ -491,7 +537,7 @@ def epoch_batches(loader, state: LoopState, accelerator):
 
 
 def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: int, state: LoopState,
-                    accelerator, run: RunDir, stop: StopRequest) -> dict | None:
+                    accelerator, run: RunDir, stop: StopRequest, soft=None) -> dict | None:
     """One pass over the training loader; the schedule steps per update. Returns the running
     loss and accuracy (over every process) and the images seen; None when a stop request
     ended the epoch early (state.step and state.partial then say where, for the checkpoint)."""
@@ -506,7 +552,7 @@ def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: i
     bar = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
                disable=not (accelerator.is_main_process and cfg["progress"] and sys.stderr.isatty()),
                dynamic_ncols=True)
-    for i, (x, y, _) in enumerate(epoch_batches(loader, state, accelerator), start=state.step):
+    for i, (x, y, pos) in enumerate(epoch_batches(loader, state, accelerator), start=state.step):
         if stop.now(accelerator, i):
             state.step, state.partial = i, {"seen": seen, "loss_sum": loss_sum.item(), "correct": correct.item()}
             bar.close()
@@ -514,6 +560,8 @@ def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: i
         with accelerator.accumulate(model):
             x = train_input(x, cfg, data_cfg, size)
             x, target = learner.batch_aug(x, y)
+            if soft is not None:  # pseudo-labelled images: soft targets for every row
+                target = soft(pos, cfg["label_smoothing"] or 0.0).to(x.device)
             y = y[: len(x)]
             logits = model(x)
             loss = learner.loss_fn(logits, target)
@@ -746,7 +794,8 @@ def run_training(run: RunDir, cfg: dict, accelerator, resume: bool, stop: StopRe
             accelerator.print(f"epoch {state.epoch + 1}: training {'all' if prefixes is None else prefixes} "
                               f"({n_open} tensors)")
         loader, bs, kind, size = td.loader(state.epoch, data_cfg["image_size"])
-        stats = train_one_epoch(learner, loader, cfg, data_cfg, size, state, accelerator, run, stop)
+        stats = train_one_epoch(learner, loader, cfg, data_cfg, size, state, accelerator, run, stop,
+                                td.targets if td.soft is not None else None)
         if stats is None:  # a stop request mid-epoch: checkpoint where it is
             state.loop_s += time.time() - epoch_start
             accelerator.save_state()
@@ -836,16 +885,18 @@ def step_throughput(cfg: dict, steps: int = 5, warmup: int = 2) -> tuple[float, 
     return ips, mem
 
 
-def find_batch_size(cfg: dict, start: int = 16, limit: int = 4096, steps: int = 3) -> int:
+def find_batch_size(cfg: dict, start: int = 16, limit: int = 4096, steps: int = 5, repeats: int = 3) -> int:
     """Time training steps at doubling batch sizes until memory runs out or images/s stops
     improving; print the table and return the fastest size (the public starter's finder only
-    looked for the largest size that fits, which is rarely the fastest)."""
+    looked for the largest size that fits, which is rarely the fastest). Each size is the median
+    of `repeats` timings of `steps` steps, so one slow step (a page fault, another job) does not
+    pick the size; peak memory is printed only on a GPU, where it is measured."""
     if not torch.cuda.is_available():
         runtime.keep_freed_memory()
     bs, best = start, (0.0, start)
     while bs <= limit:
         try:
-            ips, mem = step_throughput({**cfg, "batch_size": bs}, steps=steps, warmup=1)
+            timings = [step_throughput({**cfg, "batch_size": bs}, steps=steps, warmup=1) for _ in range(repeats)]
         except torch.OutOfMemoryError:
             print(f"batch {bs}: out of memory")
             break
@@ -853,7 +904,9 @@ def find_batch_size(cfg: dict, start: int = 16, limit: int = 4096, steps: int = 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-        print(f"batch {bs:5d}: {ips:9.1f} images/s, peak {mem:.1f} GiB")
+        ips = float(np.median([t[0] for t in timings]))
+        mem = f", peak {max(t[1] for t in timings):.1f} GiB" if torch.cuda.is_available() else ""
+        print(f"batch {bs:5d}: {ips:9.1f} images/s (median of {repeats} x {steps} steps){mem}")
         if ips > best[0]:
             best = (ips, bs)
         elif ips < 0.9 * best[0]:

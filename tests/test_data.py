@@ -53,6 +53,29 @@ def test_cifar100_pickles_load_as_hwc(tmp_path, split):
     assert ds.classes == ["apple", "bear", "cloud"]
 
 
+def test_cifar10_batches_load_in_order(tmp_path):
+    """cifar-10-batches-py/: data_batch_1..5 concatenated in order, labels under b"labels"."""
+    rng = np.random.default_rng(1)
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    want = []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        chw = rng.integers(0, 256, size=(2, 3, 32, 32), dtype=np.uint8)
+        labels = [int(x) for x in rng.integers(0, 10, 2)]
+        with open(d / name, "wb") as f:
+            pickle.dump({b"data": chw.reshape(2, 3072), b"labels": labels}, f)
+        want.append((chw.transpose(0, 2, 3, 1), labels))
+    with open(d / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    ds = data.load("cifar10", "train", tmp_path, download=False)
+    np.testing.assert_array_equal(ds.images, np.concatenate([w[0] for w in want[:5]]))
+    assert ds.labels.tolist() == sum((w[1] for w in want[:5]), []) and ds.classes[3] == "c3"
+    assert data.load("cifar10", "test", tmp_path, download=False).labels.tolist() == want[5][1]
+    (d / "data_batch_3").unlink()
+    with pytest.raises(CompetitionError, match="cifar-10-batches-py is incomplete"):
+        data.load("cifar10", "train", tmp_path, download=False)
+
+
 def test_cifar100_absent_offline_names_the_directory(tmp_path):
     with pytest.raises(CompetitionError, match="cifar-100-python") as e:
         data.load("cifar100", "train", tmp_path / "nowhere", download=False)

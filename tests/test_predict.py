@@ -197,7 +197,7 @@ def test_stale_or_missing_ood_logits_are_a_clear_error(run, tmp_path):
     os.utime(ood / "distortion01.npy", ns=(os.stat(ood / "distortion01.npy").st_mtime_ns + 10**9,) * 2)
     with pytest.raises(CompetitionError, match="predicted from other files than now.*competition.predict"):
         RunDir(run_dir).ood_logits_paths(data.OodSet(ood), "flip")
-    with pytest.raises(CompetitionError, match=r"pred/flip\+bn/ood/ood-\w+/distortion00.npy is missing.*--bn-adapt"):
+    with pytest.raises(CompetitionError, match=r"pred/flip\+bn/ood/ood-\w+/distortion00.npy is missing.*--adapt bn"):
         RunDir(run_dir).ood_logits_paths(data.OodSet(ood), "flip+bn")
 
 
@@ -216,3 +216,55 @@ def test_bn_adapt_writes_a_separate_folder_and_leaves_the_model(run, tmp_path):
     assert out(run_dir, ood, 0, "none").read_bytes() == before
     rel = RunDir.ood_rel(data.OodSet(suite), data.OodSet(suite).files[0])
     assert RunDir(run_dir).manifest("none+bn0.5")[rel]["bn_blend"] == 0.5
+
+
+# ---------------------------------------------------------------------------- TENT
+
+
+def test_tent_learns_only_bn_affine_and_restores_the_source_weights():
+    model = bn_model()
+    model(torch.randn(2, 3, 8, 8))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(16, 3, 8, 8) * 2 + 1 for _ in range(3)]
+    seen = {}
+    with A.source_weights(model):
+        A.tent(model, lambda: iter(batches), steps=2, lr=1e-2)
+        changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+        seen["changed"] = changed
+        assert not model.training
+    # what moved: BN scale/shift (learned) and running statistics (re-estimated); no conv or linear weight
+    assert {"1.weight", "1.bias"} <= seen["changed"]
+    assert not any(k.startswith(("0.", "5.")) for k in seen["changed"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # back to the source weights after the slice
+    assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+
+
+def test_tent_slices_do_not_depend_on_their_order(run, tmp_path):
+    run_dir, _ = run
+    model, cfg, data_cfg = RunDir(run_dir).load_model()
+    from accelerate import Accelerator
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)  # 5 "severity" slices of 8
+    pred = P.Predictor(model, data_cfg, Accelerator(cpu=True), T.parse_tta("flip"), batch_size=16)
+    args = {"steps": 2, "lr": 1e-2, "batch": 4}
+    whole = pred.predict_ood(images, "tent", tent_args=args).astype(np.float32)
+    last_alone = pred.predict_tent(images, np.arange(32, 40), **args)
+    np.testing.assert_allclose(whole[32:], last_alone, atol=2e-2, rtol=1e-2)  # float16 storage of `whole`
+    plain = pred.predict_ood(images, "none").astype(np.float32)
+    assert not np.allclose(whole, plain, atol=1e-2)  # it did adapt
+
+
+def test_adapting_a_model_without_batch_norm_is_one_error(run, monkeypatch):
+    run_dir, ood = run
+    real = RunDir.load_model
+
+    def no_bn(self, *a, **k):
+        model, cfg, data_cfg = real(self, *a, **k)
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(10)), cfg, data_cfg
+
+    monkeypatch.setattr(RunDir, "load_model", no_bn)
+    with pytest.raises(CompetitionError, match="has no batch-norm layers, so --adapt tent has nothing to adapt"):
+        P.predict_run(run_dir, [ood], adapts=["tent"], test=False)

@@ -165,7 +165,7 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_is_left_alone(copy):
 
 def test_stop_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
     dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
-    args = TINY + dirs + ["epochs=3", "train_subset=256", "ema=0.9", "random_erasing=0.3", "mixup=0.2"]
+    args = TINY + dirs + ["epochs=3", "train_subset=256", "batch_size=64", "ema=0.9", "random_erasing=0.3", "mixup=0.2"]
     full = train.main(args + ["name=full"])
     real, calls = train.StopRequest.now, {"n": 0}
 

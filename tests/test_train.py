@@ -17,7 +17,7 @@ from competition.files import CompetitionError
 from competition.runs import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY_CNN = ["model_args.widths=[8,16,16]", "model_args.hidden=16"]
+TINY_CNN = ["model_args.widths=[8,16,16]", "model_args.hidden=16", "batch_size=64"]
 
 
 @pytest.fixture()

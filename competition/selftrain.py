@@ -1,0 +1,168 @@
+"""Stage 4b: pseudo-label self-training on the unlabelled OOD files, between ensemble and submit.
+
+    python -m competition.selftrain submissions/p23.json --rounds 2
+    python -m competition.selftrain submissions/demo.json --rounds 1 --threshold 0.8 --suite data/ood-local/x
+
+Each round: (1) the submission's ensembled (and, as it recorded, adapted) predictions on its
+OOD files; (2) the confident rows (top probability >= --threshold), at most --per-class per
+predicted class so the classes stay balanced, as soft targets (the ensemble's probabilities);
+(3) every member run fine-tuned from its best.pt on its own training folds plus those images,
+through competition/train.py's loop (config keys init_from and pseudo; its held-out fold is
+untouched, so out-of-fold figures stay honest), each a new run folder <run>-st<round>;
+(4) predicted and ensembled again with the same settings, as submissions/<name>-st<round>.
+
+It refuses a pseudo-label set that contains a member's held-out images (a local suite made from
+that fold), and a local suite to measure on (--suite) that contains the pseudo-labelled images
+(it would score what it trained on; the report flags it as a leak, not an estimate).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from competition import data, ensemble, predict, score, train, tta
+from competition.files import CompetitionError, cli, read_json, save_json
+from competition.metrics import softmax
+from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits
+
+
+def select(probs: np.ndarray, threshold: float, per_class: int | None) -> np.ndarray:
+    """Rows to pseudo-label: top probability >= threshold, at most per_class of each predicted
+    class (the most confident first; default: 1.5x the median class count, so no class
+    swamps the rest)."""
+    top, pred = probs.max(1), probs.argmax(1)
+    keep = np.flatnonzero(top >= threshold)
+    counts = np.bincount(pred[keep], minlength=probs.shape[1])
+    cap = per_class or max(1, int(1.5 * np.median(counts[counts > 0]))) if len(keep) else 0
+    out = []
+    for c in range(probs.shape[1]):
+        rows = keep[pred[keep] == c]
+        out.append(rows[np.argsort(-top[rows], kind="stable")[:cap]])
+    return np.sort(np.concatenate(out)) if out else keep
+
+
+def suite_rows(ood: data.OodSet) -> set[int] | None:
+    """Rows of the training split a local suite's images are copies of (None: not from it)."""
+    info = ood.info()
+    return set(info.get("source_rows") or []) if info.get("split") == "train" else None
+
+
+def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_images: int | None):
+    """(images, soft targets, report) from a submission's ensembled OOD predictions."""
+    members, weights, spec = members_from_json(spec_path)
+    ood = data.OodSet(spec["ood_dir"])
+    for m in members:  # never the held-out fold's images: the OOF figures would no longer be honest
+        src = suite_rows(ood)
+        for run in m.runs:
+            held = run.oof_index()
+            if src and held is not None and src & set(held.tolist()):
+                raise CompetitionError(f"{ood.path} is made of images {run} holds out (its fold {run.config()['fold']}):"
+                                       f" pseudo-labelling them would train on the held-out fold; use OOD images "
+                                       f"from outside it (e.g. a suite of a fold the runs exclude: exclude_folds)")
+    images, probs, right = [], [], []
+    truth = None if ood.labels is None else np.tile(ood.labels, data.SEVERITIES)
+    for k, (_, z) in enumerate(ood_logits(members, weights, ood)):
+        p = softmax(z)
+        rows = select(p, threshold, per_class)
+        images.append(np.asarray(ood.images(k)[rows]))
+        probs.append(p[rows].astype(np.float32))
+        if truth is not None:  # a labelled local suite: how right the pseudo-labels are (never used to train)
+            right.append(p[rows].argmax(1) == truth[rows])
+    images, probs = np.concatenate(images), np.concatenate(probs)
+    right = np.concatenate(right) if right else None
+    if max_images and len(images) > max_images:  # a seeded sample: the real test set has 950,000 rows
+        keep = data.sample_rows(len(images), max_images, 0)
+        images, probs = images[keep], probs[keep]
+        right = None if right is None else right[keep]
+    if not len(images):
+        raise CompetitionError(f"no OOD image reaches confidence {threshold}: lower --threshold")
+    rep = {"images": int(len(images)), "of": int(sum(ood.rows)), "threshold": threshold,
+           "per_class": np.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist(),
+           "mean_confidence": float(probs.max(1).mean()), "ood_dir": str(ood.path),
+           "source_rows": sorted(suite_rows(ood) or [])}
+    if right is not None:
+        rep["pseudo_label_accuracy"] = float(right.mean())
+    return members, spec, images, probs, rep
+
+
+def fine_tune(run: RunDir, pseudo: Path, round_: int, epochs: int, lr: float, force: bool) -> RunDir:
+    """The run fine-tuned on its training folds + the pseudo-labelled images: a new run folder."""
+    base = re.sub(r"-st\d+$", "", run.name)  # round 2 continues from round 1's run, named after the original
+    cfg = {**run.config(), "name": f"{base}-st{round_}", "init_from": str(run.path), "pseudo": str(pseudo),
+           "epochs": epochs, "lr": lr, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0, "jsd": 0.0,
+           "stop_after": None, "unfreeze": None}
+    return RunDir(train.train(cfg, force=force))
+
+
+def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
+    """Pseudo-label, fine-tune every member run, predict and ensemble again; returns the new JSON."""
+    t0 = time.time()
+    members, spec, images, probs, rep = pseudo_set(spec_path, args.threshold, args.per_class, args.max_images)
+    name = f"{spec['name'].split('-st')[0]}-st{round_}"
+    folder = Path(args.out_dir) / "selftrain" / name
+    pseudo = folder / "pseudo.npz"
+    with_tmp = folder / ".pseudo.tmp.npz"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(with_tmp, images=images, probs=probs)
+    with_tmp.replace(pseudo)
+    save_json(pseudo.with_suffix(".json"), rep)
+    say(f"round {round_}: {rep['images']} of {rep['of']} OOD images pseudo-labelled (confidence >= {args.threshold}, "
+        f"mean {rep['mean_confidence']:.3f}; per class {rep['per_class']})")
+    suite = data.OodSet(args.suite) if args.suite else None
+    if suite is not None and suite_rows(suite) and suite_rows(suite) & set(rep["source_rows"]):
+        raise CompetitionError(f"{suite.path} holds images that are pseudo-labelled here: scoring on it would measure "
+                               f"what the models trained on; build the measuring suite from other images")
+    new_runs = []
+    for m in members:
+        for run in m.runs:
+            new = fine_tune(run, pseudo, round_, args.epochs, args.lr, args.force)
+            record = next(iter(run.manifest(base_setting(m.setting)).values()), {})
+            views = tta.parse_tta(record.get("tta", "flip"))
+            adapts = [adaptation(m.setting)] if adaptation(m.setting) != "none" else []
+            dirs = [spec["ood_dir"]] + ([args.suite] if args.suite else [])
+            predict.predict_run(new, dirs, views, adapts=adapts, allow_partial=True)
+            new_runs.append(new)
+    chosen = spec.get("adaptation", "none")
+    csv = ensemble.build(new_runs, name, spec["ood_dir"], Path(spec["csv"]).parent, spec["method"],
+                         spec.get("rounds") or 40, record.get("tta"), "auto" if isinstance(chosen, dict) else chosen,
+                         spec.get("fit_on", "auto"), args.suite, overwrite=args.force, say=say, allow_partial=True)
+    out = csv.with_suffix(".json")
+    info = read_json(out)
+    info["selftrain"] = {"round": round_, "from": str(spec_path), "pseudo": str(pseudo), **rep,
+                         "seconds": round(time.time() - t0, 1)}
+    save_json(out, info)
+    if args.suite:
+        score.score_target(out, args.suite, say=say)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("submission", help="submissions/<name>.json (competition.ensemble's sidecar)")
+    p.add_argument("--rounds", type=int, default=1, help="self-training rounds (1-2 pay; each starts from the last)")
+    p.add_argument("--threshold", type=float, default=0.9, help="keep OOD rows whose top probability is at least this")
+    p.add_argument("--per-class", type=int, default=None, help="at most this many pseudo-labels per class "
+                                                               "(default: 1.5x the median class count)")
+    p.add_argument("--max-images", type=int, default=200_000, help="at most this many pseudo-labelled images")
+    p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per round")
+    p.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate (cosine to 0)")
+    p.add_argument("--suite", help="a labelled local suite to score each round on (its images must not be pseudo-"
+                                   "labelled ones)")
+    p.add_argument("--out-dir", default="submissions")
+    p.add_argument("--force", action="store_true", help="retrain rounds that exist")
+    args = p.parse_args(argv)
+    if not 0 < args.threshold < 1 or args.rounds < 1:
+        raise CompetitionError("--threshold must lie in (0, 1) and --rounds be at least 1")
+    spec = Path(args.submission)
+    for r in range(1, args.rounds + 1):
+        spec = one_round(spec, r, args)
+    print(spec.with_suffix(".csv"))
+    return spec
+
+
+if __name__ == "__main__":
+    cli(main)()
