@@ -15,7 +15,7 @@
 #   --preset NAME   added after part<N> [digits: demo; else none]
 #   --weights PATH  Part 3 ImageNet ResNet-50 weights file (offline machines)
 #   --n N           local suite images per corruption and severity [digits 40, else 1000]
-#   --tta NAME      predict's TTA [digits: flip; else shift1]
+#   --tta NAME      predict's TTA [digits: shift (no mirror); else shift1]
 #   --tta-adapt none|bn|tent|auto   test-time adaptation of the OOD logits per file and severity
 #                   [auto: BN and TENT are predicted, and each member keeps whichever raises its
 #                   local-suite estimate; bn: cheap (one extra pass); tent: ~2-3x bn's cost]
@@ -67,7 +67,7 @@ done
 
 DATA=$(abspath "$DATA"); OOD_DIR=$(abspath "$OOD_DIR"); WEIGHTS=$(abspath "$WEIGHTS")
 case $DATASET in
-  digits) DSNAME=digits; [[ $PRESET == unset ]] && PRESET=demo; N=${N:-40}; TTA=${TTA:-flip} ;;
+  digits) DSNAME=digits; [[ $PRESET == unset ]] && PRESET=demo; N=${N:-40}; TTA=${TTA:-shift} ;;
   cifar10) DSNAME=cifar10; [[ $PRESET == unset ]] && PRESET=""; N=${N:-1000}; TTA=${TTA:-shift1} ;;
   cifar100) DSNAME=cifar100; [[ $PRESET == unset ]] && PRESET=""; N=${N:-1000}; TTA=${TTA:-shift1}
             OOD_DIR=${OOD_DIR:-data/ood-test} ;;

@@ -7,6 +7,7 @@ after `--tta` or in a config's `oof_tta`: a preset name or a comma list of views
 
     none   id                                            1 view
     flip   id, flip                                      2 views
+    shift  {0, (+1,+1), (-1,-1)}                         3 views (no mirror: for digits, text, ...)
     shift1 {id, flip} x {0, (+1,+1), (-1,-1)}            6 views (airbench's mirror+translate)
     shift2 {id, flip} x {0, (+-1,+-1), (+-2,+-2)}        10 views
 
@@ -27,6 +28,7 @@ IDENTITY: View = (False, 0, 0)
 TTA_PRESETS: dict[str, list[View]] = {
     "none": [IDENTITY],
     "flip": [IDENTITY, (True, 0, 0)],
+    "shift": [(False, d, d) for d in (0, 1, -1)],
     "shift1": [(m, d, d) for m in (False, True) for d in (0, 1, -1)],
     "shift2": [(m, d, d) for m in (False, True) for d in (0, 1, -1, 2, -2)],
 }

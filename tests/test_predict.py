@@ -141,7 +141,9 @@ def out(run_dir, ood, i, setting="flip"):
 def test_predict_writes_logits_and_skips_done_work(run, monkeypatch):
     run_dir, ood = run
     status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), batch_size=64)
-    assert set(status.values()) == {"written"} and len(status) == 4
+    assert set(status.values()) == {"written"} and len(status) == 5  # test, oof, oof_ood, 2 OOD files
+    # the corrupted held-out copies (the demo's ood_check=10): 19 corruptions x 5 severities x 10 images
+    assert np.load(run_dir / "pred/flip/oof_ood.npy").shape == (19 * 5 * 10, 10)
     assert np.load(out(run_dir, ood, 0)).shape == (15, 10)
     assert np.load(out(run_dir, ood, 1)).shape == (15, 10)
     assert np.load(out(run_dir, ood, 1)).dtype == np.float16

@@ -31,7 +31,7 @@ def world(tmp_path_factory):
 
 def test_one_round_trains_predicts_and_ensembles_again(world):
     tmp, run, pool, measure = world
-    csv = ensemble.build([run], "base", pool, tmp / "subs", adapt="auto", suite=measure)
+    csv = ensemble.build([run], "base", pool, tmp / "subs", tta_name="flip", adapt="auto", suite=measure)
     spec = json.loads(csv.with_suffix(".json").read_text())
     assert set(spec["adaptation"][RunDir(run).member]) == {"none", "bn", "chosen"}  # the choice and its reasons
     out = selftrain.main([str(csv.with_suffix(".json")), "--threshold", "0.1", "--epochs", "1", "--suite",
@@ -49,7 +49,7 @@ def test_one_round_trains_predicts_and_ensembles_again(world):
 
 def test_a_pseudo_set_of_held_out_images_is_refused(world):
     tmp, run, pool, measure = world
-    csv = ensemble.build([run], "onheld", measure, tmp / "subs")  # the "test files" ARE fold 0: held out
+    csv = ensemble.build([run], "onheld", measure, tmp / "subs", tta_name="flip")  # the "test files" ARE fold 0: held out
     with pytest.raises(CompetitionError, match="holds out .* pseudo-labelling them would train on the held-out fold"):
         selftrain.main([str(csv.with_suffix(".json")), "--out-dir", str(tmp / "subs")])
 
