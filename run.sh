@@ -5,7 +5,7 @@
 #                                 # --preset demo, Part 3 from a RANDOM-weight ResNet-50 file
 #   ./run.sh --dataset cifar100   # the competition: downloads CIFAR-100 and the 19 OOD files
 #                                 # when online; trains parts 1-3 with their full presets
-#   ./run.sh --dataset imagefolder --data ../shared/data/cifar10-jpg-train.tar.gz \
+#   ./run.sh --dataset imagefolder --data PATH/cifar10-train.tar.gz \
 #            --ood-dir DIR --parts 1,2 --folds 2 --preset demo
 #
 # Options (defaults in brackets):

@@ -8,7 +8,7 @@ OOD files; (2) the confident rows (top probability >= --threshold), at most --pe
 predicted class so the classes stay balanced, as soft targets (the ensemble's probabilities);
 (3) every member run fine-tuned from its best.pt on its own training folds plus those images,
 through competition/train.py's loop (config keys init_from and pseudo; its held-out fold is
-untouched, so out-of-fold figures stay honest), each a new run folder <run>-st<round>;
+untouched, so out-of-fold figures stay honest), each a new run folder <run>-<submission>-st<round>;
 (4) predicted and ensembled again with the same settings, as submissions/<name>-st<round>.
 
 It refuses a pseudo-label set that contains a member's held-out images (a local suite made from
@@ -89,10 +89,11 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
     return members, spec, images, probs, rep
 
 
-def fine_tune(run: RunDir, pseudo: Path, round_: int, epochs: int, lr: float, force: bool) -> RunDir:
-    """The run fine-tuned on its training folds + the pseudo-labelled images: a new run folder."""
-    base = re.sub(r"-st\d+$", "", run.name)  # round 2 continues from round 1's run, named after the original
-    cfg = {**run.config(), "name": f"{base}-st{round_}", "init_from": str(run.path), "pseudo": str(pseudo),
+def fine_tune(run: RunDir, pseudo: Path, chain: str, round_: int, epochs: int, lr: float, force: bool) -> RunDir:
+    """The run fine-tuned on its training folds + the pseudo-labelled images: a new run folder,
+    <run>-<submission>-st<round> (round 2 continues from round 1's run, named after the original)."""
+    base = re.sub(rf"-{re.escape(chain)}-st\d+$", "", run.name)
+    cfg = {**run.config(), "name": f"{base}-{chain}-st{round_}", "init_from": str(run.path), "pseudo": str(pseudo),
            "epochs": epochs, "lr": lr, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0, "jsd": 0.0,
            "stop_after": None, "unfreeze": None}
     return RunDir(train.train(cfg, force=force))
@@ -102,7 +103,8 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
     """Pseudo-label, fine-tune every member run, predict and ensemble again; returns the new JSON."""
     t0 = time.time()
     members, spec, images, probs, rep = pseudo_set(spec_path, args.threshold, args.per_class, args.max_images)
-    name = f"{spec['name'].split('-st')[0]}-st{round_}"
+    chain = re.sub(r"-st\d+$", "", spec["name"])
+    name = f"{chain}-st{round_}"
     folder = Path(args.out_dir) / "selftrain" / name
     pseudo = folder / "pseudo.npz"
     with_tmp = folder / ".pseudo.tmp.npz"
@@ -119,7 +121,7 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
     new_runs = []
     for m in members:
         for run in m.runs:
-            new = fine_tune(run, pseudo, round_, args.epochs, args.lr, args.force)
+            new = fine_tune(run, pseudo, chain, round_, args.epochs, args.lr, args.force)
             record = next(iter(run.manifest(base_setting(m.setting)).values()), {})
             views = tta.parse_tta(record.get("tta", "flip"))
             adapts = [adaptation(m.setting)] if adaptation(m.setting) != "none" else []
@@ -149,7 +151,7 @@ def main(argv=None):
                                                                "(default: 1.5x the median class count)")
     p.add_argument("--max-images", type=int, default=200_000, help="at most this many pseudo-labelled images")
     p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per round")
-    p.add_argument("--lr", type=float, default=0.02, help="fine-tuning learning rate (cosine to 0)")
+    p.add_argument("--lr", type=float, default=0.005, help="fine-tuning learning rate (cosine to 0)")
     p.add_argument("--suite", help="a labelled local suite to score each round on (its images must not be pseudo-"
                                    "labelled ones)")
     p.add_argument("--out-dir", default="submissions")
@@ -158,7 +160,8 @@ def main(argv=None):
     if not 0 < args.threshold < 1 or args.rounds < 1:
         raise CompetitionError("--threshold must lie in (0, 1) and --rounds be at least 1")
     spec = Path(args.submission)
-    for r in range(1, args.rounds + 1):
+    done = (read_json(spec) or {}).get("selftrain", {}).get("round", 0)  # continuing a self-trained submission
+    for r in range(done + 1, done + args.rounds + 1):
         spec = one_round(spec, r, args)
     print(spec.with_suffix(".csv"))
     return spec

@@ -259,11 +259,14 @@ class TrainData:
         self.train_eval_rows = data.sample_rows(self.train_rows, n, cfg["seed"] + 2) if n else np.arange(0)
         self.val_loader = self.eval_loader(self.val_check_rows) if len(self.val_check_rows) else None
         self.train_eval_loader = self.eval_loader(self.train_eval_rows) if len(self.train_eval_rows) else None
-        self.ood_rows, self.ood_loader = np.arange(0), None
+        self.ood_rows, self.ood_loader, self.ood_check_loader = np.arange(0), None, None
         if cfg.get("ood_check") and len(self.val_rows):
             self.ood_rows, images, labels = ood_check_set(cfg, self.images, self.labels, self.val_rows)
-            self.ood_loader = accelerator.prepare(eval_loader(images, np.arange(len(images)), labels,
-                                                              max(cfg["batch_size"], 256)))
+            bs = max(cfg["batch_size"], 256)
+            self.ood_loader = accelerator.prepare(eval_loader(images, np.arange(len(images)), labels, bs))
+            # each epoch checks at most val_subset of them (like the clean check); oof_ood covers all
+            check = data.sample_rows(len(images), cfg["val_subset"], cfg["seed"] + 3)
+            self.ood_check_loader = accelerator.prepare(eval_loader(images, check, labels, bs))
         self._sized: dict[int, np.ndarray] = {}
         self._loaders: dict[tuple, object] = {}
         self._shuffle = torch.Generator()
@@ -657,8 +660,8 @@ def end_of_epoch(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner:
     if td.train_eval_loader is not None:
         row["train_eval_loss"], row["train_eval_acc"] = loss_acc(eval_model, td.train_eval_loader, data_cfg,
                                                                  accelerator)
-    if td.ood_loader is not None:
-        row["ood_loss"], row["ood_acc"] = loss_acc(eval_model, td.ood_loader, data_cfg, accelerator)
+    if td.ood_check_loader is not None:
+        row["ood_loss"], row["ood_acc"] = loss_acc(eval_model, td.ood_check_loader, data_cfg, accelerator)
     row.update(epoch_time_s=round(time.time() - epoch_start, 2),
                images_per_s=round(stats["images"] / stats["seconds"], 1))
     state.history.append(row)

@@ -39,7 +39,7 @@ def test_one_round_trains_predicts_and_ensembles_again(world):
     info = json.loads(out.read_text())
     assert out.name == "base-st1.json" and info["selftrain"]["round"] == 1
     assert 0 < info["selftrain"]["images"] <= info["selftrain"]["of"] and 0 <= info["selftrain"]["pseudo_label_accuracy"] <= 1
-    new = RunDir(tmp / "models" / f"{RunDir(run).name}-st1")
+    new = RunDir(tmp / "models" / f"{RunDir(run).name}-base-st1")
     cfg = new.config()
     assert new.finished and cfg["init_from"] == str(run) and cfg["pseudo"].endswith("pseudo.npz")
     assert cfg["fold"] == 0 and cfg["exclude_folds"] == [1]  # its held-out fold is the original's: OOF stays honest

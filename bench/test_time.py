@@ -1,0 +1,96 @@
+"""Learning from the unlabelled OOD images, measured on the CIFAR-10 stand-in: no adaptation, BN
+adaptation, TENT, and pseudo-label self-training (1 and 2 rounds), each with its clean held-out
+accuracy, its local-suite OOD accuracy and the wall time of each step.
+
+    python bench/test_time.py --data PATH/cifar10-jpg-train.tar.gz
+    python bench/test_time.py --data PATH --rounds 1 --suite-n 200
+
+The stand-in needs unlabelled "test files" that no model trained on and that are not the
+measuring suite: fold 1 is excluded from training (exclude_folds=[1]) and its images, corrupted
+by the suite generator, play the competition's 19 OOD files (the pseudo-label pool); fold 0 is
+held out as usual (the out-of-fold figures) and the measuring suite is built from it. The
+pseudo-labels never see a label, and the measuring suite's images are never pseudo-labelled.
+Every step is a pipeline command (train, score suite, predict, ensemble, selftrain, score).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def sh(args: list[str], log) -> float:
+    t0 = time.time()
+    print("$", " ".join(args), file=log, flush=True)
+    subprocess.run([sys.executable, *args], cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return time.time() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpg-train.tar.gz"))
+    p.add_argument("--preset", default="part1_cpu")
+    p.add_argument("--suite-n", type=int, default=500)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--tta", default="shift1")
+    p.add_argument("--selftrain-args", default="", help="extra selftrain flags, e.g. '--lr 0.01 --epochs 1'")
+    p.add_argument("--out", default=str(ROOT / "models" / "bench-test-time"))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.txt", "a")
+    data = ["--dataset", "imagefolder", "--data", args.data]
+    measure, pool = out / f"suite-f0-n{args.suite_n}", out / f"pool-f1-n{args.suite_n}"
+    run = out / "models" / "base"
+    times = {}
+    times["train"] = sh(["-m", "competition.train", "--preset", args.preset, "--fold", "0", "dataset=imagefolder",
+                         f"data={args.data}", "exclude_folds=[1]", f"models_dir={out / 'models'}", "name=base"], log)
+    times["suites"] = sh(["-m", "competition.score", "suite", "--out", str(measure), *data, "--fold", "0", "--n",
+                          str(args.suite_n)], log) + sh(["-m", "competition.score", "suite", "--out", str(pool), *data,
+                                                         "--fold", "1", "--n", str(args.suite_n), "--seed", "1"], log)
+    times["predict"] = sh(["-m", "competition.predict", str(run), "--ood-dir", str(measure), "--ood-dir", str(pool),
+                           "--tta", args.tta, "--no-test"], log)
+    times["predict_bn"] = sh(["-m", "competition.predict", str(run), "--ood-dir", str(measure), "--ood-dir", str(pool),
+                              "--tta", args.tta, "--adapt", "bn", "--no-test"], log)
+    times["predict_tent"] = sh(["-m", "competition.predict", str(run), "--ood-dir", str(measure), "--ood-dir",
+                                str(pool), "--tta", args.tta, "--adapt", "tent", "--no-test"], log)
+    rows = []
+    for adapt in ("none", "bn", "tent"):
+        sh(["-m", "competition.score", str(run), "--ood-dir", str(measure), "--tta", args.tta, "--adapt", adapt], log)
+    scores = {s["settings"][0]: s for s in (json.loads(p.read_text()) for p in run.rglob("score.json"))
+              if Path(s["ood_dir"]).name == measure.name}
+    summary = json.loads((run / "summary.json").read_text())
+    for adapt, t in (("none", times["predict"]), ("bn", times["predict_bn"]), ("tent", times["predict_tent"])):
+        s = scores[args.tta if adapt == "none" else f"{args.tta}+{adapt}"]
+        rows.append((f"part1_cpu, {'no adaptation' if adapt == 'none' else adapt}", summary["oof_tta_accuracy"],
+                     s["ood_accuracy"], t))
+    subs = out / "subs"
+    sh(["-m", "competition.ensemble", str(run), "--name", "st", "--ood-dir", str(pool), "--tta", args.tta,
+            "--adapt", "auto", "--suite", str(measure), "--out-dir", str(subs), "--overwrite"], log)
+    for r in range(1, args.rounds + 1):
+        source = subs / ("st.json" if r == 1 else f"st-st{r - 1}.json")
+        t = sh(["-m", "competition.selftrain", str(source), "--rounds", "1", "--suite", str(measure), "--out-dir",
+                str(subs), "--force", *args.selftrain_args.split()], log)
+        info = json.loads((subs / f"st-st{r}.json").read_text())
+        new = Path(info["runs"][0])
+        st = info["selftrain"]
+        rows.append((f"self-training round {r} ({st['images']} pseudo-labels, "
+                     f"{100 * st['pseudo_label_accuracy']:.1f}% right; "
+                     f"{', '.join(m['setting'] for m in info['members'])})",
+                     json.loads((new / "summary.json").read_text()).get("oof_tta_accuracy"),
+                     (info.get("local_score_adapted") or info.get("local_score"))["ood_accuracy"], t))
+    print(f"\n{args.preset} trained on folds 2-4 (fold 1 excluded: the unlabelled pool), fold 0 held out; measuring "
+          f"suite {measure.name}; TTA {args.tta}\n")
+    print("| method | clean held-out (TTA) | local-suite OOD | wall s of the step |\n|---|---:|---:|---:|")
+    for name, clean, ood, secs in rows:
+        print(f"| {name} | {100 * clean:.2f} | {100 * ood:.2f} | {secs:.0f} |")
+    print(f"\n(training {times['train']:.0f} s, suites {times['suites']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
