@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from competition import corruptions, predict, score, train
+from competition import corruptions, folds, predict, score, train
 from competition.config import resolve
 from competition.runs import RunDir
 
@@ -59,6 +59,8 @@ def main(argv=None):
     suite = out / f"suite-f{args.fold}-n{args.suite_n}-s{args.suite_seed}"
     base = ["dataset=imagefolder", f"data={args.data}", f"models_dir={out}"]
     cfg0 = resolve(None, [args.preset], base, fold=args.fold)
+    folds.main(["--dataset", "imagefolder", "--data", args.data, "--data-dir", cfg0["data_dir"],  # train's default split
+                "--folds-dir", cfg0["folds_dir"]])
     score.build_suite(suite, "imagefolder", args.data, cfg0["data_dir"], cfg0["folds_dir"], args.suite_n,
                       args.suite_seed)
     rows = []

@@ -704,21 +704,32 @@ def fingerprint(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def corrupted_copies(images: np.ndarray, seed: int, names=CORRUPTIONS, cache_dir=None) -> np.ndarray:
-    """uint8 (len(names) * 5 * N, H, W, 3): every corruption at every severity of `images`, in the
-    OOD files' order (corruption, then severity, then image): the suite's own generator, for a
-    run's corrupted out-of-fold check (train's ood_check). Cached in `cache_dir` when given, keyed
-    by the images, seed, names, SUITE_VERSION and the frost source."""
+def corrupted_copies(images: np.ndarray, seed: int, names=CORRUPTIONS, cache_dir=None,
+                     cells: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (len(names) * 5 * n, H, W, 3): every corruption at every severity, in the OOD files'
+    order (corruption, then severity, then image): the suite's own generator, for a run's
+    corrupted out-of-fold check (train's ood_check). `cells` (len(names) * 5, n): the rows of
+    `images` each (corruption, severity) corrupts; None: all of `images` in every one. Cached in
+    `cache_dir` when given, keyed by the images, cells, seed, names, SUITE_VERSION and the frost
+    source."""
     check_images(images, "corrupted_copies(images)")
     names = list(names)
-    key = hashlib.sha1(f"{fingerprint(images)}|{seed}|{names}|{SUITE_VERSION}|{frost_source()}".encode())
+    if cells is None:
+        cells = np.broadcast_to(np.arange(len(images)), (len(names) * SEVERITIES, len(images)))
+    cells = np.asarray(cells)
+    if cells.ndim != 2 or len(cells) != len(names) * SEVERITIES:
+        raise CompetitionError(f"corrupted_copies: cells of shape {cells.shape}, expected "
+                               f"({len(names) * SEVERITIES}, n): one row of images per corruption and severity")
+    cell_key = hashlib.sha1(np.ascontiguousarray(cells, dtype=np.int64).tobytes()).hexdigest()
+    key = hashlib.sha1(f"{fingerprint(images)}|{cell_key}|{seed}|{names}|{SUITE_VERSION}|{frost_source()}".encode())
     path = Path(cache_dir) / f"ood-copies-{key.hexdigest()[:16]}.npy" if cache_dir is not None else None
     if path is not None and path.exists():
         try:
             return np.load(path, allow_pickle=False)
         except (OSError, ValueError):
             pass  # a damaged cache file is made again
-    out = np.concatenate([corrupt(images, name, s, seed) for name in names for s in range(1, SEVERITIES + 1)])
+    out = np.concatenate([corrupt(images[cells[k * SEVERITIES + s - 1]], name, s, seed)
+                          for k, name in enumerate(names) for s in range(1, SEVERITIES + 1)])
     if path is not None:
         save_npy(path, out)
     return out

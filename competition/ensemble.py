@@ -29,6 +29,7 @@ the command returns; an existing different submission of the same name is never 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import time
 from pathlib import Path
@@ -102,17 +103,18 @@ def shared_oof(members: list[Member], labels_all: np.ndarray, say=print):
 
 
 def shared_oof_ood(members: list[Member], labels_all: np.ndarray):
-    """(labels, each member's logits) of the corrupted held-out copies all members share: every
-    corruption and severity of the rows they all checked (train's ood_check), flattened."""
+    """(labels, each member's logits) of the corrupted held-out copies all members share: in each
+    corruption and severity, the rows they all checked (train's ood_check), flattened."""
     per = [member_oof_ood(m) for m in members]
-    common = per[0][0]
-    for rows, _ in per[1:]:
-        common = np.intersect1d(common, rows)
-    if not len(common):
+    if len({rows.shape[0] for rows, _ in per}) > 1:
+        raise CompetitionError("the members' corrupted out-of-fold sets have different corruption counts: "
+                               "use --fit-on clean")
+    common = [functools.reduce(np.intersect1d, [rows[k] for rows, _ in per]) for k in range(len(per[0][0]))]
+    if not sum(map(len, common)):
         raise CompetitionError("the members share no corrupted out-of-fold rows (other folds or ood_check sizes?): "
                                "use --fit-on clean")
-    logits = [z[:, np.searchsorted(rows, common)].reshape(-1, z.shape[-1]) for rows, z in per]
-    return np.tile(labels_all[common], len(logits[0]) // len(common)), logits
+    logits = [np.concatenate([z[k, np.searchsorted(rows[k], c)] for k, c in enumerate(common)]) for rows, z in per]
+    return labels_all[np.concatenate(common)], logits
 
 
 def choose_adaptation(members: list[Member], adapt: str, suite: data.OodSet | None, say=print) -> dict:

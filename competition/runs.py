@@ -390,15 +390,18 @@ class RunDir:
         return np.load(path) if path.exists() else None
 
     def oof_ood(self, setting: str) -> tuple[np.ndarray, np.ndarray]:
-        """(rows of the folds CSV (n,), float32 logits (corruptions * 5, n, C)) of the corrupted
-        copies of held-out images (train's ood_check), under `setting`, checked."""
+        """(rows of the folds CSV (corruptions * 5, n), float32 logits (corruptions * 5, n, C)) of
+        the corrupted copies of held-out images (train's ood_check), under `setting`, checked."""
         index = self.oof_ood_index()
         if index is None:
             raise CompetitionError(f"{self.path} has no {self.OOF_OOD_INDEX}: it was trained with ood_check=0, so "
                                    f"there are no corrupted out-of-fold images to fit on; use --fit-on clean")
         path, _ = self._checked(setting, "oof_ood.npy", self.how(setting))
         logits = np.load(path).astype(np.float32)
-        return index, logits.reshape(-1, len(index), logits.shape[-1])
+        logits = logits.reshape(-1, index.shape[-1], logits.shape[-1])
+        if index.ndim == 1:  # trained before each cell had its own images: the same rows in every cell
+            index = np.broadcast_to(index, logits.shape[:2])
+        return index, logits
 
     def test_logits(self, setting: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(clean test logits, labels) when predict wrote them from today's best.pt, else None."""
@@ -515,12 +518,12 @@ def load_members(runs: list[RunDir], setting: str | None = None) -> list[Member]
 
 
 def member_oof_ood(mem: Member) -> tuple[np.ndarray, np.ndarray]:
-    """(rows (n,), logits (corruptions * 5, n, C)) of a member's corrupted out-of-fold images: the
-    union over its runs' folds, rows sorted."""
+    """(rows (corruptions * 5, n), logits (corruptions * 5, n, C)) of a member's corrupted
+    out-of-fold images: the union over its runs' folds, rows sorted within each cell."""
     idx, logits = zip(*(run.oof_ood(mem.setting) for run in mem.runs))
-    idx_all, z = np.concatenate(idx), np.concatenate(logits, axis=1)
-    order = np.argsort(idx_all)
-    return idx_all[order], z[:, order]
+    idx_all, z = np.concatenate(idx, axis=1), np.concatenate(logits, axis=1)
+    order = np.argsort(idx_all, axis=1, kind="stable")
+    return np.take_along_axis(idx_all, order, 1), np.take_along_axis(z, order[..., None], 1)
 
 
 def members_from_json(path) -> tuple[list[Member], np.ndarray, dict]:

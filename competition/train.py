@@ -208,14 +208,24 @@ def ood_check_seed(cfg: dict) -> int:
     return 10_000 + int(cfg["fold"])
 
 
+def ood_check_cells(val_rows: np.ndarray, n: int, seed: int, cells: int) -> np.ndarray:
+    """(cells, n) held-out rows, sorted per row: each corruption and severity gets its own n
+    images (repeating only when the fold has fewer than cells * n). Why not the same n images in
+    every cell: the estimate's noise would then be that of n images, not of cells * n (with
+    n = 100, +-4 points), and weights fitted on it chase those few images. A larger n keeps a
+    smaller n's rows as the first of each cell, so runs with other ood_check sizes still share rows."""
+    order = np.random.default_rng(seed).permutation(np.asarray(val_rows))
+    return np.sort(np.resize(order, cells * n).reshape(n, cells).T, axis=1)
+
+
 def ood_check_set(cfg: dict, images: np.ndarray, labels: np.ndarray, val_rows: np.ndarray):
-    """(held-out rows (n,), their corrupted copies (19 * 5 * n, H, W, 3), labels) for ood_check."""
+    """(held-out rows (19 * 5, n), their corrupted copies (19 * 5 * n, H, W, 3), labels) for ood_check."""
     from competition import corruptions
 
     seed = ood_check_seed(cfg)
-    rows = data.sample_rows(val_rows, cfg["ood_check"], seed)
-    copies = corruptions.corrupted_copies(images[rows], seed, cache_dir=Path(cfg["data_dir"]) / "cache")
-    return rows, copies, np.tile(labels[rows], len(copies) // len(rows))
+    cells = ood_check_cells(val_rows, cfg["ood_check"], seed, len(corruptions.CORRUPTIONS) * corruptions.SEVERITIES)
+    copies = corruptions.corrupted_copies(images, seed, cache_dir=Path(cfg["data_dir"]) / "cache", cells=cells)
+    return cells, copies, labels[cells].reshape(-1)
 
 
 def cpu_aug_at(cfg: dict, epoch: int) -> str:
@@ -259,14 +269,11 @@ class TrainData:
         self.train_eval_rows = data.sample_rows(self.train_rows, n, cfg["seed"] + 2) if n else np.arange(0)
         self.val_loader = self.eval_loader(self.val_check_rows) if len(self.val_check_rows) else None
         self.train_eval_loader = self.eval_loader(self.train_eval_rows) if len(self.train_eval_rows) else None
-        self.ood_rows, self.ood_loader, self.ood_check_loader = np.arange(0), None, None
+        self.ood_rows, self.ood_loader = np.zeros((0, 0), np.int64), None
         if cfg.get("ood_check") and len(self.val_rows):
             self.ood_rows, images, labels = ood_check_set(cfg, self.images, self.labels, self.val_rows)
-            bs = max(cfg["batch_size"], 256)
-            self.ood_loader = accelerator.prepare(eval_loader(images, np.arange(len(images)), labels, bs))
-            # each epoch checks at most val_subset of them (like the clean check); oof_ood covers all
-            check = data.sample_rows(len(images), cfg["val_subset"], cfg["seed"] + 3)
-            self.ood_check_loader = accelerator.prepare(eval_loader(images, check, labels, bs))
+            self.ood_loader = accelerator.prepare(eval_loader(images, np.arange(len(images)), labels,
+                                                              max(cfg["batch_size"], 256)))
         self._sized: dict[int, np.ndarray] = {}
         self._loaders: dict[tuple, object] = {}
         self._shuffle = torch.Generator()
@@ -347,7 +354,7 @@ def resolve_data_config(cfg: dict, td: TrainData) -> dict:
         mean, std = source["mean"], source["std"]
     out = {"num_classes": len(td.classes), "classes": td.classes, "mean": mean, "std": std,
            "image_size": int(cfg["image_size"] or td.images.shape[1]), "channels_last": bool(cfg["channels_last"])}
-    if len(td.ood_rows):
+    if td.ood_rows.size:
         out["ood_check_seed"] = ood_check_seed(cfg)
     return out
 
@@ -660,8 +667,8 @@ def end_of_epoch(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner:
     if td.train_eval_loader is not None:
         row["train_eval_loss"], row["train_eval_acc"] = loss_acc(eval_model, td.train_eval_loader, data_cfg,
                                                                  accelerator)
-    if td.ood_check_loader is not None:
-        row["ood_loss"], row["ood_acc"] = loss_acc(eval_model, td.ood_check_loader, data_cfg, accelerator)
+    if td.ood_loader is not None:
+        row["ood_loss"], row["ood_acc"] = loss_acc(eval_model, td.ood_loader, data_cfg, accelerator)
     row.update(epoch_time_s=round(time.time() - epoch_start, 2),
                images_per_s=round(stats["images"] / stats["seconds"], 1))
     state.history.append(row)

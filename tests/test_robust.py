@@ -72,12 +72,33 @@ def test_ood_check_selects_and_writes_corrupted_oof(tmp_path):
     dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
     run = RunDir(train.main(TINY + dirs + ["epochs=2", "ood_check=4", "select_on=ood"]))
     metrics = pd.read_csv(run.metrics_csv)
-    assert "ood_acc" in metrics and run.oof_ood_index().shape == (4,)
+    index = run.oof_ood_index()
+    assert "ood_acc" in metrics and index.shape == (19 * 5, 4)
+    assert set(index.ravel()) <= set(run.oof_index())  # held-out rows only
     logits = np.load(run / RunDir.OOF_OOD)
     assert logits.shape == (19 * 5 * 4, 10)
     # best.pt is the epoch with the best corrupted accuracy (a tie: the later one)
     best = metrics.index[metrics["ood_acc"] == metrics["ood_acc"].max()][-1]
     assert run.summary()["best_epoch"] == int(metrics["epoch"][best])
+
+
+def test_each_corruption_and_severity_checks_its_own_held_out_images():
+    val = np.arange(1000, 3000)
+    cells = train.ood_check_cells(val, 20, seed=7, cells=95)
+    assert cells.shape == (95, 20) and len(np.unique(cells)) == 95 * 20  # 1,900 distinct of 2,000
+    assert set(cells.ravel()) <= set(val) and (np.diff(cells, axis=1) > 0).all()
+    small = train.ood_check_cells(val, 10, seed=7, cells=95)  # a smaller ood_check: a subset of each cell
+    assert all(set(a) <= set(b) for a, b in zip(small, cells))
+    few = train.ood_check_cells(np.arange(50), 4, seed=7, cells=95)  # a small fold repeats images, across cells
+    assert few.shape == (95, 4) and set(few.ravel()) == set(range(50))
+    images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
+    rows = np.tile(np.arange(3), (95, 1)) + np.arange(95)[:, None] % 4 * 3  # cell k: images 3j..3j+2, j = k % 4
+    copies = corruptions.corrupted_copies(images, 0, cells=rows)
+    assert copies.shape == (95 * 3, 8, 8, 3)
+    # cell k is the corruption of its own rows: the same as corrupting those images alone
+    name, severity = corruptions.CORRUPTIONS[1], 2
+    k = 1 * 5 + severity - 1
+    assert np.array_equal(copies[3 * k:3 * k + 3], corruptions.corrupt(images[rows[k]], name, severity, 0))
 
 
 def test_fitting_on_corrupted_oof_is_never_worse_than_the_best_member_there(tmp_path):
