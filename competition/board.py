@@ -119,16 +119,22 @@ def chart(runs: pd.DataFrame, subs: pd.DataFrame, path) -> Path:
         ax.scatter(clean, r["local OOD"], color="tab:blue")
         if pd.notna(r["local OOD +BN"]):
             ax.scatter(clean, r["local OOD +BN"], color="tab:orange", marker="^")
-        ax.annotate(r["run"], (clean, r["local OOD"]), fontsize=6, alpha=0.8)
+        ax.annotate(r["run"], (clean, r["local OOD"]), fontsize=8, xytext=(4, 2), textcoords="offset points")
     ax.set(xlabel="held-out accuracy (clean)", ylabel="local OOD estimate", title="runs (circle plain, triangle +BN)")
     ax.grid(alpha=0.3)
     ax = axes[1]
-    if not subs.empty:
-        s = subs.dropna(subset=["local OOD"])
+    s = subs.dropna(subset=["local OOD"]) if not subs.empty else subs
+    if not s.empty:
         ax.barh(s["submission"], s["local OOD"], color="tab:green", label="local OOD")
+        for name, v in zip(s["submission"], s["local OOD"]):
+            ax.annotate(f"{100 * v:.2f}", (v, name), fontsize=8, xytext=(3, 0), textcoords="offset points",
+                        va="center")
         k = s.dropna(subset=["Kaggle public"])
         ax.scatter(k["Kaggle public"], k["submission"], color="black", zorder=3, label="Kaggle public")
-        ax.legend(fontsize=8)
+        values = pd.concat([s["local OOD"], k["Kaggle public"]]).astype(float)
+        # submissions differ by tenths of a point: an axis from 0 would hide it
+        ax.set_xlim(max(0.0, values.min() - 0.05), min(1.0, values.max() + 0.03))
+        ax.legend(fontsize=8, loc="lower right")
     ax.set(xlabel="accuracy", title="submissions")
     ax.grid(alpha=0.3, axis="x")
     return plots.save(fig, path, "competition board", dpi=100)
