@@ -189,9 +189,8 @@ def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data
                  **({f"tent_{k}": v for k, v in (tent_args or {}).items()} if a == "tent" else {})} if a != "none" else {}
         if oof and ood_rows is not None:
             source = ["oof_ood", list(ood_rows.shape), int(ood_rows.sum()), run.data_config().get("ood_check_seed")]
-            images = ood_rows.size * (1 if ood_rows.ndim == 2 else 95)  # 1-D: the same rows in all 95 cells
             add(Job(setting, "oof_ood.npy", {**record, **extra, "source": source}, "oof_ood", ood_rows,
-                    images * (n_views + _extra_passes(a, tent_args))))
+                    ood_rows.size * (n_views + _extra_passes(a, tent_args))))
         for ood in ood_sets:
             for src, n in zip(ood.files, ood.rows):
                 add(Job(setting, RunDir.ood_rel(ood, src), {**record, **extra, "source": source_stamp(src),
@@ -209,10 +208,7 @@ def oof_ood_images(run: RunDir, cfg: dict, train_set, rows: np.ndarray) -> np.nd
     from competition import corruptions
 
     seed = run.data_config()["ood_check_seed"]
-    cache = Path(cfg["data_dir"]) / "cache"
-    if rows.ndim == 1:  # a run trained before each cell had its own images
-        return corruptions.corrupted_copies(train_set.images[rows], seed, cache_dir=cache)
-    return corruptions.corrupted_copies(train_set.images, seed, cache_dir=cache, cells=rows)
+    return corruptions.corrupted_copies(train_set.images, seed, cache_dir=Path(cfg["data_dir"]) / "cache", cells=rows)
 
 
 def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: float, main: bool) -> None:

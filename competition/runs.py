@@ -386,8 +386,13 @@ class RunDir:
         return index, logits.astype(np.float32)
 
     def oof_ood_index(self) -> np.ndarray | None:
+        """(corruptions * 5, n) held-out rows of train's ood_check, one row per corruption and severity."""
         path = self.path / self.OOF_OOD_INDEX
-        return np.load(path) if path.exists() else None
+        if not path.exists():
+            return None
+        index = np.load(path)
+        # runs trained before each cell had its own images saved one row set for all 19 x 5 cells
+        return np.broadcast_to(index, (19 * data.SEVERITIES, len(index))) if index.ndim == 1 else index
 
     def oof_ood(self, setting: str) -> tuple[np.ndarray, np.ndarray]:
         """(rows of the folds CSV (corruptions * 5, n), float32 logits (corruptions * 5, n, C)) of
@@ -398,10 +403,7 @@ class RunDir:
                                    f"there are no corrupted out-of-fold images to fit on; use --fit-on clean")
         path, _ = self._checked(setting, "oof_ood.npy", self.how(setting))
         logits = np.load(path).astype(np.float32)
-        logits = logits.reshape(-1, index.shape[-1], logits.shape[-1])
-        if index.ndim == 1:  # trained before each cell had its own images: the same rows in every cell
-            index = np.broadcast_to(index, logits.shape[:2])
-        return index, logits
+        return index, logits.reshape(index.shape + logits.shape[-1:])
 
     def test_logits(self, setting: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(clean test logits, labels) when predict wrote them from today's best.pt, else None."""

@@ -77,6 +77,8 @@ def test_ood_check_selects_and_writes_corrupted_oof(tmp_path):
     assert set(index.ravel()) <= set(run.oof_index())  # held-out rows only
     logits = np.load(run / RunDir.OOF_OOD)
     assert logits.shape == (19 * 5 * 4, 10)
+    np.save(run / RunDir.OOF_OOD_INDEX, index[0])  # an older run's index: one row set for every cell
+    assert run.oof_ood_index().shape == (19 * 5, 4) and (run.oof_ood_index() == index[0]).all()
     # best.pt is the epoch with the best corrupted accuracy (a tie: the later one)
     best = metrics.index[metrics["ood_acc"] == metrics["ood_acc"].max()][-1]
     assert run.summary()["best_epoch"] == int(metrics["epoch"][best])
