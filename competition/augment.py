@@ -6,13 +6,17 @@ Two places, chosen by cost:
   (`cpu_pipeline`: `basic` geometry, or `strong` = basic + colour, blur, noise, JPEG and
   dropout, the corruption families the OOD test set is made of);
 * per batch, on the device: flip + translate as one gather on the uint8 batch (`flip_translate`),
-  then `to_input` (uint8 NHWC -> normalised float NCHW, resized to the model's size), then timm's
-  RandomErasing and Mixup/CutMix on the float batch (`BatchAugment`).
+  then `to_input` (uint8 NHWC -> normalised float NCHW, resized to the model's size), then
+  random erasing and timm's Mixup/CutMix on the float batch (`BatchAugment`). Random numbers
+  are drawn on the device and nothing reads a value back, so a GPU step never waits on the host.
 
 `to_input` is also the *only* preprocessing path of prediction: the run's saved config holds
 image_size, mean and std, so OOD, validation and training images are prepared identically.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import numpy as np
 import torch
@@ -56,10 +60,18 @@ def to_input(images: torch.Tensor, mean, std, image_size: int | None = None,
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
                           antialias=image_size < x.shape[-1])
     # (x / 255 - mean) / std as one multiply-add (resizing is linear, so it commutes with this).
-    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    scale, shift = _affine(tuple(mean), tuple(std), x.device, x.dtype)
     x = torch.addcmul(shift, x, scale)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+@functools.lru_cache(maxsize=32)
+def _affine(mean: tuple, std: tuple, device: torch.device, dtype: torch.dtype):
+    """to_input's per-channel scale and shift, made once per (stats, device): torch.tensor(...,
+    device=cuda) in every step would be a blocking host-to-device copy per batch."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device, dtype=dtype).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device, dtype=dtype).view(1, 3, 1, 1)
+    return scale, shift
 
 
 def shrink_images(images: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
@@ -94,11 +106,12 @@ def flip_translate(images: torch.Tensor, flip: bool = True, translate: int = 0,
     rows = torch.arange(h, device=dev).expand(b, h)
     cols = torch.arange(w, device=dev).expand(b, w)
     if translate:
-        shift = torch.randint(-translate, translate + 1, (b, 2), device="cpu", generator=generator).to(dev)
+        # Drawn on the batch's device: CPU-made numbers copied up would make the host wait each step.
+        shift = torch.randint(-translate, translate + 1, (b, 2), device=dev, generator=generator)
         rows = reflect_index(rows + shift[:, :1], h)
         cols = reflect_index(cols + shift[:, 1:], w)
     if flip:
-        mirror = torch.rand(b, 1, generator=generator).to(dev) < 0.5
+        mirror = torch.rand(b, 1, device=dev, generator=generator) < 0.5
         cols = torch.where(mirror, w - 1 - cols, cols)
     pixel = (rows[:, :, None] * w + cols[:, None, :]).view(b, h * w)  # flat source index per output pixel
     if c == 3:
@@ -122,6 +135,8 @@ def augmix_views(images: torch.Tensor, views: int, severity: int = 3, group: int
     from torchvision.transforms import v2
 
     aug = v2.AugMix(severity=severity, all_ops=False)
+    if images.is_cuda:  # each call makes small host-to-device copies inside torchvision: fewer, larger groups
+        group = max(group, len(images) // 4)
     chw = images.permute(0, 3, 1, 2)
     return [torch.cat([aug(g) for g in chw.split(group)]).permute(0, 2, 3, 1) for _ in range(views)]
 
@@ -138,35 +153,86 @@ class NoiseBlur:
         self.channel_std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        # On a GPU, no host sync: the index path's .any() and nonzero() make the host wait for the
+        # GPU every step. On a CPU only the chosen images are touched: there the arithmetic is the cost.
+        return self.masked(x) if x.device.type != "cpu" else self.indexed(x)
+
+    def _pick(self, x: torch.Tensor):
+        pick = torch.rand(len(x), device=x.device)
+        return pick < self.p / 2, (pick >= self.p / 2) & (pick < self.p), self.channel_std.to(x.device)
+
+    def masked(self, x: torch.Tensor) -> torch.Tensor:
+        """Every image gets noise and blur, kept where picked (free on a GPU)."""
         b, c, h, w = x.shape
-        pick = torch.rand(b, device=x.device)
-        noisy, blurry = pick < self.p / 2, (pick >= self.p / 2) & (pick < self.p)
+        noisy, blurry, std = self._pick(x)
+        sigma = torch.rand(b, 1, 1, 1, device=x.device) * self.noise_std / std
+        out = torch.where(noisy.view(b, 1, 1, 1), x + torch.randn(b, c, h, w, device=x.device, dtype=x.dtype) * sigma, x)
+        sig = 0.3 + torch.rand(b, device=x.device) * (self.blur_sigma - 0.3)
+        return torch.where(blurry.view(b, 1, 1, 1), _blur(out, sig).to(out.dtype), out)
+
+    def indexed(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the picked images are computed on."""
+        b, c, h, w = x.shape
+        noisy, blurry, std = self._pick(x)
         out = x.clone()
         if noisy.any():  # only the chosen images draw noise (randn_like on a channels-last batch is 10x slower)
             idx = torch.nonzero(noisy).squeeze(1)
-            sigma = torch.rand(len(idx), 1, 1, 1, device=x.device) * self.noise_std / self.channel_std.to(x.device)
+            sigma = torch.rand(len(idx), 1, 1, 1, device=x.device) * self.noise_std / std
             out[idx] = out[idx] + torch.randn(len(idx), c, h, w, device=x.device, dtype=x.dtype) * sigma
         if blurry.any():
             idx = torch.nonzero(blurry).squeeze(1)
             sig = 0.3 + torch.rand(len(idx), device=x.device) * (self.blur_sigma - 0.3)
-            t = torch.arange(-2, 3, device=x.device, dtype=x.dtype)
-            k1 = torch.exp(-t[None] ** 2 / (2 * sig[:, None] ** 2))
-            k1 = (k1 / k1.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*C, 5): one kernel per image channel
-            sel = out[idx].contiguous().view(1, len(idx) * c, h, w)
-            sel = F.conv2d(F.pad(sel, (2, 2, 0, 0), mode="reflect"), k1.view(-1, 1, 1, 5), groups=len(idx) * c)
-            sel = F.conv2d(F.pad(sel, (0, 0, 2, 2), mode="reflect"), k1.view(-1, 1, 5, 1), groups=len(idx) * c)
-            out[idx] = sel.view(len(idx), c, h, w).to(out.dtype)
+            out[idx] = _blur(out[idx], sig).to(out.dtype)
         return out
+
+
+def _blur(x: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
+    """A separable 5-tap Gaussian blur of each image of x (B, C, H, W) with its own sigma (B,)."""
+    n, c, h, w = x.shape
+    t = torch.arange(-2, 3, device=x.device, dtype=x.dtype)
+    k1 = torch.exp(-t[None] ** 2 / (2 * sig[:, None].to(x.dtype) ** 2))
+    k1 = (k1 / k1.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (n*C, 5): one kernel per image channel
+    sel = x.contiguous().view(1, n * c, h, w)
+    sel = F.conv2d(F.pad(sel, (2, 2, 0, 0), mode="reflect"), k1.view(-1, 1, 1, 5), groups=n * c)
+    sel = F.conv2d(F.pad(sel, (0, 0, 2, 2), mode="reflect"), k1.view(-1, 1, 5, 1), groups=n * c)
+    return sel.view(n, c, h, w)
+
+
+class RandomErase:
+    """Random erasing (Zhong et al. 2020) of a normalised float batch, batched on its device:
+    each image, with probability p, gets one rectangle of area 2-33% of the image and aspect
+    ratio 0.3-3.3 filled with per-pixel normal noise (timm's defaults, mode "pixel"). Written
+    here because timm's RandomErasing loops over the images in Python with up to 10 tries each
+    (a host round trip per image on a GPU); here a box that would not fit is clipped to the
+    image instead of redrawn, which makes full-height or full-width boxes slightly more common."""
+
+    def __init__(self, p: float, area=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3)):
+        self.p, self.area, self.log_ratio = p, area, (math.log(ratio[0]), math.log(ratio[1]))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        dev = x.device
+        area = h * w * torch.empty(b, device=dev).uniform_(*self.area)
+        ratio = torch.empty(b, device=dev).uniform_(*self.log_ratio).exp()
+        eh = (area * ratio).sqrt().round().clamp(1, h)
+        ew = (area / ratio).sqrt().round().clamp(1, w)
+        top = (torch.rand(b, device=dev) * (h - eh + 1)).floor().view(b, 1, 1)
+        left = (torch.rand(b, device=dev) * (w - ew + 1)).floor().view(b, 1, 1)
+        rows = torch.arange(h, device=dev).view(1, h, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, w)
+        inside = (rows >= top) & (rows < top + eh.view(b, 1, 1)) & (cols >= left) & (cols < left + ew.view(b, 1, 1))
+        on = (torch.rand(b, device=dev) < self.p).view(b, 1, 1)
+        noise = torch.randn(b, c, h, w, device=dev, dtype=x.dtype)
+        return torch.where((inside & on).unsqueeze(1), noise, x)
 
 
 class BatchAugment:
     """Device-side float-batch augmentation from the config: corruption-style noise/blur
-    (NoiseBlur), timm RandomErasing, then timm Mixup/CutMix (which returns soft targets, label
+    (NoiseBlur), random erasing (RandomErase), then timm Mixup/CutMix (which returns soft targets, label
     smoothing folded in)."""
 
-    def __init__(self, cfg: dict, num_classes: int, device, std: list[float] | None = None):
+    def __init__(self, cfg: dict, num_classes: int, std: list[float] | None = None):
         from timm.data import Mixup
-        from timm.data.random_erasing import RandomErasing
 
         self.noise_blur = None
         if cfg.get("noise_blur"):
@@ -174,8 +240,7 @@ class BatchAugment:
                                         cfg.get("blur_sigma", 1.0))
         self.erase = None
         if cfg.get("random_erasing"):
-            # mode "pixel": per-pixel normal noise in normalised units, as in timm's training recipes.
-            self.erase = RandomErasing(probability=cfg["random_erasing"], mode="pixel", device=str(device))
+            self.erase = RandomErase(cfg["random_erasing"])
         self.mix = None
         if cfg.get("mixup") or cfg.get("cutmix"):
             self.mix = Mixup(mixup_alpha=cfg.get("mixup") or 0.0, cutmix_alpha=cfg.get("cutmix") or 0.0,

@@ -65,10 +65,14 @@ def load_preset(name: str, _seen=(), _near: Path | None = None) -> dict:
     return cfg
 
 
+# Epoch schedules ({epoch: value}): a preset or override replaces one whole, never merges epoch by epoch.
+SCHEDULES = ("unfreeze", "train_sizes")
+
+
 def merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "unfreeze" else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k not in SCHEDULES else v
     return out
 
 

@@ -87,16 +87,9 @@ def resnet50(num_classes: int, pretrained: bool = False, weights: str | None = N
     import timm
 
     if weights:
-        path = Path(weights)
-        if not path.is_file():
-            raise CompetitionError(f"--weights {path}: no such file (an ImageNet ResNet-50 state dict, .pth or "
-                                   f".safetensors)")
-        try:
-            return timm.create_model("resnet50", pretrained=True, num_classes=num_classes,
-                                     pretrained_cfg_overlay=dict(file=str(path.resolve())))
-        except Exception as e:
-            raise CompetitionError(f"{path} is not a ResNet-50 state dict timm can load ({type(e).__name__}: "
-                                   f"{str(e)[:300]})") from None
+        model = timm.create_model("resnet50", pretrained=False, num_classes=num_classes)
+        load_backbone(model, Path(weights))
+        return model
     if not pretrained:
         return timm.create_model("resnet50", pretrained=False, num_classes=num_classes)
     try:
@@ -107,6 +100,37 @@ def resnet50(num_classes: int, pretrained: bool = False, weights: str | None = N
             f"could not fetch ImageNet ResNet-50 weights from the Hugging Face hub{offline}: "
             f"{type(e).__name__}: {str(e)[:200]}. Offline? Save timm's resnet50 state dict to a file on a "
             f"machine with internet and pass weights=PATH (--weights PATH)") from None
+
+
+def load_backbone(model: nn.Module, path: Path) -> None:
+    """Every tensor of `model` but its head (fc) from the state dict in `path` (timm or
+    torchvision ResNet-50, .pth or .safetensors; a `state_dict`/`model` entry and `module.`
+    prefixes are unwrapped by timm's load_state_dict). Strict on purpose: timm's pretrained path
+    turns strict loading off once the head is dropped, so a file of another architecture (or
+    with renamed keys) would load nothing and train a random backbone with only a log warning."""
+    from timm.models import load_state_dict
+
+    if not path.is_file():
+        raise CompetitionError(f"--weights {path}: no such file (an ImageNet ResNet-50 state dict, .pth or "
+                               f".safetensors)")
+    try:
+        state = load_state_dict(str(path), weights_only=True)
+    except Exception as e:
+        raise CompetitionError(f"{path} is not a state dict torch or safetensors can read ({type(e).__name__}: "
+                               f"{str(e)[:200]}); pass an ImageNet ResNet-50 state dict (.pth or .safetensors)") from None
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
+    body = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = sorted(set(own) - set(body)), sorted(set(body) - set(own))
+    shapes = sorted(k for k in set(own) & set(body) if tuple(own[k].shape) != tuple(body[k].shape))
+    if missing or unexpected or shapes:
+        def some(keys):
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        problems = [f"{len(missing)} of the model's {len(own)} tensors are not in it: {some(missing)}" if missing else "",
+                    f"{len(unexpected)} of its keys are not in the model: {some(unexpected)}" if unexpected else "",
+                    f"{len(shapes)} have another shape: {some(shapes)}" if shapes else ""]
+        raise CompetitionError(f"{path} does not match timm's resnet50 ({'; '.join(p for p in problems if p)}); pass "
+                               f"a timm or torchvision ImageNet ResNet-50 state dict") from None
+    model.load_state_dict(body, strict=False)  # strict=False only for the dropped head, checked above
 
 
 # ResNet stages from the head down to the stem: what progressive unfreezing opens, in order.
@@ -147,6 +171,29 @@ def set_trainable(model: nn.Module, prefixes: list[str] | None) -> int:
     for name, p in model.named_parameters():
         p.requires_grad_(prefixes is None or any(name == q or name.startswith(q + ".") for q in prefixes))
         n += p.requires_grad
+    return n
+
+
+def stage_of(name: str) -> str | None:
+    """The ResNet stage (a key of RESNET_GROUPS) a parameter or module name belongs to, or None."""
+    for stage, prefixes in RESNET_GROUPS.items():
+        if any(name == q or name.startswith(q + ".") for q in prefixes):
+            return stage
+    return None
+
+
+def frozen_norms_to_eval(model: nn.Module) -> int:
+    """Put every normalisation layer whose parameters are all frozen in eval mode (after
+    model.train()); returns how many. Freezing only sets requires_grad: in train mode a frozen
+    stage's BatchNorm would still overwrite its pretrained running statistics with those of the
+    new data every step, so the stage would not be the one that was frozen."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase) and m.training:
+            params = list(m.parameters(recurse=False))
+            if params and not any(p.requires_grad for p in params):
+                m.eval()
+                n += 1
     return n
 
 

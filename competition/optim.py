@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from competition import models
 from competition.files import CompetitionError
 
 OPTIMIZERS = ("sgd", "adamw", "adam", "radam")
 
 
 def make_optimizer(model: nn.Module, cfg: dict):
-    """timm's create_optimizer_v2: parameter groups with no weight decay on norms and biases
-    (`no_decay_norm_bias`) and, when `layer_decay` is set, discriminative learning rates (each
-    stage below the head gets lr * layer_decay^depth, through timm's group_matcher)."""
+    """timm's create_optimizer_v2 over `param_groups(model, cfg)`: no weight decay on norms and
+    biases (`no_decay_norm_bias`) and, when `layer_decay` is set, one learning rate per ResNet stage."""
     from timm.optim import create_optimizer_v2
 
     name = cfg["optimizer"]
@@ -28,12 +28,31 @@ def make_optimizer(model: nn.Module, cfg: dict):
         # timm's "sgd" is Nesterov SGD; "momentum" is classical momentum SGD.
         name = "sgd" if cfg.get("nesterov", True) else "momentum"
         kwargs["momentum"] = cfg.get("momentum", 0.9)
+    return create_optimizer_v2(param_groups(model, cfg), opt=name, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
+                               **kwargs)
+
+
+def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
+    """Parameter groups by (stage, decayed or not). With `layer_decay` d, a ResNet stage k steps
+    below the head gets lr_scale d^k (head 1, layer4 d, layer3 d^2, ..., stem d^5), which timm's
+    schedulers multiply into every LR they set. Written here rather than timm's layer_decay
+    because timm groups ResNets per residual block (its fine-grained group_matcher: 18 groups for
+    a ResNet-50), so 0.7 would give the first block 0.7^16 = 0.003 x lr, not one factor per stage."""
     layer_decay = cfg.get("layer_decay")
-    if layer_decay and not hasattr(model, "group_matcher"):
-        raise CompetitionError(f"layer_decay needs a timm model with stages (resnet18/resnet50), not {cfg['model']}")
-    return create_optimizer_v2(model, opt=name, lr=cfg["lr"], weight_decay=cfg["weight_decay"],
-                               filter_bias_and_bn=cfg.get("no_decay_norm_bias", True),
-                               layer_decay=layer_decay, **kwargs)
+    if layer_decay and cfg["model"] not in ("resnet18", "resnet50"):
+        raise CompetitionError(f"layer_decay needs a model with ResNet stages (resnet18/resnet50), not {cfg['model']}")
+    depth = {stage: k for k, stage in enumerate(models.RESNET_GROUPS)}  # head 0, layer4 1, ..., stem 5
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        stage = models.stage_of(name) if layer_decay else None
+        if layer_decay and stage is None:
+            raise CompetitionError(f"layer_decay: parameter {name} belongs to no stage of {list(depth)}")
+        no_decay = cfg.get("no_decay_norm_bias", True) and (p.ndim <= 1 or name.endswith(".bias"))
+        g = groups.setdefault((stage, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else cfg["weight_decay"]})
+        if layer_decay:
+            g["lr_scale"], g["stage"] = float(layer_decay) ** depth[stage], stage
+        g["params"].append(p)
+    return list(groups.values())
 
 
 def make_scheduler(optimizer, cfg: dict):
@@ -63,7 +82,7 @@ def make_scheduler(optimizer, cfg: dict):
 
 
 def batch_size_at(cfg: dict, epoch: int) -> int:
-    """Per-process batch size at `epoch` under the batch-size schedule (Smith et al. 2018:
+    """Global batch size (images per optimizer update, all processes together) at `epoch` under the batch-size schedule (Smith et al. 2018:
     multiply the batch by a factor where a step schedule would divide the learning rate)."""
     grow = sum(1 for m in cfg.get("batch_size_milestones") or [] if epoch >= m)
     return int(cfg["batch_size"] * (cfg.get("batch_size_factor") or 1) ** grow)

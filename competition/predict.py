@@ -92,15 +92,17 @@ class Predictor:
         source statistics are back in place when it returns."""
         def batches():
             for x, _, _ in self._loader(images, rows):
-                with self.acc.autocast():
-                    yield augment.to_input(x, self.prep["mean"], self.prep["std"], self.prep["image_size"],
-                                           self.prep["channels_last"])
+                yield augment.to_input(x, self.prep["mean"], self.prep["std"], self.prep["image_size"],
+                                       self.prep["channels_last"])
                 if self.bar is not None:
                     self.bar.update(len(x) * self.acc.num_processes)
 
         reduce = (lambda t: self.acc.reduce(t, "mean")) if self.acc.num_processes > 1 else None
         with adapt.bn_source_stats(self.model):
-            adapt.adapt_bn(self.model, batches(), blend, reduce)
+            # The statistics pass runs in the precision prediction will (bf16 on a GPU), stated
+            # here: autocast entered inside a generator would leak into its caller's frame.
+            with self.acc.autocast():
+                adapt.adapt_bn(self.model, batches(), blend, reduce)
             return self.predict(images, rows)
 
     def predict_tent(self, images: np.ndarray, rows: np.ndarray, steps: int, lr: float, batch: int) -> np.ndarray:
@@ -116,7 +118,8 @@ class Predictor:
 
         out = np.zeros((len(rows), self.prep["num_classes"]), np.float32)
         with adapt.source_weights(self.model):
-            adapt.tent(self.model, batches, steps, lr)
+            with self.acc.autocast():  # the entropy itself is taken in float32 (adapt.tent)
+                adapt.tent(self.model, batches, steps, lr)
             with torch.no_grad():
                 for x, _, pos in eval_loader(images, rows, batch_size=self.batch_size):
                     with self.acc.autocast():

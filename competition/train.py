@@ -254,7 +254,10 @@ class TrainData:
 
     def __init__(self, cfg: dict, accelerator):
         self.cfg, self.acc = cfg, accelerator
-        ds = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
+        # One process downloads and extracts (CIFAR, an image-folder tarball) while the others
+        # wait, then they read its files: N processes writing one path at once corrupt it.
+        with accelerator.main_process_first():
+            ds = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
         if len(ds.classes) < 2:
             raise CompetitionError(f"{cfg.get('data') or cfg['dataset']}: {len(ds.classes)} class ({ds.classes}); a "
                                    f"classifier needs at least 2 (an image folder holds one sub-folder per class)")
@@ -315,13 +318,14 @@ class TrainData:
         """(loader, batch size, CPU augmentation, image size) of `epoch`."""
         cfg = self.cfg
         bs, kind, size = optim.batch_size_at(cfg, epoch), cpu_aug_at(cfg, epoch), train_size_at(cfg, epoch, image_size)
+        micro = process_batch(cfg, bs, self.acc.num_processes)
         if (bs, kind, size) not in self._loaders:
             workers = cfg["workers"] if kind not in (None, "none") else 0
             dl = torch.utils.data.DataLoader(
                 ImageRows(self.images_at(size), self.train_rows, self.labels, augment.cpu_pipeline(kind)),
-                batch_size=bs, sampler=torch.utils.data.RandomSampler(range(len(self.train_rows)),
-                                                                      generator=self._shuffle),
-                drop_last=len(self.train_rows) >= bs * self.acc.num_processes, collate_fn=as_batch,
+                batch_size=micro, sampler=torch.utils.data.RandomSampler(range(len(self.train_rows)),
+                                                                         generator=self._shuffle),
+                drop_last=len(self.train_rows) >= micro * self.acc.num_processes, collate_fn=as_batch,
                 num_workers=workers, pin_memory=torch.cuda.is_available(),
                 worker_init_fn=functools.partial(seed_worker, process=self.acc.process_index))
             self._loaders[(bs, kind, size)] = self.acc.prepare(dl)
@@ -332,6 +336,23 @@ class TrainData:
             transform.set_random_seed(int(np.random.SeedSequence([cfg["seed"], epoch, self.acc.process_index])
                                           .generate_state(1)[0]))
         return loader, bs, kind, size
+
+
+def process_batch(cfg: dict, global_batch: int, processes: int) -> int:
+    """Images per process per forward pass for a global batch (cfg batch_size = images per
+    optimizer update, all processes and accumulation steps together). The global batch is held
+    constant, so a run means the same updates at the same lr on 1 GPU or 8 (no lr scaling rule
+    to apply); it must split evenly."""
+    parts = processes * cfg["grad_accum"]
+    if global_batch % parts:
+        raise CompetitionError(f"batch_size={global_batch} (the global batch: images per optimizer update) does not "
+                               f"split over {processes} process(es) x grad_accum {cfg['grad_accum']}; choose a "
+                               f"multiple of {parts}")
+    micro = global_batch // parts
+    if (cfg.get("mixup") or cfg.get("cutmix")) and micro % 2:
+        raise CompetitionError(f"batch_size={global_batch} gives {micro} images per process and step, odd; mixup/cutmix "
+                               f"pair images within a batch: choose a multiple of {2 * parts}")
+    return micro
 
 
 def seed_worker(worker_id: int, process: int = 0) -> None:
@@ -384,23 +405,30 @@ class Learner:
 def make_learner(cfg: dict, data_cfg: dict, accelerator) -> Learner:
     """Model, optimizer (timm parameter groups), per-update timm schedule, EMA, batch
     augmentation and loss, placed on the device by Accelerate."""
-    model = models.model_from_config(cfg, data_cfg["num_classes"])
+    with accelerator.main_process_first():  # one process fetches hub weights; the others read its cache
+        model = models.model_from_config(cfg, data_cfg["num_classes"])
     if cfg.get("init_from"):
         model.load_state_dict(torch.load(RunDir(cfg["init_from"]).weights("best"), map_location="cpu",
                                          weights_only=False)["model"])
     n_params = sum(p.numel() for p in model.parameters())
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = optim.make_optimizer(model, cfg)
+    # The bare module, kept before compile and prepare wrap it: unfreezing, EMA, evaluation and
+    # state dicts use its parameter names (unwrap_model would keep torch.compile's wrapper, and
+    # every name would gain `_orig_mod.`).
+    net = model
+    optimizer = optim.make_optimizer(net, cfg)
     scheduler = optim.make_scheduler(optimizer, cfg)
-    ema = None
-    if cfg["ema"]:
-        from timm.utils import ModelEmaV3
-        ema = ModelEmaV3(model, decay=cfg["ema"], device=accelerator.device)
     if cfg["compile"]:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    batch_aug = augment.BatchAugment(cfg, data_cfg["num_classes"], accelerator.device, data_cfg["std"])
+    ema = None
+    if cfg["ema"]:
+        from timm.utils import ModelEmaV3
+        # Built from the prepared (on-device) module: a copy on the same device keeps timm's
+        # batched foreach update (one given device= from a CPU model falls back to a per-tensor loop).
+        ema = ModelEmaV3(net, decay=cfg["ema"])
+    batch_aug = augment.BatchAugment(cfg, data_cfg["num_classes"], data_cfg["std"])
     if cfg["mixup"] or cfg["cutmix"] or cfg.get("pseudo"):
         from timm.loss import SoftTargetCrossEntropy
         loss_fn = SoftTargetCrossEntropy()  # Mixup (or TrainData.targets) already folded label smoothing in
@@ -409,7 +437,7 @@ def make_learner(cfg: dict, data_cfg: dict, accelerator) -> Learner:
         loss_fn = JsdCrossEntropy(num_splits=3, alpha=cfg["jsd"], smoothing=cfg["label_smoothing"] or None)
     else:
         loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"] or 0.0)
-    return Learner(model, accelerator.unwrap_model(model), optimizer, scheduler, ema, batch_aug, loss_fn, n_params)
+    return Learner(model, net, optimizer, scheduler, ema, batch_aug, loss_fn, n_params)
 
 
 class LoopState:
@@ -421,6 +449,7 @@ class LoopState:
         # A checkpoint taken mid-epoch (a stop request): batches done in `epoch` and their running sums.
         self.step, self.partial = 0, {}
         self.loop_s = 0.0  # seconds spent in epochs, summed over every session of a resumed run
+        self.processes = None  # how many processes trained up to the checkpoint
 
     def state_dict(self):
         return dict(vars(self))
@@ -434,6 +463,7 @@ def restore(run: RunDir, learner: Learner, accelerator, resume: bool) -> LoopSta
     stay out of prepare: Accelerate would step them once per process); loaded from the latest
     checkpoint when resuming."""
     state = LoopState()
+    portable_checkpoints(accelerator, learner.net)
     accelerator.register_for_checkpointing(learner.scheduler, state)
     if learner.ema is not None:
         accelerator.register_for_checkpointing(learner.ema)
@@ -444,7 +474,42 @@ def restore(run: RunDir, learner: Learner, accelerator, resume: bool) -> LoopSta
         accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1
         where = f"epoch {state.epoch + 1} step {state.step}" if state.step else f"the end of epoch {state.epoch}"
         accelerator.print(f"resumed from {ckpt} at {where}")
+        if state.processes not in (None, accelerator.num_processes):
+            accelerator.print(f"the checkpoint was written by {state.processes} process(es), this run has "
+                              f"{accelerator.num_processes}: weights, optimizer, schedule and global batch continue; "
+                              f"the data order and augmentation draws from here on differ from an uninterrupted run")
+    state.processes = accelerator.num_processes
     return state
+
+
+def bare_name(key: str) -> str:
+    """A parameter name without the wrappers' prefixes (DDP's `module.`, torch.compile's `_orig_mod.`)."""
+    while key.startswith(("module.", "_orig_mod.")):
+        key = key.split(".", 1)[1]
+    return key
+
+
+def portable_checkpoints(accelerator, net: nn.Module) -> None:
+    """Checkpoints hold the bare module's parameter names and load into the bare module.
+    Accelerate saves the *wrapped* model's state dict, so a checkpoint written by N processes
+    (DDP: `module.` prefixes) or with compile (`_orig_mod.`) would not load into a run with
+    another process count or compile setting; these hooks make it load into any (and still
+    read checkpoints saved before them)."""
+    def save(models_, weights, output_dir):
+        for i, w in enumerate(weights):
+            weights[i] = {bare_name(k): v.contiguous() for k, v in w.items()}  # channels-last: safetensors wants contiguous
+
+    def load(models_, input_dir):
+        from safetensors.torch import load_file
+
+        path = Path(input_dir) / "model.safetensors"
+        sd = load_file(path) if path.exists() else torch.load(Path(input_dir) / "pytorch_model.bin",
+                                                              map_location="cpu", weights_only=True)
+        net.load_state_dict({bare_name(k): v for k, v in sd.items()})
+        models_.clear()  # loaded here: Accelerate must not load them again into the wrapped model
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
 
 
 def newest_complete_checkpoint(run: RunDir, custom: int, accelerator) -> Path:
@@ -555,6 +620,7 @@ def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: i
 
     model, optimizer, epoch = learner.model, learner.optimizer, state.epoch
     model.train()
+    models.frozen_norms_to_eval(learner.net)  # frozen stages keep their running statistics
     t0, steps, p = time.time(), len(loader), state.partial
     seen = int(p.get("seen", 0))
     loss_sum = torch.tensor(float(p.get("loss_sum", 0.0)), device=accelerator.device)
@@ -755,6 +821,8 @@ def train(cfg: dict, resume: bool = False, force: bool = False, command: str | N
     check_config(cfg)
     run = RunDir.for_config(cfg)
     accelerator = make_accelerator(cfg, run)
+    for epoch in range(cfg["epochs"]):  # the batch schedule must split over these processes: say so now
+        process_batch(cfg, optim.batch_size_at(cfg, epoch), accelerator.num_processes)
     aside = prepare_run_folder(run, cfg, accelerator, resume, force)
     if aside is False:
         return run.path
@@ -791,9 +859,11 @@ def run_training(run: RunDir, cfg: dict, accelerator, resume: bool, stop: StopRe
     state = restore(run, learner, accelerator, resume)
     start_trackers(run, cfg, accelerator)
     accelerator.print(
-        f"{cfg['model']}: {learner.n_params / 1e6:.2f} M parameters; {cfg['epochs']} epochs, batch "
-        f"{cfg['batch_size']} x {accelerator.num_processes} process(es) x {cfg['grad_accum']} accumulation, "
-        f"{cfg['optimizer']} lr {cfg['lr']}, {cfg['sched']} schedule")
+        f"{cfg['model']}: {learner.n_params / 1e6:.2f} M parameters; {cfg['epochs']} epochs, {cfg['optimizer']} lr "
+        f"{cfg['lr']}, {cfg['sched']} schedule; batch {cfg['batch_size']} per update (global) = "
+        f"{accelerator.num_processes} process(es) x {process_batch(cfg, cfg['batch_size'], accelerator.num_processes)} "
+        f"images x {cfg['grad_accum']} accumulation step(s); the global batch is held constant on any number of "
+        f"processes, so lr needs no scaling")
 
     writer, why = MetricsWriter(run), None
     while state.epoch < cfg["epochs"] and why is None:

@@ -92,6 +92,10 @@ def test_part3_local_weights_and_progressive_unfreezing(dirs, tmp_path):
     # Epoch 1 trained the head, epoch 2 head + layer4; the stem and layers 1-3 never moved.
     for name in ("conv1.weight", "layer1.0.conv1.weight", "layer3.5.conv3.weight", "bn1.weight"):
         assert torch.equal(trained[name], saved[name]), name
+    # ... and their BatchNorm statistics stayed the file's (frozen stages run in eval mode)
+    for name in ("bn1.running_mean", "layer1.0.bn1.running_var", "layer3.5.bn3.running_mean"):
+        assert torch.equal(trained[name], saved[name]), name
+    assert not torch.equal(trained["layer4.2.bn3.running_mean"], saved["layer4.2.bn3.running_mean"])
     assert not torch.equal(trained["layer4.2.conv3.weight"], saved["layer4.2.conv3.weight"])
     assert trained["fc.weight"].shape == (10, 2048)
 
@@ -125,16 +129,41 @@ def test_nan_loss_is_one_clear_error(dirs):
              *TINY_CNN], dirs)
 
 
-def test_two_processes_cover_the_fold_exactly_once(dirs, tmp_path):
+def test_two_processes_bf16_channels_last_cover_the_fold_once_and_resume_on_one(dirs, tmp_path):
+    """The GPU code paths on a CPU: 2 DDP processes (gloo), bf16 autocast, channels-last, the
+    global batch split in two; then the checkpoint they wrote resumes in one process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--part", "1", "--preset", "demo", "epochs=2", "mixed_precision=bf16", "channels_last=true", *TINY_CNN]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "competition" / "train.py"), "--part", "1", "--preset", "demo", "epochs=1", *TINY_CNN, *dirs]
+           str(ROOT / "competition" / "train.py"), *args, "stop_after=1", *dirs]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "2 process(es)" in out.stdout
+    assert "2 process(es) on cpu:0, bf16 autocast" in out.stdout
+    assert "batch 64 per update (global) = 2 process(es) x 32 images" in out.stdout
     run_dir = tmp_path / "models" / "part1-demo-digits-f0-s0"
+    from safetensors.torch import load_file
+    ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
+    assert not [k for k in load_file(ckpt / "model.safetensors") if k.startswith(("module.", "_orig_mod."))]
+
+    resumed = subprocess.run([sys.executable, str(ROOT / "competition" / "train.py"), *args, "--resume", *dirs],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "written by 2 process(es), this run has 1" in resumed.stdout
     index = np.load(run_dir / "oof_index.npy")
     frame = pd.read_csv(tmp_path / "folds" / "digits.csv")
     assert len(index) == len(np.unique(index))
     assert np.array_equal(index, np.flatnonzero(frame["fold"] == 0))
     assert np.load(run_dir / "oof_logits.npy").shape == (len(index), 10)
+    assert len(pd.read_csv(run_dir / "metrics.csv")) == 2
+
+
+def test_compile_keeps_parameter_names(dirs, monkeypatch):
+    """With compile: true, unfreezing by name and loading best.pt after the run work. The eager
+    backend keeps the test fast: the names come from torch.compile's wrapper, not its backend."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **k: real(m, backend="eager"))
+    run_dir = run(["--part", "1", "--preset", "demo", "epochs=2", "train_subset=128", "compile=true",
+                   "unfreeze={0: ['1'], 1: [all]}", *TINY_CNN], dirs)
+    best = torch.load(run_dir / "best.pt", weights_only=False)["model"]
+    assert not [k for k in best if "_orig_mod" in k]
+    assert (run_dir / "summary.json").exists()
