@@ -79,7 +79,7 @@ def schedule_walk(cfg: dict, steps_per_epoch: int = 390) -> dict:
     lrs = np.array(lrs)
     up = np.flatnonzero(np.diff(lrs) > 1e-12)
     warm = int(round(float(cfg.get("warmup_epochs") or 0) * steps_per_epoch))
-    restarts = sorted({round((j + 1) / steps_per_epoch, 2) for j in up if j + 1 > warm})
+    restarts = sorted({round(float((j + 1) / steps_per_epoch), 2) for j in up if j + 1 > warm})
     return dict(peak_after_warmup=float(lrs[min(warm, len(lrs) - 1)]), restart_epochs=restarts,
                 last_update_lr=float(lrs[-1]), min_lr=float(cfg.get("min_lr") or 0.0), epochs=cfg["epochs"])
 

@@ -300,7 +300,8 @@ class TrainData:
     def targets(self, pos: torch.Tensor, smoothing: float) -> torch.Tensor:
         """Soft targets of a training batch (positions in train_rows), label smoothing applied."""
         t = torch.from_numpy(self.soft[self.train_rows[pos.cpu().numpy()]])
-        return t * (1 - smoothing) + smoothing / t.shape[1]
+        t = t * (1 - smoothing) + smoothing / t.shape[1]
+        return t.pin_memory() if torch.cuda.is_available() else t  # pinned: the upload does not block the host
 
     def eval_loader(self, rows: np.ndarray):
         return self.acc.prepare(eval_loader(self.images, rows, self.labels, max(self.cfg["batch_size"], 256)))
@@ -637,7 +638,7 @@ def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: i
             x = train_input(x, cfg, data_cfg, size)
             x, target = learner.batch_aug(x, y)
             if soft is not None:  # pseudo-labelled images: soft targets for every row
-                target = soft(pos, cfg["label_smoothing"] or 0.0).to(x.device)
+                target = soft(pos, cfg["label_smoothing"] or 0.0).to(x.device, non_blocking=True)
             y = y[: len(x)]
             logits = model(x)
             loss = learner.loss_fn(logits, target)
@@ -992,8 +993,8 @@ def find_batch_size(cfg: dict, start: int = 16, limit: int = 4096, steps: int = 
         elif ips < 0.9 * best[0]:
             break
         bs *= 2
-    print(f"fastest: batch_size={best[1]} ({best[0]:.0f} images/s at image_size {cfg['image_size']}); "
-          f"pass batch_size={best[1]}")
+    print(f"fastest: {best[1]} images per device ({best[0]:.0f} images/s at image_size {cfg['image_size']}); "
+          f"pass batch_size={best[1]} (batch_size is global: x the number of processes on several GPUs)")
     return best[1]
 
 

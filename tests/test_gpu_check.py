@@ -1,0 +1,46 @@
+"""bench/gpu_check.sh --dry-run: every step of the GPU check runs on tiny sizes on a CPU, so the
+script a GPU session gets is known to work before the GPU time is spent."""
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_tarball(path: Path, classes: int = 10, per_class: int = 10) -> Path:
+    rng = np.random.default_rng(0)
+    with tarfile.open(path, "w:gz") as tar:
+        for c in range(classes):
+            for i in range(per_class):
+                im = np.clip(rng.normal(25 * c, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(im).save(buf, format="JPEG")
+                info = tarfile.TarInfo(f"train/class{c}/{i}.jpg")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+    return path
+
+
+def test_gpu_check_dry_run_exercises_every_step(tmp_path):
+    data = tiny_tarball(tmp_path / "tiny.tar.gz")
+    out = tmp_path / "gpu.md"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(data), "--dry-run", "--out", str(out),
+                           "--work", str(tmp_path / "work"), "--augmix-epochs", "1"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "DRY RUN" in text and "FAILED" not in text
+    for step in ("throughput", "part2_94", "airbench", "predict950k", "ddp", "augmix_pair"):
+        assert f"## {step} (" in text, step
+    assert "| part3 | 32 |" in text and "| part3 (train size) | 32 |" in text
+    assert "380 images (19 files x 20)" in text  # the competition's layout, 20 rows per file
+    assert (tmp_path / "work" / "airbench" / "cifar10" / "train.pt").exists()  # airbench's files were written
