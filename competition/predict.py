@@ -226,7 +226,8 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
                 run.save_test(job.setting, logits, job.source.labels, job.record)
             continue
         if job.kind in ("oof", "oof_ood") and train_set is None:
-            train_set = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
+            with pred.acc.main_process_first():
+                train_set = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
             if run.oof_index() is not None and run.oof_index().max(initial=-1) >= len(train_set.labels):
                 raise CompetitionError(f"{run / RunDir.OOF_INDEX} names row {run.oof_index().max()} but the train "
                                        f"split has {len(train_set.labels)} images: the run was trained on other data")
@@ -276,8 +277,9 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
     tent_args = {"steps": 1, "lr": 1e-3, "batch": 128, **(tent_args or {})}
     record = {"tta": tta.tta_name(views), "average": average, "weights": run.weights_hash()}
     ood_sets = [data.OodSet(d, data.OodSet.required_shape(d, [cfg["dataset"]], allow_partial)) for d in ood_dirs]
-    jobs, current = plan(run, cfg, record, len(views), ood_sets, adapts, bn_blend, test, oof, force, acc.print,
-                         tent_args)
+    with acc.main_process_first():  # plan reads the test split: one process downloads it, the others wait
+        jobs, current = plan(run, cfg, record, len(views), ood_sets, adapts, bn_blend, test, oof, force, acc.print,
+                             tent_args)
     status = {str(run.path / RunDir.PRED / rel): "skipped" for rel in current}
     if not jobs:
         acc.print(f"{run}: all {len(current)} outputs up to date (--force redoes them)")
@@ -325,12 +327,13 @@ def main(argv=None):
                    help="accept fewer OOD files or rows than the competition's 19 x 50,000 (cifar100 runs)")
     args = p.parse_args(argv)
     views = tta.parse_tta(args.tta) if args.tta else None
-    if args.download:  # the competition's files only: a local suite is made by competition.score suite
-        for d in args.ood_dir:
-            if not (Path(d) / "corruptions.json").exists():
-                data.ood_files(d, download=True)
-    runs = expand_runs(args.runs)
     acc = runtime.make_accelerator()
+    if args.download:  # the competition's files only: a local suite is made by competition.score suite
+        with acc.main_process_first():
+            for d in args.ood_dir:
+                if not (Path(d) / "corruptions.json").exists():
+                    data.ood_files(d, download=True)
+    runs = expand_runs(args.runs)
     for run in runs:
         adapts = [a.strip() for a in args.adapt.split(",") if a.strip()] if args.adapt else None
         predict_run(run, args.ood_dir, views, args.average, args.bn_adapt, args.bn_blend, args.batch_size,
