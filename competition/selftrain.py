@@ -129,7 +129,7 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
             predict.predict_run(new, dirs, views, adapts=adapts, allow_partial=True)
             new_runs.append(new)
     chosen = spec.get("adaptation", "none")
-    csv = ensemble.build(new_runs, name, spec["ood_dir"], Path(spec["csv"]).parent, spec["method"],
+    csv = ensemble.build(new_runs, name, spec["ood_dir"], args.out_dir, spec["method"],
                          spec.get("rounds") or 40, record.get("tta"), "auto" if isinstance(chosen, dict) else chosen,
                          spec.get("fit_on", "auto"), args.suite, overwrite=args.force, say=say, allow_partial=True)
     out = csv.with_suffix(".json")
@@ -154,7 +154,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=0.005, help="fine-tuning learning rate (cosine to 0)")
     p.add_argument("--suite", help="a labelled local suite to score each round on (its images must not be pseudo-"
                                    "labelled ones)")
-    p.add_argument("--out-dir", default="submissions")
+    p.add_argument("--out-dir", default="submissions", help="where each round's <name>-st<r>.csv/.json and its "
+                                                                "selftrain/ folder (the pseudo-labels) go")
     p.add_argument("--force", action="store_true", help="retrain rounds that exist")
     args = p.parse_args(argv)
     if not 0 < args.threshold < 1 or args.rounds < 1:

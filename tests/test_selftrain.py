@@ -35,9 +35,9 @@ def test_one_round_trains_predicts_and_ensembles_again(world):
     spec = json.loads(csv.with_suffix(".json").read_text())
     assert set(spec["adaptation"][RunDir(run).member]) == {"none", "bn", "chosen"}  # the choice and its reasons
     out = selftrain.main([str(csv.with_suffix(".json")), "--threshold", "0.1", "--epochs", "1", "--suite",
-                          str(measure), "--out-dir", str(tmp / "subs")])
+                          str(measure), "--out-dir", str(tmp / "rounds")])
     info = json.loads(out.read_text())
-    assert out.name == "base-st1.json" and info["selftrain"]["round"] == 1
+    assert out == tmp / "rounds" / "base-st1.json" and info["selftrain"]["round"] == 1  # where --out-dir says
     assert 0 < info["selftrain"]["images"] <= info["selftrain"]["of"] and 0 <= info["selftrain"]["pseudo_label_accuracy"] <= 1
     new = RunDir(tmp / "models" / f"{RunDir(run).name}-base-st1")
     cfg = new.config()
