@@ -204,7 +204,7 @@ def report(info: dict, say=print) -> None:
     if info["test_accuracy"] is not None:
         line += f", clean test acc {info['test_accuracy']:.4f}"
     if "local_score" in info:
-        line += f", local OOD acc {info['local_score']['ood_accuracy']:.4f}"
+        line += f", OOD acc {info['local_score']['ood_accuracy']:.4f} on {Path(info['ood_dir']).name} (labelled)"
     say(line)
 
 
