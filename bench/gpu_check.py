@@ -136,9 +136,13 @@ def airbench(data: str, work: Path, dry: bool) -> list[str]:
     lines = [f"- files: {int((fold != 0).sum())} train / {int((fold == 0).sum())} test images of the stand-in"]
     if dry or not torch.cuda.is_available():
         return lines + ["- airbench94 not run: it needs CUDA (dry run)"]
-    code = ("import time, torch, airbench; airbench.warmup94(verbose=False); torch.cuda.synchronize(); "
-            "t = time.time(); acc = airbench.train94(verbose=True); torch.cuda.synchronize(); "
-            "print('RESULT', acc, time.time() - t)")
+    # warmup94 returns after one epoch only when verbose; train94 returns the model (it prints its
+    # own GPU-timed training seconds), evaluated here with airbench94's TTA level.
+    code = ("import time, torch, airbench; airbench.warmup94(verbose=True); torch.cuda.synchronize(); "
+            "t = time.time(); m = airbench.train94(verbose=True); torch.cuda.synchronize(); secs = time.time() - t; "
+            "test = airbench.CifarLoader('cifar10', train=False, batch_size=2000); "
+            "acc = airbench.evaluate(m, test, tta_level=airbench.lib_airbench94.hyp['net']['tta_level']); "
+            "print('RESULT', acc, secs)")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     result = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")]
     if out.returncode or not result:
@@ -220,7 +224,38 @@ def augmix_pair(data: str, work: Path, epochs: int, dry: bool) -> list[str]:
     return rows
 
 
+# What a GPU machine with torch already has: never downloaded for it (torch's CUDA build is its own).
+PRESENT = ("torch", "torchvision", "triton")
+
+
+def wheel_list(roots=("competition", "albumentations", "imagecorruptions")) -> list[str]:
+    """name==version of every distribution these need, transitively, as installed here, minus the
+    torch family: what an offline GPU machine with torch lacks (for `pip download --no-deps`)."""
+    import importlib.metadata as md
+    from packaging.requirements import Requirement
+
+    seen, todo, out = set(), list(roots), []
+    while todo:
+        name = todo.pop().lower().replace("_", "-")
+        if name in seen or name in PRESENT or name.startswith(("nvidia-", "cuda-")):
+            continue
+        seen.add(name)
+        try:
+            dist = md.distribution(name)
+        except md.PackageNotFoundError:
+            continue
+        if name not in roots[:1]:
+            out.append(f"{dist.metadata['Name']}=={dist.version}")
+        for r in map(Requirement, dist.requires or []):
+            if r.marker is None or r.marker.evaluate({"extra": ""}):
+                todo.append(r.name)
+    return sorted(out, key=str.lower)
+
+
 def main(argv=None):
+    if argv is None and sys.argv[1:] == ["--list-wheels"]:
+        print("\n".join(wheel_list()))
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="the CIFAR-10 stand-in tarball (train/<class>/<n>.jpg)")
     p.add_argument("--out", help="results file (default bench/results/gpu-<date>.md)")

@@ -13,10 +13,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if [[ "${1:-}" == "--download-wheels" ]]; then
+    # Everything the project, albumentations and imagecorruptions need, at the versions installed
+    # here, except the torch family (the GPU machine's own CUDA build stays).
     dir=${2:?usage: bash bench/gpu_check.sh --download-wheels DIR}
-    pip download --only-binary=:all: -d "$dir" albumentations   # with its dependencies
-    pip download --no-deps -d "$dir" imagecorruptions==1.1.2
+    mapfile -t wheels < <(python bench/gpu_check.py --list-wheels)
+    pip download --no-deps -d "$dir" "${wheels[@]}"
     pip wheel --no-deps -w "$dir" airbench==0.1.8             # an sdist on PyPI: build it here
+    du -sh "$dir"
     exit 0
 fi
 data=${1:?usage: bash bench/gpu_check.sh DATA.tar.gz [--wheels DIR] [gpu_check.py options]}
@@ -31,6 +34,9 @@ if [[ " $* " != *" --dry-run "* ]]; then
     python -c "import imagecorruptions" 2>/dev/null || pip install "${pip_args[@]}" --no-deps imagecorruptions==1.1.2
     python -c "import airbench" 2>/dev/null || pip install "${pip_args[@]}" --no-deps airbench==0.1.8 \
         || echo "airbench could not be installed: its step will say so"
-    python -c "import competition" 2>/dev/null || pip install "${pip_args[@]}" -e .
+    # Always (a no-op when everything is there): from the repository root `import competition`
+    # would succeed without timm, accelerate & co. Offline, the machine's own setuptools builds it.
+    if [[ " ${pip_args[*]} " == *" --no-index "* ]]; then pip_args+=(--no-build-isolation); fi
+    pip install "${pip_args[@]}" -e .
 fi
 exec python bench/gpu_check.py --data "$data" "$@"

@@ -120,7 +120,10 @@ def load_backbone(model: nn.Module, path: Path) -> None:
                                f"{str(e)[:200]}); pass an ImageNet ResNet-50 state dict (.pth or .safetensors)") from None
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     body = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = sorted(set(own) - set(body)), sorted(set(body) - set(own))
+    # BatchNorm's num_batches_tracked counter is absent from older torchvision files; torch itself
+    # accepts that (the layer fills it in), so only real tensors count as missing.
+    missing = sorted(k for k in set(own) - set(body) if not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(body) - set(own))
     shapes = sorted(k for k in set(own) & set(body) if tuple(own[k].shape) != tuple(body[k].shape))
     if missing or unexpected or shapes:
         def some(keys):

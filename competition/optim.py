@@ -52,7 +52,10 @@ def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
         if layer_decay:
             g["lr_scale"], g["stage"] = float(layer_decay) ** depth[stage], stage
         g["params"].append(p)
-    return list(groups.values())
+    # timm's order (no-decay group first, then decayed), stage by stage from the head down: an
+    # optimizer checkpoint written with timm's groups loads into these.
+    order = {stage: k for k, stage in enumerate([None, *models.RESNET_GROUPS])}
+    return [g for _, g in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], not kv[0][1]))]
 
 
 def make_scheduler(optimizer, cfg: dict):

@@ -254,6 +254,8 @@ class TrainData:
 
     def __init__(self, cfg: dict, accelerator):
         self.cfg, self.acc = cfg, accelerator
+        # Evaluation batches per process: at least the training one (no gradients: it fits), at least 256.
+        self.eval_batch = max(process_batch(cfg, cfg["batch_size"], accelerator.num_processes), 256)
         # One process downloads and extracts (CIFAR, an image-folder tarball) while the others
         # wait, then they read its files: N processes writing one path at once corrupt it.
         with accelerator.main_process_first():
@@ -276,7 +278,7 @@ class TrainData:
         if cfg.get("ood_check") and len(self.val_rows):
             self.ood_rows, images, labels = ood_check_set(cfg, self.images, self.labels, self.val_rows)
             self.ood_loader = accelerator.prepare(eval_loader(images, np.arange(len(images)), labels,
-                                                              max(cfg["batch_size"], 256)))
+                                                              self.eval_batch))
         self._sized: dict[int, np.ndarray] = {}
         self._loaders: dict[tuple, object] = {}
         self._shuffle = torch.Generator()
@@ -304,7 +306,7 @@ class TrainData:
         return t.pin_memory() if torch.cuda.is_available() else t  # pinned: the upload does not block the host
 
     def eval_loader(self, rows: np.ndarray):
-        return self.acc.prepare(eval_loader(self.images, rows, self.labels, max(self.cfg["batch_size"], 256)))
+        return self.acc.prepare(eval_loader(self.images, rows, self.labels, self.eval_batch))
 
     def images_at(self, size: int) -> np.ndarray:
         """The images at a training size below the stored one, resized once (not every batch:
@@ -470,7 +472,14 @@ def restore(run: RunDir, learner: Learner, accelerator, resume: bool) -> LoopSta
         accelerator.register_for_checkpointing(learner.ema)
     if resume:
         ckpt = newest_complete_checkpoint(run, 2 + (learner.ema is not None), accelerator)
-        accelerator.load_state(str(ckpt))
+        try:
+            accelerator.load_state(str(ckpt))
+        except ValueError as e:
+            if "parameter group" not in str(e):
+                raise
+            raise CompetitionError(f"--resume: {ckpt} holds optimizer state for other parameter groups than this "
+                                   f"code makes (saved before one-lr-per-stage layer_decay?): it cannot continue "
+                                   f"exactly; retrain with --force") from None
         # With automatic naming the next save would otherwise reuse checkpoint_0 and collide.
         accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1
         where = f"epoch {state.epoch + 1} step {state.step}" if state.step else f"the end of epoch {state.epoch}"
@@ -939,9 +948,9 @@ def step_throughput(cfg: dict, steps: int = 5, warmup: int = 2) -> tuple[float, 
     model = models.model_from_config(cfg, 100).to(dev)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    opt = optim.make_optimizer(model, cfg)  # before compile: the groups go by the bare module's names
     if cfg.get("compile"):
         model = torch.compile(model)
-    opt = optim.make_optimizer(model, cfg)
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(runtime.mixed_precision(cfg["mixed_precision"]))
     bs = cfg["batch_size"]
     # The loop trains on images shrunk once when its size is below the stored 32 px (TrainData.images_at).
@@ -994,7 +1003,7 @@ def find_batch_size(cfg: dict, start: int = 16, limit: int = 4096, steps: int = 
             break
         bs *= 2
     print(f"fastest: {best[1]} images per device ({best[0]:.0f} images/s at image_size {cfg['image_size']}); "
-          f"pass batch_size={best[1]} (batch_size is global: x the number of processes on several GPUs)")
+          f"pass batch_size={best[1]} (batch_size is global: x processes x grad_accum on several GPUs)")
     return best[1]
 
 

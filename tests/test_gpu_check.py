@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -44,3 +45,11 @@ def test_gpu_check_dry_run_exercises_every_step(tmp_path):
     assert "| part3 | 32 |" in text and "| part3 (train size) | 32 |" in text
     assert "380 images (19 files x 20)" in text  # the competition's layout, 20 rows per file
     assert (tmp_path / "work" / "airbench" / "cifar10" / "train.pt").exists()  # airbench's files were written
+
+
+def test_the_offline_wheel_list_has_the_project_needs_and_not_torch():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--list-wheels"], capture_output=True,
+                         text=True, timeout=60)
+    names = {line.split("==")[0].lower() for line in out.stdout.split()}
+    assert {"timm", "accelerate", "albumentations", "pandas", "imagecorruptions"} <= names
+    assert not names & {"torch", "torchvision", "triton"} and not any(n.startswith("nvidia-") for n in names)

@@ -229,3 +229,54 @@ def test_noise_blur_paths_pick_the_same_shares(path):
     blurred = changed.any(1) & ~noisy
     assert 0.27 < noisy.float().mean() < 0.33 and 0.27 < blurred.float().mean() < 0.33
     assert out[~changed.any(1)].eq(x[~changed.any(1)]).all()
+
+
+def test_parameter_groups_keep_timms_order_so_older_optimizer_checkpoints_load():
+    from timm.optim._param_groups import param_groups_weight_decay
+
+    model = models.build_model("simple_cnn", 10)
+    ours = optim.param_groups(model, resolve(1, None, []))
+    theirs = param_groups_weight_decay(model, 5e-4)
+    assert [[id(p) for p in g["params"]] for g in ours] == [[id(p) for p in g["params"]] for g in theirs]
+    assert [g["weight_decay"] for g in ours] == [g["weight_decay"] for g in theirs]
+
+
+def test_a_torchvision_file_without_batch_counters_loads(tmp_path):
+    sd = {k: v for k, v in models.resnet50(1000).state_dict().items() if not k.endswith("num_batches_tracked")}
+    path = tmp_path / "legacy.pth"
+    torch.save(sd, path)
+    torch.testing.assert_close(models.resnet50(10, weights=str(path)).conv1.weight, sd["conv1.weight"])
+
+
+def test_the_throughput_step_builds_its_optimizer_before_compile(monkeypatch):
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **k: real(m, backend="eager"))
+    cfg = resolve(2, None, ["compile=true", "layer_decay=0.7", "batch_size=4", "augmix=false", "jsd=0",
+                            "model_args.channels=[8,8,8,8]"])
+    ips, _ = train.step_throughput(cfg, steps=1, warmup=1)
+    assert ips > 0
+
+
+def test_augmix_calls_stay_few_on_large_batches(monkeypatch):
+    from torchvision.transforms import v2
+
+    calls = []
+    real = v2.AugMix.__call__
+    monkeypatch.setattr(v2.AugMix, "__call__", lambda self, x: calls.append(len(x)) or real(self, x))
+    augment.augmix_views(torch.zeros(512, 8, 8, 3, dtype=torch.uint8), views=1)
+    assert len(calls) == 16 and set(calls) == {32}
+    calls.clear()
+    augment.augmix_views(torch.zeros(256, 8, 8, 3, dtype=torch.uint8), views=1)
+    assert len(calls) == 16 and set(calls) == {16}  # the CPU preset's batch: groups of 16 as before
+
+
+def test_an_optimizer_checkpoint_of_other_groups_is_one_clear_error(tmp_path, monkeypatch):
+    folds.write_folds(folds.folds_frame(data.load_digits().labels), tmp_path / "folds" / "digits.csv")
+    args = ["--part", "1", "--preset", "demo", "epochs=2", "train_subset=128", "model_args.widths=[8,16,16]",
+            "model_args.hidden=16", "batch_size=64", f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'm'}"]
+    train.main(args + ["stop_after=1"])
+    real = optim.param_groups
+    monkeypatch.setattr(optim, "param_groups", lambda model, cfg: [{"params": [p for g in real(model, cfg)
+                                                                               for p in g["params"]]}])
+    with pytest.raises(CompetitionError, match="other parameter groups"):
+        train.main(args + ["--resume"])
