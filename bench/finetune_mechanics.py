@@ -34,7 +34,7 @@ from competition.config import resolve
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 
 
-def stage_of(name: str) -> str:
+def stage_of(name: str) -> str:  # not models.stage_of: older commits, which this also measures, lack it
     top = name.split(".")[0]
     return {"conv1": "stem", "bn1": "stem", "fc": "head"}.get(top, top)
 

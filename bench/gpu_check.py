@@ -207,8 +207,6 @@ def ddp(work: Path, dry: bool, data: str) -> list[str]:
 
 
 def augmix_pair(data: str, work: Path, epochs: int, dry: bool) -> list[str]:
-    import pandas as pd
-
     rows = ["| Part 2 | epochs | clean held-out | ood_check | loop s |", "|---|---:|---:|---:|---:|"]
     for name, extra in (("plain", ["augmix=false", "jsd=0"]), ("AugMix+JSD", [])):
         args = ["--part", "2", "dataset=imagefolder", f"data={data}", f"epochs={epochs}", "progress=false",
@@ -217,10 +215,8 @@ def augmix_pair(data: str, work: Path, epochs: int, dry: bool) -> list[str]:
             args += ["model_args.channels=[8,16,16,16]", "batch_size=32"]
         run = train_run(args, work, f"gpu-part2-{'plain' if extra else 'augmix'}")
         s = json.loads((run / "summary.json").read_text())
-        m = pd.read_csv(run / "metrics.csv")
         rows.append(f"| {name} | {epochs} | {s['oof_accuracy']:.4f} | {s.get('oof_ood_accuracy', float('nan')):.4f} | "
                     f"{s['training_loop_s']} |")
-        del m
     return rows
 
 

@@ -165,24 +165,27 @@ def set_trainable(model: nn.Module, prefixes: list[str] | None) -> int:
     """Let only parameters under the given module-name prefixes learn (None: all). Returns how many
     parameter tensors require grad."""
     names = [name for name, _ in model.named_parameters()]
-    unknown = [q for q in prefixes or [] if not any(n == q or n.startswith(q + ".") for n in names)]
+    unknown = [q for q in prefixes or [] if not any(under(n, q) for n in names)]
     if unknown:  # a typo would otherwise silently freeze the whole model
         tops = sorted({n.split(".")[0] for n in names})
         raise CompetitionError(f"unfreeze: {unknown} match no parameter of this model; its top-level modules are "
                                f"{tops} (groups: {', '.join(RESNET_GROUPS)}, all)")
     n = 0
     for name, p in model.named_parameters():
-        p.requires_grad_(prefixes is None or any(name == q or name.startswith(q + ".") for q in prefixes))
+        p.requires_grad_(prefixes is None or any(under(name, q) for q in prefixes))
         n += p.requires_grad
     return n
 
 
+def under(name: str, prefix: str) -> bool:
+    """Whether a parameter or module name lies under a module-name prefix (whole names: layer1 is
+    not under layer10)."""
+    return name == prefix or name.startswith(prefix + ".")
+
+
 def stage_of(name: str) -> str | None:
     """The ResNet stage (a key of RESNET_GROUPS) a parameter or module name belongs to, or None."""
-    for stage, prefixes in RESNET_GROUPS.items():
-        if any(name == q or name.startswith(q + ".") for q in prefixes):
-            return stage
-    return None
+    return next((stage for stage, prefixes in RESNET_GROUPS.items() if any(under(name, q) for q in prefixes)), None)
 
 
 def frozen_norms_to_eval(model: nn.Module) -> int:

@@ -41,12 +41,12 @@ def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
     layer_decay = cfg.get("layer_decay")
     if layer_decay and cfg["model"] not in ("resnet18", "resnet50"):
         raise CompetitionError(f"layer_decay needs a model with ResNet stages (resnet18/resnet50), not {cfg['model']}")
-    depth = {stage: k for k, stage in enumerate(models.RESNET_GROUPS)}  # head 0, layer4 1, ..., stem 5
+    depth = {None: -1, **{stage: k for k, stage in enumerate(models.RESNET_GROUPS)}}  # head 0, layer4 1, ..., stem 5
     groups: dict[tuple, dict] = {}
     for name, p in model.named_parameters():
         stage = models.stage_of(name) if layer_decay else None
         if layer_decay and stage is None:
-            raise CompetitionError(f"layer_decay: parameter {name} belongs to no stage of {list(depth)}")
+            raise CompetitionError(f"layer_decay: parameter {name} belongs to no stage of {list(models.RESNET_GROUPS)}")
         no_decay = cfg.get("no_decay_norm_bias", True) and (p.ndim <= 1 or name.endswith(".bias"))
         g = groups.setdefault((stage, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else cfg["weight_decay"]})
         if layer_decay:
@@ -54,8 +54,7 @@ def param_groups(model: nn.Module, cfg: dict) -> list[dict]:
         g["params"].append(p)
     # timm's order (no-decay group first, then decayed), stage by stage from the head down: an
     # optimizer checkpoint written with timm's groups loads into these.
-    order = {stage: k for k, stage in enumerate([None, *models.RESNET_GROUPS])}
-    return [g for _, g in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], not kv[0][1]))]
+    return [g for (stage, no_decay), g in sorted(groups.items(), key=lambda kv: (depth[kv[0][0]], not kv[0][1]))]
 
 
 def make_scheduler(optimizer, cfg: dict):
@@ -85,7 +84,8 @@ def make_scheduler(optimizer, cfg: dict):
 
 
 def batch_size_at(cfg: dict, epoch: int) -> int:
-    """Global batch size (images per optimizer update, all processes together) at `epoch` under the batch-size schedule (Smith et al. 2018:
-    multiply the batch by a factor where a step schedule would divide the learning rate)."""
+    """Global batch size (images per optimizer update, all processes together) at `epoch` under
+    the batch-size schedule (Smith et al. 2018: multiply the batch by a factor where a step
+    schedule would divide the learning rate)."""
     grow = sum(1 for m in cfg.get("batch_size_milestones") or [] if epoch >= m)
     return int(cfg["batch_size"] * (cfg.get("batch_size_factor") or 1) ** grow)

@@ -132,6 +132,18 @@ class RunDir:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    CHECKPOINT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # Accelerate's names, newest first
+
+    @staticmethod
+    def checkpoint_weights(ckpt: Path) -> dict:
+        """The model state dict an Accelerate checkpoint folder holds (safetensors or torch)."""
+        import torch
+        from safetensors.torch import load_file
+
+        name = next((n for n in RunDir.CHECKPOINT_WEIGHTS if (ckpt / n).exists()), RunDir.CHECKPOINT_WEIGHTS[0])
+        return load_file(ckpt / name) if name.endswith(".safetensors") else torch.load(
+            ckpt / name, map_location="cpu", weights_only=True)
+
     @staticmethod
     def checkpoint_problem(ckpt: Path, custom: int) -> str | None:
         """Why an Accelerate checkpoint folder would not resume exactly (a missing, empty or
@@ -141,9 +153,9 @@ class RunDir:
         from safetensors.torch import load_file
 
         needed = ["optimizer.bin"] + [f"custom_checkpoint_{i}.pkl" for i in range(custom)]
-        model = next((n for n in ("model.safetensors", "pytorch_model.bin") if (ckpt / n).exists()), None)
+        model = next((n for n in RunDir.CHECKPOINT_WEIGHTS if (ckpt / n).exists()), None)
         rng = sorted(p.name for p in ckpt.glob("random_states_*.pkl"))
-        missing = [n for n in needed if not (ckpt / n).exists()] + ([] if model else ["model.safetensors"]) + \
+        missing = [n for n in needed if not (ckpt / n).exists()] + ([] if model else [RunDir.CHECKPOINT_WEIGHTS[0]]) + \
             ([] if rng else ["random_states_0.pkl"])
         if missing:
             return f"{', '.join(missing)} missing"
@@ -392,7 +404,7 @@ class RunDir:
             return None
         index = np.load(path)
         # runs trained before each cell had its own images saved one row set for all 19 x 5 cells
-        return np.broadcast_to(index, (19 * data.SEVERITIES, len(index))) if index.ndim == 1 else index
+        return np.broadcast_to(index, (data.OOD_FILES * data.SEVERITIES, len(index))) if index.ndim == 1 else index
 
     def oof_ood(self, setting: str) -> tuple[np.ndarray, np.ndarray]:
         """(rows of the folds CSV (corruptions * 5, n), float32 logits (corruptions * 5, n, C)) of

@@ -510,12 +510,7 @@ def portable_checkpoints(accelerator, net: nn.Module) -> None:
             weights[i] = {bare_name(k): v.contiguous() for k, v in w.items()}  # channels-last: safetensors wants contiguous
 
     def load(models_, input_dir):
-        from safetensors.torch import load_file
-
-        path = Path(input_dir) / "model.safetensors"
-        sd = load_file(path) if path.exists() else torch.load(Path(input_dir) / "pytorch_model.bin",
-                                                              map_location="cpu", weights_only=True)
-        net.load_state_dict({bare_name(k): v for k, v in sd.items()})
+        net.load_state_dict({bare_name(k): v for k, v in RunDir.checkpoint_weights(Path(input_dir)).items()})
         models_.clear()  # loaded here: Accelerate must not load them again into the wrapped model
 
     accelerator.register_save_state_pre_hook(save)
