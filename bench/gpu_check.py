@@ -74,8 +74,9 @@ def throughput(dry: bool) -> list[str]:
     from competition.train import find_batch_size, step_throughput
 
     rows = ["| part | image size | batch (finder) | images/s | peak GiB |", "|---|---:|---:|---:|---:|"]
-    cases = [(1, []), (2, []), (2, ["augmix=false", "jsd=0"]), (3, ["image_size=160"]), (3, [])]
-    for part, extra in cases:
+    cases = [("part1", 1, []), ("part2", 2, []), ("part2 plain", 2, ["augmix=false", "jsd=0"]),
+             ("part3 (train size)", 3, ["image_size=160"]), ("part3", 3, [])]
+    for name, part, extra in cases:
         over = ["mixed_precision=bf16", "channels_last=true", "pretrained=false", *extra]
         if dry:
             over += ["image_size=32"] if part == 3 else []
@@ -83,7 +84,6 @@ def throughput(dry: bool) -> list[str]:
         start, limit = (8, 16) if dry else ((32, 512) if part == 3 else (128, 4096))
         bs = find_batch_size(cfg, start=start, limit=limit, steps=1 if dry else 10, repeats=1 if dry else 2)
         ips, mem = step_throughput({**cfg, "batch_size": bs}, steps=1 if dry else 20, warmup=1 if dry else 5)
-        name = f"part{part}" + (" plain" if "augmix=false" in extra else "") + (" (train size)" if "image_size=160" in extra else "")
         rows.append(f"| {name} | {cfg['image_size']} | {bs} | {ips:,.0f} | {mem:.1f} |")
     rows.append("\nSynthetic uint8 batches through flip/translate, AugMix where the preset has it, to_input "
                 "(resize, normalise), forward, backward, step; images/s counts images, not AugMix views.")
