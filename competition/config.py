@@ -16,13 +16,20 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 
 class _Loader(yaml.SafeLoader):
-    """safe_load, except that 1e-3 is a float: YAML 1.1 wants a dot (1.0e-3) and reads `lr=1e-3`
-    as the string '1e-3', which would only fail (or not) deep inside the optimizer."""
+    """safe_load, with two YAML 1.2 readings of YAML 1.1 values: 1e-3 is a float (1.1 wants a dot,
+    1.0e-3, and reads `lr=1e-3` as the string '1e-3', which would only fail deep inside the
+    optimizer), and only true/false are booleans (1.1 also reads yes/no/on/off, so the documented
+    `mixed_precision=no` arrived as False and was refused)."""
 
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
     list("-+0123456789."))
+_Loader.yaml_implicit_resolvers = {  # the add above gave the class its own copy of the table
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 
 
 def read_yaml(path) -> dict:

@@ -45,10 +45,19 @@ def test_dotted_override_adds_to_a_mapping(tmp_path):
 
 
 @pytest.mark.parametrize("text, value", [("lr=1e-3", 0.001), ("lr=5.0e-4", 0.0005), ("min_lr=2E-6", 2e-6),
-                                         ("epochs=12", 12), ("flip=false", False), ("ema=null", None)])
+                                         ("epochs=12", 12), ("flip=false", False), ("ema=null", None),
+                                         ("mixed_precision=no", "no"), ("flip=True", True)])
 def test_override_values_are_typed(text, value):
     got = C.load_config([], [text])[text.split("=")[0]]
     assert got == value and type(got) is type(value)  # lr=1e-3 is a float, not the string '1e-3'
+
+
+def test_yes_and_no_are_words_not_booleans(tmp_path):
+    """YAML 1.1 reads no/yes/on/off as booleans: the documented mixed_precision=no was refused as
+    'must be a text'. Only true/false are booleans, and a flag given yes is one clear error."""
+    assert C.load_config([write(tmp_path / "p.yaml", "mixed_precision: no\n")])["mixed_precision"] == "no"
+    with pytest.raises(CompetitionError, match="flip.*must be true or false"):
+        C.validate(C.load_config([], ["flip=yes"]))
 
 
 def test_exponent_floats_in_preset_files(tmp_path):
