@@ -15,12 +15,30 @@ PRECISIONS = ("auto", "no", "bf16", "fp16")
 
 
 def mixed_precision(setting: str = "auto") -> str:
-    """Accelerate's mixed_precision for a config value: auto = bf16 on a GPU that has it, else fp32."""
+    """Accelerate's mixed_precision for a config value: auto = bf16 where the device computes it
+    natively (a GPU that has it, or a CPU with AVX512-BF16 or AMX instructions), else fp32."""
     if setting not in PRECISIONS:
         raise CompetitionError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, not {setting!r}")
     if setting == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if cpu_has_bf16() else "no"
     return setting
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively. There oneDNN's bf16 convolutions are faster
+    than fp32 (part1_cpu on a 2-core AMD EPYC with AVX512-BF16: 7,300 vs 5,330 training images/s,
+    bench/throughput.py) at the same accuracy (bench/NOTES.md); without the instructions bf16 is
+    emulated and slower than fp32, so auto keeps fp32 there. COMPETITION_CPU_BF16=0 (or 1)
+    overrides the detection for a whole process tree: the tests set 0, so every machine runs
+    them in fp32 and their tolerances hold."""
+    forced = os.environ.get("COMPETITION_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def make_accelerator(precision: str = "auto", **kwargs):
@@ -39,7 +57,22 @@ def make_accelerator(precision: str = "auto", **kwargs):
         # Pinned batches are copied while the previous step still runs, instead of the host waiting.
         kwargs.setdefault("dataloader_config", DataLoaderConfiguration(non_blocking=True))
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
-    return Accelerator(cpu=multi_cpu, mixed_precision=mixed_precision(precision), **kwargs)
+    precision = mixed_precision(precision)
+    _forget_other_precision(precision)
+    return Accelerator(cpu=multi_cpu, mixed_precision=precision, **kwargs)
+
+
+def _forget_other_precision(precision: str) -> None:
+    """Accelerate keeps one process-wide state and refuses an Accelerator of another precision
+    ("AcceleratorState has already been initialized and cannot be changed"). Stages that run
+    in one process (a bf16 training, then its prediction; selftrain's rounds; a benchmark over
+    variants) each want their own, so the precision part of that state is dropped before a new
+    one is made. The process group (PartialState) is kept: it is the same for every stage."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def keep_freed_memory() -> bool:

@@ -280,3 +280,24 @@ def test_an_optimizer_checkpoint_of_other_groups_is_one_clear_error(tmp_path, mo
                                                                                for p in g["params"]]}])
     with pytest.raises(CompetitionError, match="other parameter groups"):
         train.main(args + ["--resume"])
+
+
+def test_auto_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("COMPETITION_CPU_BF16", "1")
+    assert runtime.mixed_precision("auto") == "bf16"
+    monkeypatch.setenv("COMPETITION_CPU_BF16", "0")  # as conftest sets it for every test
+    assert runtime.mixed_precision("auto") == "no"
+    monkeypatch.delenv("COMPETITION_CPU_BF16")
+    assert runtime.cpu_has_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert runtime.mixed_precision("bf16") == "bf16"  # asked for by name: kept, native or not
+
+
+def test_stages_of_other_precisions_run_in_one_process():
+    """A bf16 training then an fp32 prediction in one process (selftrain, the benchmarks):
+    Accelerate alone refuses the second Accelerator."""
+    for precision, dtype in (("no", torch.float32), ("bf16", torch.bfloat16), ("no", torch.float32)):
+        acc = runtime.make_accelerator(precision)
+        assert acc.mixed_precision == precision
+        with acc.autocast():
+            assert torch.nn.Linear(4, 2)(torch.ones(1, 4)).dtype == dtype
