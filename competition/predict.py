@@ -99,7 +99,7 @@ class Predictor:
 
         reduce = (lambda t: self.acc.reduce(t, "mean")) if self.acc.num_processes > 1 else None
         with adapt.bn_source_stats(self.model):
-            # The statistics pass runs in the precision prediction will (bf16 on a GPU), stated
+            # The statistics pass runs in the precision prediction will (bf16 where auto picks it), stated
             # here: autocast entered inside a generator would leak into its caller's frame.
             with self.acc.autocast():
                 adapt.adapt_bn(self.model, batches(), blend, reduce)
