@@ -81,7 +81,8 @@ def main(argv=None):
         rows.append((f"part1_cpu, {'no adaptation' if adapt == 'none' else adapt}", summary["oof_tta_accuracy"],
                      s["ood_accuracy"], t))
     subs = out / "subs"
-    for name, adapt in (("plain", "none"), ("st", "auto")):
+    ensembles = [("plain", "none")] if len(seeds) > 1 else []  # one model alone has its own rows above
+    for name, adapt in ensembles + [("st", "auto")]:
         t = sh(["-m", "competition.ensemble", *map(str, seeds), "--name", name, "--ood-dir", str(pool), "--tta",
                 args.tta, "--adapt", adapt, "--suite", str(measure), "--out-dir", str(subs), "--overwrite"], log)
         if len(seeds) > 1:  # the ensemble scored on the measuring suite (its JSON's own score is the pool's)

@@ -67,7 +67,9 @@ def _forget_other_precision(precision: str) -> None:
     ("AcceleratorState has already been initialized and cannot be changed"). Stages that run
     in one process (a bf16 training, then its prediction; selftrain's rounds; a benchmark over
     variants) each want their own, so the precision part of that state is dropped before a new
-    one is made. The process group (PartialState) is kept: it is the same for every stage."""
+    one is made. The process group (PartialState) is kept: it is the same for every stage.
+    The state is shared, so an earlier Accelerator then reports the new precision: stages take
+    turns, never interleave."""
     from accelerate.state import AcceleratorState
 
     state = AcceleratorState._shared_state

@@ -909,7 +909,8 @@ def run_training(run: RunDir, cfg: dict, accelerator, resume: bool, stop: StopRe
     summary["trained_on"] = trained_on(cfg)  # the CIFAR-C corruptions whose family training saw
     # The precision auto resolved to on this machine: the config says only "auto".
     summary.update(precision=_precision(accelerator), training_loop_s=round(state.loop_s, 1),
-                   total_s=round(time.time() - t_start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"), **runtime.provenance())
+                   total_s=round(time.time() - t_start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                   **runtime.provenance())
     if accelerator.is_main_process:
         run.save_summary(summary)  # last: its presence marks the run finished
     accelerator.print(f"done: {run}  training loop {state.loop_s:.1f} s, total {summary['total_s']:.1f} s")

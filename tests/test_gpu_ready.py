@@ -288,8 +288,11 @@ def test_auto_precision_is_bf16_only_where_the_device_has_it(monkeypatch):
     assert runtime.mixed_precision("auto") == "bf16"
     monkeypatch.setenv("COMPETITION_CPU_BF16", "0")  # as conftest sets it for every test
     assert runtime.mixed_precision("auto") == "no"
-    monkeypatch.delenv("COMPETITION_CPU_BF16")
-    assert runtime.cpu_has_bf16() == (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    monkeypatch.delenv("COMPETITION_CPU_BF16")  # then the CPU's own instructions decide
+    for avx512_bf16, amx, want in ((True, False, "bf16"), (False, True, "bf16"), (False, False, "no")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert runtime.mixed_precision("auto") == want
     assert runtime.mixed_precision("bf16") == "bf16"  # asked for by name: kept, native or not
 
 
