@@ -73,6 +73,16 @@ def file_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (np.asarray(logits).argmax(1).reshape(SEVERITIES, n) == labels[None]).mean(1)
 
 
+def image_standard_error(right: np.ndarray) -> float:
+    """Standard error of an OOD accuracy over its images: `right` (cells, N) marks each suite
+    image right or wrong in every corruption and severity. The cells share the same N images
+    (CIFAR-C's layout), so the estimate's noise is that of N images, not of cells x N: an image
+    the model gets wrong tends to be wrong in many cells. Reported next to the accuracy so a
+    difference between two runs can be read against it."""
+    per_image = np.asarray(right, float).mean(0)
+    return float(per_image.std(ddof=1) / np.sqrt(len(per_image))) if len(per_image) > 1 else float("nan")
+
+
 def table_summary(table: np.ndarray) -> dict:
     """The figures of an accuracy table (files x severities): every cell holds the same number
     of images, so the plain mean is the accuracy over the whole OOD set."""

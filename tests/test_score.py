@@ -89,7 +89,8 @@ def test_score_a_run(scored, capsys):
     # the families training saw (summary.json's trained_on: noise and weather here) and the rest's mean
     assert r["trained_on"] == ["fog", "gaussian_noise"] and r["unseen_accuracy"] == pytest.approx(0.8)
     out = capsys.readouterr().out
-    assert "OOD acc 0.9000" in out and "unseen families 0.8000 (1 of 2)" in out
+    assert "OOD acc 0.9000 +- 0.0000" in out and "unseen families 0.8000 (1 of 2)" in out
+    assert r["ood_se"] == 0  # every image right in 9 of the 10 cells: no spread between images
 
 
 def test_score_a_submission_through_its_json(scored, tmp_path):
@@ -139,3 +140,13 @@ def test_build_suite_without_test_split_uses_fold0_and_warns(tmp_path, capsys):
     assert "LEAK" in capsys.readouterr().err
     assert S._leaks([{"fold": 1}, {"fold": 0}], info, [runs.RunDir("r1"), runs.RunDir("r0")]) == ["r1"]
     assert runs.member_key("x") == "x"
+
+
+def test_standard_error_is_over_images_not_cells():
+    from competition.metrics import image_standard_error
+    right = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 0], [1, 0, 0]])  # 3 images, right in 4, 2 and 0 of 4 cells
+    assert image_standard_error(right) == pytest.approx(0.5 / np.sqrt(3))  # per image 1, .5, 0: sd .5
+    # 95 cells that agree on which images are hard are no more certain than one cell
+    one = right[1:2]
+    assert image_standard_error(np.repeat(one, 95, 0)) == image_standard_error(one) == pytest.approx(
+        np.std([1, 0, 0], ddof=1) / np.sqrt(3))
