@@ -55,11 +55,12 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="members trained with seeds 0..K-1 on the same folds; K > 1 "
                                                         "adds the ensemble's rows (no adaptation, then --adapt)")
-    p.add_argument("--k", type=int, default=10, help="folds of the bench's own split (fold 0 measured, fold 1 the pool)")
+    p.add_argument("--k", type=int, default=10, help="folds of the bench's own split (fold 0 measured, 1 the pool)")
     p.add_argument("--tta", default="shift1")
     p.add_argument("--no-tent", action="store_true", help="skip TENT (its predictions are the slowest step)")
     p.add_argument("--adapt", default="auto", choices=("auto", "bn", "none"),
                    help="the ensemble's adaptation, the one self-training starts from (auto: per member, on the suite)")
+    p.add_argument("--train-args", default="", help="extra KEY=VALUE overrides for the members, e.g. 'epochs=11'")
     p.add_argument("--selftrain-args", default="", help="extra selftrain flags, e.g. '--lr 0.01 --epochs 1'")
     p.add_argument("--out", default=str(ROOT / "models" / "bench-test-time"))
     args = p.parse_args(argv)
@@ -77,10 +78,11 @@ def main(argv=None):
     times["train"] = sum(sh(["-m", "competition.train", "--preset", args.preset, "--fold", "0", "dataset=imagefolder",
                              f"data={args.data}", "exclude_folds=[1]", f"folds_dir={fdir}",
                              f"models_dir={out / 'models'}",
-                             f"name={r.name}", f"seed={k}"], log) for k, r in enumerate(seeds))
-    times["suites"] = sh(["-m", "competition.score", "suite", "--out", str(measure), *data, "--fold", "0", "--n",
-                          str(args.measure_n)], log) + sh(["-m", "competition.score", "suite", "--out", str(pool), *data,
-                                                         "--fold", "1", "--n", str(args.pool_n), "--seed", "1"], log)
+                             f"name={r.name}", f"seed={k}", *args.train_args.split()], log)
+                         for k, r in enumerate(seeds))
+    suite = ["-m", "competition.score", "suite", *data, "--out"]
+    times["suites"] = (sh([*suite, str(measure), "--fold", "0", "--n", str(args.measure_n)], log)
+                       + sh([*suite, str(pool), "--fold", "1", "--n", str(args.pool_n), "--seed", "1"], log))
     modes = ("none", "bn") if args.no_tent else ("none", "bn", "tent")
     for adapt in modes:
         how = ["--adapt", adapt] if adapt != "none" else []

@@ -64,13 +64,18 @@ def ece(logits: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
     return Calibration(bins).add(logits, labels).ece()
 
 
-def file_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Accuracy per severity (5,) of one OOD file's logits (5*N rows, severity-major) against the
-    suite's N labels (the same images at every severity)."""
+def file_right(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(5, N) right/wrong of one OOD file's logits (5*N rows, severity-major) against the suite's
+    N labels (the same images at every severity)."""
     n = len(labels)
     if len(logits) != SEVERITIES * n:
         raise CompetitionError(f"{len(logits)} logit rows for a suite of {n} labels x {SEVERITIES} severities")
-    return (np.asarray(logits).argmax(1).reshape(SEVERITIES, n) == labels[None]).mean(1)
+    return np.asarray(logits).argmax(1).reshape(SEVERITIES, n) == labels[None]
+
+
+def file_accuracy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Accuracy per severity (5,) of one OOD file's logits (see file_right)."""
+    return file_right(logits, labels).mean(1)
 
 
 def image_standard_error(right: np.ndarray) -> float:

@@ -32,7 +32,7 @@ import numpy as np
 from competition import data, folds, plots
 from competition.corruptions import trained_on
 from competition.files import CompetitionError, cli, read_json, save_json, save_text
-from competition.metrics import Calibration, accuracy, ece, file_accuracy, image_standard_error, table_summary
+from competition.metrics import Calibration, accuracy, ece, file_right, image_standard_error, table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, default_setting, expand_runs, file_hash, \
     members_from_json, ood_logits, oof_labels, setting_name, test_logits
 
@@ -195,8 +195,8 @@ def score_table(ood: data.OodSet, members, weights, bins: int) -> dict:
     labels, info = ood.labels, ood.info()
     cal, names, table, right = Calibration(bins), [], [], []
     for src, z in ood_logits(members, weights, ood):
-        table.append(file_accuracy(z, labels))
-        right.append(np.asarray(z).argmax(1).reshape(SEV, -1) == labels)
+        right.append(file_right(z, labels))
+        table.append(right[-1].mean(1))
         cal.add(z, np.tile(labels, SEV))
         names.append(info["names"].get(src.name, src.stem))
     table = np.stack(table)
@@ -206,7 +206,7 @@ def score_table(ood: data.OodSet, members, weights, bins: int) -> dict:
 
 
 def _se(result: dict) -> str:
-    """' +- s.e.' of an OOD accuracy, for reports written before it was recorded: ''."""
+    """' +- s.e.' to follow an OOD accuracy; '' for scores saved before ood_se was recorded."""
     se = result.get("ood_se")
     return f" +- {se:.4f}" if se is not None and np.isfinite(se) else ""
 
@@ -218,8 +218,8 @@ def say_result(result: dict, info: dict, prefix: Path, say=print) -> None:
     n_unseen = sum(c not in result["trained_on"] for c in result["corruptions"])
     unseen = (f" | unseen families {result['unseen_accuracy']:.4f} ({n_unseen} of {len(result['corruptions'])})"
               if result["trained_on"] and result["unseen_accuracy"] is not None else "")
-    say(f"score {result['target']}: clean acc {clean} | OOD acc {result['ood_accuracy']:.4f}{_se(result)} (leaderboard estimate, "
-        f"{', '.join(result['settings'])}){unseen} | ECE clean {_fmt(result['clean_ece'])} OOD "
+    say(f"score {result['target']}: clean acc {clean} | OOD acc {result['ood_accuracy']:.4f}{_se(result)} "
+        f"(leaderboard estimate, {', '.join(result['settings'])}){unseen} | ECE clean {_fmt(result['clean_ece'])} OOD "
         f"{result['ood_ece']:.4f} | report {Path(f'{prefix}.md')}")
     if result["leaking_runs"]:
         say(f"warning: {', '.join(result['leaking_runs'])} trained on the suite's images (fold "
