@@ -118,9 +118,9 @@ def main(argv=None):
                      f"{100 * st['pseudo_label_accuracy']:.1f}% right; "
                      f"{', '.join(m['setting'] for m in info['members'])})",
                      info["oof"]["accuracy"], _suite_score(info, measure)["ood_accuracy"], t))
-    print(f"\n{args.preset} ({len(seeds)} seed(s)) trained on folds 2-{args.k - 1} of {args.k} (fold 1 "
-          f"excluded: the unlabelled pool), "
-          f"fold 0 held out; measuring suite {measure.name}; TTA {args.tta}; the first rows are seed 0's model, "
+    print(f"\n{args.preset} ({len(seeds)} seed(s)) trained on folds 2-{args.k - 1} of {args.k} (fold 1 excluded: "
+          f"the unlabelled pool), fold 0 held out; measuring suite {measure.name}; TTA {args.tta}; the first rows "
+          f"are seed 0's model, "
           f"their times every member's; the clean figure of an ensemble is its own (its members' TTA logits)\n")
     print("| method | clean held-out (TTA) | local-suite OOD | wall s of the step |\n|---|---:|---:|---:|")
     for name, clean, ood, secs in rows:
