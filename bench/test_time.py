@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
+
+from competition import submit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,10 +54,10 @@ def _suite_score(info: dict, measure: Path) -> dict:
 
 def _csv_accuracy(csv: Path, pool: Path) -> float:
     """A submission CSV's accuracy on the labelled pool it predicts, from its ids (distortionNN_s_i:
-    row i of severity s) and the pool's labels.npy; written apart from score.py, as a check on it."""
-    sub, labels = pd.read_csv(csv), np.load(pool / "labels.npy")
-    row = sub["id"].map(lambda i: int(re.fullmatch(r"distortion\d+_\d+_(\d+)", i).group(1)))
-    return float((sub["label"].to_numpy() == labels[row.to_numpy()]).mean())
+    row i of severity s) and the pool's labels.npy: from the CSV, not score.py's logits, as a check."""
+    sub, labels = submit.read_csv(csv), np.load(pool / "labels.npy")
+    row = sub["id"].str.extract(submit.ID_PATTERN)[2].astype(int).to_numpy()
+    return float((sub["label"].astype(int).to_numpy() == labels[row]).mean())
 
 
 def main(argv=None):
