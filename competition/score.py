@@ -180,14 +180,30 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
     save_text(Path(f"{prefix}.md"), markdown(result, ood.info()))
     plots.heatmap(np.asarray(result["table"]), result["corruptions"], Path(f"{prefix}.png"),
                   f"{target.name}: OOD accuracy ({', '.join(result['settings'])})")
-    save_json(Path(f"{prefix}.json"), {k: v for k, v in result.items()})
+    save_json(Path(f"{prefix}.json"), {k: v for k, v in result.items() if k != PER_IMAGE})
     if is_json:
         spec = members_from_json(target)[2]
         key = "local_score" + ("" if all(adaptation(m.setting) == "none" for m in members) else "_adapted")
-        spec[key] = {k: v for k, v in result.items() if k != "table"}
+        spec[key] = {k: v for k, v in result.items() if k not in ("table", PER_IMAGE)}
         save_json(target, spec)
     say_result(result, ood.info(), prefix, say)
     return result
+
+
+# Result key (never saved) of each suite image's accuracy over all corruptions and severities:
+# what a paired comparison of two targets on the same suite differences.
+PER_IMAGE = "per_image_accuracy"
+
+
+def paired_difference(a: dict, b: dict) -> tuple[float, float]:
+    """(accuracy of b - accuracy of a, its standard error) over the suite's images, paired: both
+    were scored on the same images, so the noise of which images the suite drew cancels, and a
+    difference far smaller than either score's own +- can still be told from zero."""
+    x, y = np.asarray(a[PER_IMAGE]), np.asarray(b[PER_IMAGE])
+    if a["ood_dir"] != b["ood_dir"] or x.shape != y.shape:
+        raise CompetitionError(f"{a['target']} and {b['target']} were scored on different suites: no paired difference")
+    d = y - x
+    return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 def score_table(ood: data.OodSet, members, weights, bins: int) -> dict:
@@ -200,9 +216,10 @@ def score_table(ood: data.OodSet, members, weights, bins: int) -> dict:
         cal.add(z, np.tile(labels, SEV))
         names.append(info["names"].get(src.name, src.stem))
     table = np.stack(table)
+    right = np.concatenate(right)
     return {"images_per_severity": int(len(labels)), **table_summary(table),
-            "ood_se": image_standard_error(np.concatenate(right)), "ood_ece": cal.ece(),
-            "corruptions": names, "table": table.round(6).tolist()}
+            "ood_se": image_standard_error(right), "ood_ece": cal.ece(),
+            "corruptions": names, "table": table.round(6).tolist(), PER_IMAGE: right.mean(0)}
 
 
 def _se(result: dict) -> str:
@@ -304,6 +321,10 @@ def main(argv=None):
     for t in a.targets:
         targets = [Path(t)] if t.endswith(".json") else [r.path for r in expand_runs([t])]
         results += [score_target(x, a.ood_dir, a.tta, a.adapt, a.bins) for x in targets]
+    for r in results[1:]:  # several targets: each against the first, on the same images
+        diff, se = paired_difference(results[0], r)
+        print(f"{r['target']} - {results[0]['target']}: OOD acc {100 * diff:+.2f} +- {100 * se:.2f} points "
+              f"(paired over the suite's {r['images_per_severity']} images)")
     return results
 
 

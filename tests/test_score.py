@@ -150,3 +150,18 @@ def test_standard_error_is_over_images_not_cells():
     one = right[1:2]
     assert image_standard_error(np.repeat(one, 95, 0)) == image_standard_error(one) == pytest.approx(
         np.std([1, 0, 0], ddof=1) / np.sqrt(3))
+
+
+def test_paired_difference_over_the_same_images(scored, capsys):
+    a = {"target": "a", "ood_dir": "s", S.PER_IMAGE: np.array([1, 1, 0, 0.5])}
+    b = {"target": "b", "ood_dir": "s", S.PER_IMAGE: np.array([1, 1, 1, 0.5])}
+    diff, se = S.paired_difference(a, b)
+    assert diff == pytest.approx(0.25) and se == pytest.approx(0.25)  # d = [0, 0, 1, 0]: sd 0.5 over 2
+    with pytest.raises(CompetitionError, match="different suites"):
+        S.paired_difference(a, {**b, "ood_dir": "other"})
+    suite, run = scored
+    results = S.main([str(run), str(run), "--ood-dir", str(suite)])
+    assert S.PER_IMAGE not in json.loads(runs.RunDir(run).score_prefix("flip", data.OodSet(suite))
+                                         .with_suffix(".json").read_text())
+    assert results[0][S.PER_IMAGE].shape == (6,)
+    assert "OOD acc +0.00 +- 0.00 points (paired over the suite's 6 images)" in capsys.readouterr().out
