@@ -10,7 +10,8 @@ Measured per image on random uint8 images through the pipeline's own code: plain
 then the BN pass), and a training step (self-training fine-tunes on the training folds plus
 the pseudo-labelled images: its cost is images x epochs training steps). The table gives
 seconds per 1,000 images and the estimate for 950,000 (self-training: per round, with
---max-images pseudo-labels and the 50,000 training images of CIFAR-100).
+--max-images pseudo-labels and a k=5 member's 40,000 labelled CIFAR-100 images; selftrain's
+default cap is half of those).
 """
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ sys.path.insert(0, str(ROOT))
 import numpy as np
 import torch
 
-from competition import adapt, augment, models, runtime, tta
+from competition import adapt, augment, models, runtime, selftrain, tta
 from competition.config import load_config
 from competition.runs import RunDir
 from competition.train import step_throughput
+
+LABELLED = 40_000  # a k=5 member's training images of CIFAR-100's 50,000
 
 
 def per_image(fn, n: int) -> float:
@@ -47,8 +50,9 @@ def main(argv=None):
     p.add_argument("--images", type=int, default=4096, help="images per measurement")
     p.add_argument("--tta", default=None, help="TTA views (default: the preset's oof_tta)")
     p.add_argument("--tent-steps", type=int, default=1)
-    p.add_argument("--selftrain-images", type=int, default=200_000, help="pseudo-labels per round (--max-images)")
-    p.add_argument("--selftrain-epochs", type=int, default=2)
+    p.add_argument("--selftrain-images", type=int, default=int(selftrain.PSEUDO_FRACTION * LABELLED),
+                   help="pseudo-labels per round (selftrain --max-images; default: its default for a k=5 member)")
+    p.add_argument("--selftrain-epochs", type=int, default=3, help="selftrain --epochs")
     args = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not torch.cuda.is_available():
@@ -86,7 +90,7 @@ def main(argv=None):
     t_plain, t_bn, t_tent = per_image(plain, n), per_image(bn, n), per_image(tent, n)
     train_ips, _ = step_throughput({**cfg, "batch_size": 256}, steps=max(2, n // 256 // 2))
     total = 950_000
-    st_images = (50_000 + args.selftrain_images) * args.selftrain_epochs
+    st_images = (LABELLED + args.selftrain_images) * args.selftrain_epochs
     rows = [("predict, TTA " + tta.tta_name(views) + f" ({len(views)} views)", t_plain, t_plain * total),
             ("+ BN adaptation (per file and severity)", t_bn, (t_plain + t_bn) * total),
             (f"+ TENT ({args.tent_steps} step)", t_tent, (t_plain + t_tent) * total),

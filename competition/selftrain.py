@@ -24,10 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
-from competition import data, ensemble, predict, score, train, tta
+from competition import data, ensemble, folds, predict, score, train, tta
 from competition.files import CompetitionError, cli, read_json, save_json
 from competition.metrics import softmax
 from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits
+
+# Defaults measured on the stand-in (bench/NOTES.md, test-time learning, fifth sitting): five
+# part1_cpu members on 40,000 labelled images, a pool of 2,000 distinct images x 95 corruptions.
+# Fine-tuning at 0.3x the members' own peak lr for 3 epochs on pseudo-labels >= 0.8, capped at
+# half the labelled images, gained +0.4 OOD over two rounds where 80,000 uncapped pseudo-labels
+# at that lr lost a point (they outweigh the labelled data 2:1 and pull the members off it).
+# Relative to the members, not absolute, so a ResNet trained at lr 0.2 or fine-tuned at 0.05
+# gets the same treatment as the 0.1 CPU model it was measured on.
+LR_FRACTION = 0.3
+PSEUDO_FRACTION = 0.5
 
 
 def select(probs: np.ndarray, threshold: float, per_class: int | None) -> np.ndarray:
@@ -52,8 +62,11 @@ def suite_rows(ood: data.OodSet) -> set[int] | None:
 
 
 def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_images: int | None):
-    """(images, soft targets, report) from a submission's ensembled OOD predictions."""
+    """(images, soft targets, report) from a submission's ensembled OOD predictions. max_images
+    None: PSEUDO_FRACTION of the fewest labelled images a member trained on; 0: no cap."""
     members, weights, spec = members_from_json(spec_path)
+    if max_images is None:
+        max_images = int(PSEUDO_FRACTION * min(labelled_images(source_run(r)) for m in members for r in m.runs))
     ood = data.OodSet(spec["ood_dir"])
     for m in members:  # never the held-out fold's images: the OOF figures would no longer be honest
         src = suite_rows(ood)
@@ -80,7 +93,7 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
         right = None if right is None else right[keep]
     if not len(images):
         raise CompetitionError(f"no OOD image reaches confidence {threshold}: lower --threshold")
-    rep = {"images": int(len(images)), "of": int(sum(ood.rows)), "threshold": threshold,
+    rep = {"images": int(len(images)), "of": int(sum(ood.rows)), "threshold": threshold, "max_images": max_images,
            "per_class": np.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist(),
            "mean_confidence": float(probs.max(1).mean()), "ood_dir": str(ood.path),
            "source_rows": sorted(suite_rows(ood) or [])}
@@ -89,10 +102,35 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
     return members, spec, images, probs, rep
 
 
-def fine_tune(run: RunDir, pseudo: Path, chain: str, round_: int, epochs: int, lr: float, force: bool) -> RunDir:
+def source_run(run: RunDir) -> RunDir:
+    """The run a self-trained run descends from (itself when it is not one): its lr and its
+    training images are the reference for every round's defaults."""
+    seen = set()
+    while run.config().get("pseudo") and run.config().get("init_from") and run.path not in seen:
+        seen.add(run.path)
+        run = RunDir(run.config()["init_from"])
+    return run
+
+
+def labelled_images(run: RunDir) -> int:
+    """How many labelled images `run` trained on: its folds file's training rows (its fold and
+    exclude_folds left out), at most train_subset."""
+    cfg = run.config()
+    path = folds.folds_path(folds.dataset_name(cfg["dataset"], cfg.get("data")), cfg["folds_dir"])
+    if not path.exists():
+        raise CompetitionError(f"{path} (the folds {run} trained on) is missing: pass --max-images, or restore it")
+    fold = folds.read_folds(path)["fold"].to_numpy()
+    rows = ~np.isin(fold, cfg.get("exclude_folds") or []) & (fold != cfg["fold"])
+    return int(min(rows.sum(), cfg.get("train_subset") or rows.sum()))
+
+
+def fine_tune(run: RunDir, pseudo: Path, chain: str, round_: int, epochs: int, lr: float | None,
+              force: bool) -> RunDir:
     """The run fine-tuned on its training folds + the pseudo-labelled images: a new run folder,
-    <run>-<submission>-st<round> (round 2 continues from round 1's run, named after the original)."""
+    <run>-<submission>-st<round> (round 2 continues from round 1's run, named after the original).
+    lr None: LR_FRACTION of the original run's peak lr."""
     base = re.sub(rf"-{re.escape(chain)}-st\d+$", "", run.name)
+    lr = lr if lr is not None else LR_FRACTION * float(source_run(run).config()["lr"])
     cfg = {**run.config(), "name": f"{base}-{chain}-st{round_}", "init_from": str(run.path), "pseudo": str(pseudo),
            "epochs": epochs, "lr": lr, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0, "jsd": 0.0,
            "stop_after": None, "unfreeze": None}
@@ -103,6 +141,7 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
     """Pseudo-label, fine-tune every member run, predict and ensemble again; returns the new JSON."""
     t0 = time.time()
     members, spec, images, probs, rep = pseudo_set(spec_path, args.threshold, args.per_class, args.max_images)
+    cap = rep["max_images"]
     chain = re.sub(r"-st\d+$", "", spec["name"])
     name = f"{chain}-st{round_}"
     folder = Path(args.out_dir) / "selftrain" / name
@@ -112,8 +151,10 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
     np.savez(with_tmp, images=images, probs=probs)
     with_tmp.replace(pseudo)
     save_json(pseudo.with_suffix(".json"), rep)
+    lr = f"lr {args.lr}" if args.lr is not None else f"lr {LR_FRACTION} x each member's own"
     say(f"round {round_}: {rep['images']} of {rep['of']} OOD images pseudo-labelled (confidence >= {args.threshold}, "
-        f"mean {rep['mean_confidence']:.3f}; per class {rep['per_class']})")
+        f"at most {cap or 'all'}, mean {rep['mean_confidence']:.3f}; per class {rep['per_class']}); fine-tuning "
+        f"{args.epochs} epochs at {lr}")
     suite = data.OodSet(args.suite) if args.suite else None
     if suite is not None and suite_rows(suite) and suite_rows(suite) & set(rep["source_rows"]):
         raise CompetitionError(f"{suite.path} holds images that are pseudo-labelled here: scoring on it would measure "
@@ -146,12 +187,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("submission", help="submissions/<name>.json (competition.ensemble's sidecar)")
     p.add_argument("--rounds", type=int, default=1, help="self-training rounds (1-2 pay; each starts from the last)")
-    p.add_argument("--threshold", type=float, default=0.9, help="keep OOD rows whose top probability is at least this")
+    p.add_argument("--threshold", type=float, default=0.8, help="keep OOD rows whose top probability is at least this")
     p.add_argument("--per-class", type=int, default=None, help="at most this many pseudo-labels per class "
                                                                "(default: 1.5x the median class count)")
-    p.add_argument("--max-images", type=int, default=200_000, help="at most this many pseudo-labelled images")
-    p.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs per round")
-    p.add_argument("--lr", type=float, default=0.005, help="fine-tuning learning rate (cosine to 0)")
+    p.add_argument("--max-images", type=int, default=None, help="at most this many pseudo-labelled images, a seeded "
+                   f"sample (default: {PSEUDO_FRACTION}x the labelled images the members trained on; 0: no cap)")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs per round")
+    p.add_argument("--lr", type=float, default=None, help="fine-tuning peak learning rate, cosine to 0 (default: "
+                   f"{LR_FRACTION}x each member's own training lr)")
     p.add_argument("--suite", help="a labelled local suite to score each round on (its images must not be pseudo-"
                                    "labelled ones)")
     p.add_argument("--out-dir", default="submissions", help="where each round's <name>-st<r>.csv/.json and its "
@@ -160,6 +203,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.threshold < 1 or args.rounds < 1:
         raise CompetitionError("--threshold must lie in (0, 1) and --rounds be at least 1")
+    if (args.max_images is not None and args.max_images < 0) or (args.lr is not None and not args.lr > 0):
+        raise CompetitionError("--max-images must be >= 0 (0: no cap) and --lr > 0")
     spec = Path(args.submission)
     done = (read_json(spec) or {}).get("selftrain", {}).get("round", 0)  # continuing a self-trained submission
     for r in range(done + 1, done + args.rounds + 1):

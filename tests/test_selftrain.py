@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from competition import ensemble, predict, score, selftrain, train, tta
@@ -44,6 +45,14 @@ def test_one_round_trains_predicts_and_ensembles_again(world):
     assert new.finished and cfg["init_from"] == str(run) and cfg["pseudo"].endswith("pseudo.npz")
     assert cfg["fold"] == 0 and cfg["exclude_folds"] == [1]  # its held-out fold is the original's: OOF stays honest
     assert np.array_equal(new.oof_index(), RunDir(run).oof_index())
+    # the defaults are relative to the members: a fraction of their lr and of their labelled images
+    source = RunDir(run).config()
+    fold = pd.read_csv(tmp / "folds" / "digits.csv")["fold"].to_numpy()
+    labelled = int(((fold != 0) & (fold != 1)).sum())
+    assert cfg["lr"] == pytest.approx(selftrain.LR_FRACTION * source["lr"])
+    assert info["selftrain"]["max_images"] == int(selftrain.PSEUDO_FRACTION * labelled)
+    assert selftrain.labelled_images(RunDir(run)) == labelled
+    assert selftrain.source_run(new).path == RunDir(run).path  # round 2's lr comes from the original, not round 1
     assert "local_score" in info or "local_score_adapted" in info
 
 
