@@ -6,6 +6,7 @@ accuracy, its local-suite OOD accuracy and the wall time of each step.
     python bench/test_time.py --data PATH --rounds 1 --measure-n 500    # quicker, noisier
     python bench/test_time.py --data PATH --seeds 3      # an ensemble of 3 seeds instead of one model
     python bench/test_time.py --data PATH --k 5          # folds of 10,000: members train on 30,000
+    python bench/test_time.py --data PATH --folds-seed 1 --out models/bench-test-time-fs1   # other images throughout
 
 The stand-in needs unlabelled "test files" that no model trained on and that are not the
 measuring suite: fold 1 is excluded from training (exclude_folds=[1]) and its images, corrupted
@@ -72,6 +73,8 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=1, help="members trained with seeds 0..K-1 on the same folds; K > 1 "
                                                         "adds the ensemble's rows (no adaptation, then --adapt)")
     p.add_argument("--k", type=int, default=10, help="folds of the bench's own split (fold 0 measured, 1 the pool)")
+    p.add_argument("--folds-seed", type=int, default=0, help="seed of that split: another seed draws other images "
+                   "for members, pool and measure (an independent repeat of the whole table)")
     p.add_argument("--tta", default="shift1")
     p.add_argument("--no-tent", action="store_true", help="skip TENT (its predictions are the slowest step)")
     p.add_argument("--adapt", default="auto", choices=("auto", "bn", "none"),
@@ -87,7 +90,8 @@ def main(argv=None):
     log = open(out / "log.txt", "a")
     data = ["--dataset", "imagefolder", "--data", args.data]
     fdir = out / "folds"
-    sh(["-m", "competition.folds", *data, "--k", str(args.k), "--folds-dir", str(fdir)], log)
+    sh(["-m", "competition.folds", *data, "--k", str(args.k), "--seed", str(args.folds_seed), "--folds-dir", str(fdir)],
+       log)
     data += ["--folds-dir", str(fdir)]
     measure, pool = out / f"suite-f0-n{args.measure_n}", out / f"pool-f1-n{args.pool_n}"
     run = out / "models" / "base"
@@ -139,9 +143,9 @@ def main(argv=None):
                      info["oof"]["accuracy"], _suite_score(info, measure)["ood_accuracy"],
                      _csv_accuracy(subs / f"st-st{r}.csv", pool), t))
     print(f"\n{args.preset} ({len(seeds)} seed(s)) trained on folds 2-{args.k - 1} of {args.k} (fold 1 excluded: "
-          f"the unlabelled pool), fold 0 held out; measuring suite {measure.name}; TTA {args.tta}; the first rows "
-          f"are seed 0's model, "
-          f"their times every member's; the clean figure of an ensemble is its own (its members' TTA logits)\n")
+          f"the unlabelled pool), fold 0 held out; measuring suite {measure.name}; TTA {args.tta}; the first rows\n"
+          f"are seed 0's model, their times every member's; an ensemble's clean figure is its own (its members' TTA "
+          f"logits)\n")
     print("| method | clean held-out (TTA) | local-suite OOD | pool OOD (transductive after self-training) "
           "| wall s of the step |\n|---|---:|---:|---:|---:|")
     for name, clean, ood, on_pool, secs in rows:
