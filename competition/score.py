@@ -147,6 +147,11 @@ def run_target(run: RunDir, setting: str):
     return [member], np.ones(1), test_logits([member], np.ones(1)), oof_acc
 
 
+# Result key (never saved) of each suite image's accuracy over all corruptions and severities:
+# what a paired comparison of two targets on the same suite differences.
+PER_IMAGE = "per_image_accuracy"
+
+
 def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "none", bins: int = 15, out=None,
                  say=print) -> dict:
     """Score a run folder (under the setting of `tta_name` and `adapt`; default TTA: the run's own)
@@ -188,11 +193,6 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
         save_json(target, spec)
     say_result(result, ood.info(), prefix, say)
     return result
-
-
-# Result key (never saved) of each suite image's accuracy over all corruptions and severities:
-# what a paired comparison of two targets on the same suite differences.
-PER_IMAGE = "per_image_accuracy"
 
 
 def paired_difference(a: dict, b: dict) -> tuple[float, float]:

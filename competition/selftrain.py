@@ -119,9 +119,8 @@ def labelled_images(run: RunDir) -> int:
     path = folds.folds_path(folds.dataset_name(cfg["dataset"], cfg.get("data")), cfg["folds_dir"])
     if not path.exists():
         raise CompetitionError(f"{path} (the folds {run} trained on) is missing: pass --max-images, or restore it")
-    fold = folds.read_folds(path)["fold"].to_numpy()
-    rows = ~np.isin(fold, cfg.get("exclude_folds") or []) & (fold != cfg["fold"])
-    return int(min(rows.sum(), cfg.get("train_subset") or rows.sum()))
+    rows, _ = train.fold_rows(folds.read_folds(path)["fold"].to_numpy(), cfg, path)
+    return min(len(rows), cfg.get("train_subset") or len(rows))  # train samples train_subset of them
 
 
 def fine_tune(run: RunDir, pseudo: Path, chain: str, round_: int, epochs: int, lr: float | None,

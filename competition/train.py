@@ -169,6 +169,20 @@ def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force:
 # ---------------------------------------------------------------------------- data
 
 
+def fold_rows(fold: np.ndarray, cfg: dict, path) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out rows for cfg['fold'], given every row's fold (from the folds file
+    `path`): exclude_folds in neither; fold -1 trains on all the others and holds out none."""
+    k = int(fold.max()) + 1
+    excluded = np.isin(fold, cfg.get("exclude_folds") or [])  # a reserve: neither trained on nor held out
+    if cfg["fold"] in (cfg.get("exclude_folds") or []):
+        raise CompetitionError(f"fold={cfg['fold']} is also in exclude_folds {cfg['exclude_folds']}")
+    if cfg["fold"] == -1:
+        return np.flatnonzero(~excluded), np.arange(0)
+    if not 0 <= cfg["fold"] < k:
+        raise CompetitionError(f"fold={cfg['fold']} but {path} has folds 0..{k - 1} (or -1 to train on all)")
+    return np.flatnonzero((fold != cfg["fold"]) & ~excluded), np.flatnonzero(fold == cfg["fold"])
+
+
 def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, np.ndarray]:
     """Training and held-out rows for cfg['fold'] from folds/<dataset>.csv (written with the
     defaults, k=5 seed 0, when it does not exist yet)."""
@@ -182,16 +196,9 @@ def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, 
     if len(frame) != len(labels) or not np.array_equal(frame["label"].to_numpy(), labels):
         raise CompetitionError(f"{path} was made for a different dataset ({len(frame)} rows, this one has "
                                f"{len(labels)} images); rerun `python -m competition.folds --force` for it")
-    fold = frame["fold"].to_numpy()
-    k = int(fold.max()) + 1
-    excluded = np.isin(fold, cfg.get("exclude_folds") or [])  # a reserve: neither trained on nor held out
-    if cfg["fold"] in (cfg.get("exclude_folds") or []):
-        raise CompetitionError(f"fold={cfg['fold']} is also in exclude_folds {cfg['exclude_folds']}")
+    train_rows, val_rows = fold_rows(frame["fold"].to_numpy(), cfg, path)
     if cfg["fold"] == -1:
-        return np.flatnonzero(~excluded), np.arange(0)
-    if not 0 <= cfg["fold"] < k:
-        raise CompetitionError(f"fold={cfg['fold']} but {path} has folds 0..{k - 1} (or -1 to train on all)")
-    train_rows, val_rows = np.flatnonzero((fold != cfg["fold"]) & ~excluded), np.flatnonzero(fold == cfg["fold"])
+        return train_rows, val_rows
     n_classes = int(labels.max()) + 1
     for rows, what in ((train_rows, "training folds"), (val_rows, f"held-out fold {cfg['fold']}")):
         absent = np.setdiff1d(np.arange(n_classes), labels[rows])
