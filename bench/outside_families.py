@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from competition import data, score  # noqa: E402
+from competition import score  # noqa: E402
 from competition.corruptions import derived_seed  # noqa: E402
 from competition.data import SEVERITIES, check_images, ood_name  # noqa: E402
 from competition.files import CompetitionError, save_json, save_npy  # noqa: E402
@@ -209,9 +209,7 @@ def main(argv=None):
             raise CompetitionError(f"unknown family {', '.join(unknown) or '(none)'}; "
                                    f"choose from {', '.join(FAMILIES)}")
         images, labels, source = score.held_out_images(a.dataset, a.data, a.data_dir, a.folds_dir, a.fold)
-        rows = data.sample_rows(len(images), a.n, a.seed)
-        if "fold_rows" in source:  # the leak check reads which training rows the suite holds
-            source["source_rows"] = np.asarray(source.pop("fold_rows"))[rows].tolist()
+        rows = score.suite_rows(source, len(images), a.n, a.seed)  # the rows `score suite` would take
         t0 = time.time()
         make_suite(images[rows], None if labels is None else labels[rows], a.out, a.seed, names,
                    {**source, "rows": rows.tolist()})

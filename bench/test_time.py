@@ -33,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from competition import submit
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # as the other bench scripts: runs from a checkout without the package installed
+
+from competition import submit  # noqa: E402
 
 
 def sh(args: list[str], log) -> float:

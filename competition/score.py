@@ -71,6 +71,15 @@ def images_from_file(path) -> tuple[np.ndarray, None, dict]:
     return images, None, {"images": str(path)}
 
 
+def suite_rows(source: dict, count: int, n: int, seed: int) -> np.ndarray:
+    """The seeded `n` of `count` images a suite corrupts; records in `source` which rows of the
+    folds CSV they are (source_rows, for leak checks) when they come from a fold."""
+    rows = data.sample_rows(count, n, seed)
+    if "fold_rows" in source:
+        source["source_rows"] = np.asarray(source.pop("fold_rows"))[rows].tolist()
+    return rows
+
+
 def build_suite(out, dataset: str = "digits", path=None, data_dir="data", folds_dir="folds", n: int = 200,
                 seed: int = 0, names=None, workers: int | None = None, images_npy=None, preview=None,
                 preview_images: int = 2, fold: int | None = None) -> Path:
@@ -81,9 +90,7 @@ def build_suite(out, dataset: str = "digits", path=None, data_dir="data", folds_
 
     images, labels, source = images_from_file(images_npy) if images_npy else held_out_images(dataset, path, data_dir,
                                                                                              folds_dir, fold)
-    rows = data.sample_rows(len(images), n, seed)
-    if "fold_rows" in source:  # which rows of the folds CSV the suite's images are (for leak checks)
-        source["source_rows"] = np.asarray(source.pop("fold_rows"))[rows].tolist()
+    rows = suite_rows(source, len(images), n, seed)
     names = list(names or corruptions.CORRUPTIONS)
     t0 = time.time()
     corruptions.make_suite(images[rows], out, seed=seed, names=names,
