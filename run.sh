@@ -14,11 +14,14 @@
 #   --parts 1,2,3 [1,2,3]   --folds K: train folds 0..K-1 of the split [1]   --k K: split size [5]
 #   --preset NAME   added after part<N> [digits: demo; else none]
 #   --weights PATH  Part 3 ImageNet ResNet-50 weights file (offline machines)
+#   --measure-n N   training images reserved to measure the local estimate on (folds --measure-n;
+#                   N or a share below 1) [cifar100 5000, imagefolder 0.1; digits, cifar10: 0, their
+#                   test split measures]. 0 for the final submission: no local estimate then
 #   --n N           local suite images per corruption and severity [digits 40, else 1000]
 #   --tta NAME      predict's TTA [digits: shift (no mirror); else shift1]
 #   --tta-adapt none|bn|tent|auto   test-time adaptation of the OOD logits per file and severity
-#                   [auto: BN and TENT are predicted, and each member keeps whichever raises its
-#                   local-suite estimate; bn: cheap (one extra pass); tent: ~2-3x bn's cost]
+#                   [auto: BN and TENT are predicted, and each member keeps whichever is best on
+#                   its corrupted out-of-fold images; bn: cheap (one extra pass); tent: ~2-3x bn's]
 #   --selftrain R   R rounds of pseudo-label self-training on the OOD files (needs --ood-dir) [0]
 #   --name NAME     submission name, and the prefix of its run folders (NAME-part<P>-f<F>-s0)
 #                   [submission <dataset>-<preset>-p<parts>; runs <preset>-<dataset>-f<F>-s0]
@@ -34,7 +37,7 @@ CALLER=$PWD
 abspath() { [[ -z $1 || $1 == /* ]] && printf '%s' "$1" || printf '%s/%s' "$CALLER" "$1"; }
 cd "$(dirname "$0")"
 
-DATASET=digits DATA="" OOD_DIR="" PARTS=1,2,3 FOLDS=1 K=5 PRESET=unset WEIGHTS="" N="" TTA="" NAME=""
+DATASET=digits DATA="" OOD_DIR="" PARTS=1,2,3 FOLDS=1 K=5 PRESET=unset WEIGHTS="" N="" TTA="" NAME="" MEASURE_N=""
 ADAPT=auto RETRAIN=0 OVERWRITE=0 SELFTRAIN=0 USER_OVERRIDES=()
 PY=${PYTHON:-python}
 
@@ -51,6 +54,7 @@ while [[ $# -gt 0 ]]; do
     --preset) need "$@"; PRESET=$2; shift 2 ;;
     --weights) need "$@"; WEIGHTS=$2; shift 2 ;;
     --n) need "$@"; N=$2; shift 2 ;;
+    --measure-n) need "$@"; MEASURE_N=$2; shift 2 ;;
     --tta) need "$@"; TTA=$2; shift 2 ;;
     --name) need "$@"; NAME=$2; shift 2 ;;
     --bn-adapt) ADAPT=bn; shift ;;
@@ -67,14 +71,16 @@ done
 
 DATA=$(abspath "$DATA"); OOD_DIR=$(abspath "$OOD_DIR"); WEIGHTS=$(abspath "$WEIGHTS")
 case $DATASET in
-  digits) DSNAME=digits; [[ $PRESET == unset ]] && PRESET=demo; N=${N:-40}; TTA=${TTA:-shift} ;;
-  cifar10) DSNAME=cifar10; [[ $PRESET == unset ]] && PRESET=""; N=${N:-1000}; TTA=${TTA:-shift1} ;;
+  digits) DSNAME=digits; [[ $PRESET == unset ]] && PRESET=demo; N=${N:-40}; TTA=${TTA:-shift}
+          MEASURE_N=${MEASURE_N:-0} ;;
+  cifar10) DSNAME=cifar10; [[ $PRESET == unset ]] && PRESET=""; N=${N:-1000}; TTA=${TTA:-shift1}
+           MEASURE_N=${MEASURE_N:-0} ;;
   cifar100) DSNAME=cifar100; [[ $PRESET == unset ]] && PRESET=""; N=${N:-1000}; TTA=${TTA:-shift1}
-            OOD_DIR=${OOD_DIR:-data/ood-test} ;;
+            OOD_DIR=${OOD_DIR:-data/ood-test}; MEASURE_N=${MEASURE_N:-5000} ;;
   imagefolder) [[ -n $DATA ]] || { echo "run.sh: --dataset imagefolder needs --data PATH" >&2; exit 2; }
                b=$(basename "$DATA"); DSNAME=$(printf '%s' "${b%%.*}" | sed -E 's/[^A-Za-z0-9._-]+/-/g; s/^-+|-+$//g')
                DSNAME=${DSNAME:-images}; [[ $PRESET == unset ]] && PRESET=""
-               N=${N:-1000}; TTA=${TTA:-shift1} ;;
+               N=${N:-1000}; TTA=${TTA:-shift1}; MEASURE_N=${MEASURE_N:-0.1} ;;
   *) echo "run.sh: --dataset must be digits, cifar100, cifar10 or imagefolder" >&2; exit 2 ;;
 esac
 [[ $PARTS =~ ^[123](,[123])*$ ]] || { echo "run.sh: --parts must look like 1,2,3" >&2; exit 2; }
@@ -88,7 +94,8 @@ RUN_PREFIX=$NAME
 NAME=${NAME:-$DSNAME-${PRESET:-full}-p${PARTS//,/}}
 [[ $NAME =~ ^[A-Za-z0-9._+-]+$ ]] || {
   echo "run.sh: --name '$NAME' must be letters, digits and . _ + - (it names files)" >&2; exit 2; }
-SUITE=data/ood-local/$DSNAME-n$N
+SUITE=data/ood-local/$DSNAME-n$N  # images of the test split, or of the measure reserve (-m<size>-n<N>):
+[[ $MEASURE_N == 0 ]] || SUITE=data/ood-local/$DSNAME-m$MEASURE_N-n$N  # never a suite of other images
 DATA_ARGS=(); [[ -n $DATA ]] && DATA_ARGS=(--data "$DATA")
 OVERRIDES=(dataset="$DATASET"); [[ -n $DATA ]] && OVERRIDES+=(data="$DATA")
 OVERRIDES+=("${USER_OVERRIDES[@]}")
@@ -97,8 +104,8 @@ exec 3>&1 1>&2  # stage output to stderr; fd 3 keeps stdout for the CSV path
 T0=$SECONDS
 step() { printf '\n==== [%3ds] %s\n' $((SECONDS - T0)) "$*"; }
 
-step "folds: $DSNAME, k=$K"
-$PY -m competition.folds --dataset "$DATASET" "${DATA_ARGS[@]}" --k "$K"
+step "folds: $DSNAME, k=$K, measure reserve $MEASURE_N"
+$PY -m competition.folds --dataset "$DATASET" "${DATA_ARGS[@]}" --k "$K" --measure-n "$MEASURE_N"
 
 RUNS=()
 for P in ${PARTS//,/ }; do
@@ -156,9 +163,9 @@ if [[ $RETRAIN == 1 && $OVERWRITE == 0 ]]; then
   i=2; while [[ -e submissions/$SUB.csv ]]; do SUB=$NAME-$i; i=$((i + 1)); done
 fi
 OVER=(); [[ $OVERWRITE == 1 ]] && OVER=(--overwrite)
-step "ensemble -> submissions/$SUB.csv (weights fitted on out-of-fold logits; adaptation: $ADAPT)"
+step "ensemble -> submissions/$SUB.csv (weights and adaptation chosen on out-of-fold images; adaptation: $ADAPT)"
 $PY -m competition.ensemble "${RUNS[@]}" --name "$SUB" --ood-dir "$TARGET" --tta "$TTA" --adapt "$ADAPT" \
-  --suite "$SUITE" "${OVER[@]}"
+  "${OVER[@]}"
 
 if [[ $SELFTRAIN -gt 0 ]]; then
   step "self-training: $SELFTRAIN round(s) on the pseudo-labelled $TARGET"

@@ -2,7 +2,7 @@
 of this project, in the competition's file format, so that a gain measured on the 19 can be
 checked for overfitting to them.
 
-    python bench/outside_families.py --data PATH/cifar10-jpg-train.tar.gz --folds-dir FOLDS --fold 0 \\
+    python bench/outside_families.py --data PATH/cifar10-jpg-train.tar.gz --folds-dir FOLDS \\
         --n 5000 --out models/bench-outside/suite-f0-n5000 [--preview outside.png]
     python -m competition.predict RUN --ood-dir models/bench-outside/suite-f0-n5000 --adapt bn --no-test
     python -m competition.score SUBMISSION.json --ood-dir models/bench-outside/suite-f0-n5000
@@ -195,7 +195,8 @@ def main(argv=None):
     p.add_argument("--data", help="imagefolder: folder or .tar.gz")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--folds-dir", default="folds")
-    p.add_argument("--fold", type=int, default=0, help="the held-out fold whose images are corrupted")
+    p.add_argument("--fold", type=int, default=None, help="the held-out fold whose images are corrupted (choose "
+                   "images, flagged); default: the folds file's measure reserve, as `score suite`")
     p.add_argument("--n", type=int, default=2000, help="held-out images (0: the whole fold); the same rows as "
                    "`competition.score suite` picks for the same --fold, --n and --seed")
     p.add_argument("--seed", type=int, default=0)

@@ -5,21 +5,24 @@ accuracy, its local-suite OOD accuracy and the wall time of each step.
     python bench/test_time.py --data PATH/cifar10-jpg-train.tar.gz
     python bench/test_time.py --data PATH --rounds 1 --measure-n 500    # quicker, noisier
     python bench/test_time.py --data PATH --seeds 3      # an ensemble of 3 seeds instead of one model
-    python bench/test_time.py --data PATH --k 5          # folds of 10,000: members train on 30,000
+    python bench/test_time.py --data PATH --k 5          # folds of 9,600: members train on 28,800
     python bench/test_time.py --data PATH --folds-seed 1 --out models/bench-test-time-fs1   # other images throughout
 
-The stand-in needs unlabelled "test files" that no model trained on and that are not the
-measuring suite: fold 1 is excluded from training (exclude_folds=[1]) and its images, corrupted
-by the suite generator, play the competition's 19 OOD files (the pseudo-label pool); fold 0 is
-held out as usual (the out-of-fold figures) and the measuring suite is built from it. The
-pseudo-labels never see a label, and the measuring suite's images are never pseudo-labelled.
+Three roles, disjoint (README, "An honest local score"): the bench's folds file reserves
+--measure-n images (fold -1, stratified) as the *measure*: no member trains on them, no choice
+sees them, and the measuring suite is built from them. Fold 0 is held out by every member: its
+clean and corrupted copies (ood_check, oof_ood) are the *choose* images (best epoch, ensemble
+weights, --adapt auto). Fold 1 is excluded from training (exclude_folds=[1]) and its images,
+corrupted by the suite generator, play the competition's 19 OOD files (the unlabelled
+pseudo-label pool). The other folds *train*. The pseudo-labels never see a label, and the
+measure's images are never pseudo-labelled.
 The table's last accuracy column is the ensembles' accuracy on the pool itself, read from their
 CSVs: after self-training it is transductive (the members trained on pseudo-labels of those very
 images, never their labels), which is the leaderboard's situation, as the real OOD files are the
 ones pseudo-labelled; the measuring suite's column is the figure for images nothing learned from.
-The bench makes its own folds (--k, default 10, in <out>/folds): with k=10 of the 50,000-image
-stand-in the members train on 40,000 images, as a k=5 member of the competition does on
-CIFAR-100's 50,000; pool and suite are 5,000 images each (k=5: 30,000 / 10,000 / 10,000).
+With k=10 folds of the 50,000-image stand-in less a 2,000-image measure reserve, members train
+on 38,400 images (a k=5 member of the competition trains on 40,000 of CIFAR-100's 50,000 less
+its reserve); the pool holds 4,800 images, the choose fold 4,800.
 Every step is a pipeline command (train, score suite, predict, ensemble, selftrain, score).
 """
 from __future__ import annotations
@@ -66,35 +69,36 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpg-train.tar.gz"))
     p.add_argument("--preset", default="part1_cpu")
-    p.add_argument("--measure-n", type=int, default=2000, help="measuring suite: held-out images, the same ones under "
+    p.add_argument("--measure-n", type=int, default=2000, help="the measure reserve, and its suite: images no member "
+                   "trains on and no choice sees, the same ones under "
                    "every corruption and severity (as in CIFAR-C): the figure carries their sampling noise, +-1.6 "
                    "points (one s.e., measured at 78%%) with 500, +-0.8 with 2,000")
     p.add_argument("--pool-n", type=int, default=500, help="unlabelled pool: images per corruption and severity")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="members trained with seeds 0..K-1 on the same folds; K > 1 "
                                                         "adds the ensemble's rows (no adaptation, then --adapt)")
-    p.add_argument("--k", type=int, default=10, help="folds of the bench's own split (fold 0 measured, 1 the pool)")
+    p.add_argument("--k", type=int, default=10, help="folds of the bench's own split besides the measure reserve "
+                   "(fold 0: the choose images, 1: the pool)")
     p.add_argument("--folds-seed", type=int, default=0, help="seed of that split: another seed draws other images "
                    "for members, pool and measure (an independent repeat of the whole table)")
     p.add_argument("--tta", default="shift1")
     p.add_argument("--no-tent", action="store_true", help="skip TENT (its predictions are the slowest step)")
     p.add_argument("--adapt", default="auto", choices=("auto", "bn", "none"),
-                   help="the ensemble's adaptation, the one self-training starts from (auto: per member, on the suite)")
+                   help="the ensemble's adaptation, the one self-training starts from (auto: per member, on its "
+                        "corrupted out-of-fold images)")
     p.add_argument("--train-args", default="", help="extra KEY=VALUE overrides for the members, e.g. 'epochs=11'")
     p.add_argument("--selftrain-args", default="", help="extra selftrain flags, e.g. '--lr 0.01 --epochs 1'")
     p.add_argument("--out", default=str(ROOT / "models" / "bench-test-time"))
     args = p.parse_args(argv)
-    if args.no_tent and args.adapt == "auto":  # auto could pick TENT logits an earlier run left on the suite only
-        p.error("--no-tent: pass --adapt bn (or none); auto chooses among modes this run may not have predicted")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "log.txt", "a")
     data = ["--dataset", "imagefolder", "--data", args.data]
     fdir = out / "folds"
-    sh(["-m", "competition.folds", *data, "--k", str(args.k), "--seed", str(args.folds_seed), "--folds-dir", str(fdir)],
-       log)
+    sh(["-m", "competition.folds", *data, "--k", str(args.k), "--seed", str(args.folds_seed), "--folds-dir", str(fdir),
+        "--measure-n", str(args.measure_n)], log)
     data += ["--folds-dir", str(fdir)]
-    measure, pool = out / f"suite-f0-n{args.measure_n}", out / f"pool-f1-n{args.pool_n}"
+    measure, pool = out / f"measure-n{args.measure_n}", out / f"pool-f1-n{args.pool_n}"
     run = out / "models" / "base"
     seeds = [run] + [out / "models" / f"base-s{k}" for k in range(1, args.seeds)]
     times = {}
@@ -104,7 +108,7 @@ def main(argv=None):
                              f"name={r.name}", f"seed={k}", *args.train_args.split()], log)
                          for k, r in enumerate(seeds))
     suite = ["-m", "competition.score", "suite", *data, "--out"]
-    times["suites"] = (sh([*suite, str(measure), "--fold", "0", "--n", str(args.measure_n)], log)
+    times["suites"] = (sh([*suite, str(measure), "--n", str(args.measure_n)], log)  # the whole measure reserve
                        + sh([*suite, str(pool), "--fold", "1", "--n", str(args.pool_n), "--seed", "1"], log))
     modes = ("none", "bn") if args.no_tent else ("none", "bn", "tent")
     for adapt in modes:
@@ -125,7 +129,7 @@ def main(argv=None):
     ensembles = [("plain", "none")] if len(seeds) > 1 else []  # one model alone has its own rows above
     for name, adapt in ensembles + [("st", args.adapt)]:
         t = sh(["-m", "competition.ensemble", *map(str, seeds), "--name", name, "--ood-dir", str(pool), "--tta",
-                args.tta, "--adapt", adapt, "--suite", str(measure), "--out-dir", str(subs), "--overwrite"], log)
+                args.tta, "--adapt", adapt, "--out-dir", str(subs), "--overwrite"], log)
         if len(seeds) > 1:  # the ensemble scored on the measuring suite (its JSON's own score is the pool's)
             sh(["-m", "competition.score", str(subs / f"{name}.json"), "--ood-dir", str(measure)], log)
             info = json.loads((subs / f"{name}.json").read_text())
@@ -144,7 +148,8 @@ def main(argv=None):
                      info["oof"]["accuracy"], _suite_score(info, measure)["ood_accuracy"],
                      _csv_accuracy(subs / f"st-st{r}.csv", pool), t))
     print(f"\n{args.preset} ({len(seeds)} seed(s)) trained on folds 2-{args.k - 1} of {args.k} (fold 1 excluded: "
-          f"the unlabelled pool), fold 0 held out; measuring suite {measure.name}; TTA {args.tta}; the first rows\n"
+          f"the unlabelled pool), fold 0 held out (choose: best epoch, weights, adaptation); measure: {measure.name}, "
+          f"the folds' measure reserve (no member trained on it, no choice saw it); TTA {args.tta}; the first rows\n"
           f"are seed 0's model, their times every member's; an ensemble's clean figure is its own (its members' TTA "
           f"logits)\n")
     print("| method | clean held-out (TTA) | local-suite OOD | pool OOD (transductive after self-training) "

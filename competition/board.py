@@ -38,6 +38,15 @@ def _best_score(run: RunDir, adapted: bool) -> dict | None:
     return None
 
 
+def _role(score: dict) -> str:
+    """The first word of the role of a score's images (measure / choose / LEADERBOARD), read from
+    the score or, for scores written before roles were recorded, from its suite's folder."""
+    from competition import data
+
+    role = score.get("role") or data.suite_role(read_json(Path(score.get("ood_dir", "")) / "suite.json") or {})
+    return role.split(":")[0]
+
+
 def run_rows(models_dir) -> list[dict]:
     """One row per run folder under models_dir (ablation studies included), finished or not."""
     rows = []
@@ -55,7 +64,7 @@ def run_rows(models_dir) -> list[dict]:
             "TTA": summary.get("oof_tta"),
             "local OOD": plain and plain["ood_accuracy"], "local OOD +BN": adapted and adapted["ood_accuracy"],
             "unseen OOD": plain and plain.get("unseen_accuracy"),
-            "suite": plain and Path(plain["ood_dir"]).name,
+            "suite": plain and Path(plain["ood_dir"]).name, "suite role": plain and _role(plain),
             "train s": summary.get("training_loop_s"),
             "commit": (summary.get("commit") or "")[:8] + ("+" if summary.get("dirty") else ""),
         })
@@ -75,7 +84,7 @@ def submission_rows(submissions_dir) -> list[dict]:
             "members": ", ".join(f"{m['name']} {m['weight']:.2f}" for m in spec["members"] if m["weight"] > 0),
             "settings": ", ".join(sorted({m.get("setting", "?") for m in spec["members"]})),
             "fit on": spec.get("fit_on", "clean"), "OOF acc": (spec.get("oof") or {}).get("accuracy"),
-            "local OOD": local.get("ood_accuracy"),
+            "local OOD": local.get("ood_accuracy"), "suite role": local and _role(local),
             "Kaggle public": kaggle[-1]["public_score"] if kaggle else None,
             "uploads": len(spec.get("kaggle", [])), "created": spec.get("created"),
             "commit": (spec.get("commit") or "")[:8] + ("+" if spec.get("dirty") else ""),
@@ -170,7 +179,8 @@ def stages(spec_path, suite_dir) -> str:
                      acc(members, weights)))
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     return (f"What each stage adds (local OOD accuracy on {suite.path}, {suite.labels.size} images x "
-            f"{len(suite.files)} x 5):\n\n| stage | local OOD |\n|---|---:|\n"
+            f"{len(suite.files)} x 5; {suite.role()}; weights and adaptation were chosen on {spec.get('roles', {}).get('choose', 'out-of-fold images')}):"
+            f"\n\n| stage | local OOD |\n|---|---:|\n"
             + "\n".join(f"| {name} | {fmt(v)} |" for name, v in rows) + "\n")
 
 

@@ -405,9 +405,37 @@ class OodSet:
 
         return {**read("suite.json"), "names": read("corruptions.json").get("names", {})}
 
+    def role(self) -> str:
+        """Which of the three roles (train / choose / measure) this folder's labelled images play,
+        in one line every report prints next to a figure made on them."""
+        return suite_role(self.info()) if self.labels is not None else "unlabelled (no local figure)"
+
     def images(self, k: int) -> np.ndarray:
         """File k, memory-mapped."""
         return open_ood(self.files[k], image_shape=None)
+
+
+# The competition's OOD files are CIFAR-100's test split, corrupted: that split's labels are the
+# leaderboard's answers, so nothing may be chosen on it and no local figure may rest on it.
+LEADERBOARD_SPLIT = ("cifar100", "test")
+
+
+def suite_role(info: dict) -> str:
+    """The role of a local suite's images, from its suite.json (score suite writes it)."""
+    split, n = info.get("split"), info.get("n", "?")
+    if (info.get("dataset"), split) == LEADERBOARD_SPLIT or info.get("leaderboard_labels"):
+        return (f"LEADERBOARD LABELS: {n} images of CIFAR-100's test split, the images of the competition's OOD "
+                f"files; not an estimate, and any choice made on it tunes on the leaderboard's answers")
+    if split == "measure":
+        return (f"measure: {n} images of the training split's measure reserve; no member trained on them and no "
+                f"choice saw them")
+    if split == "test":
+        return f"measure: {n} images of the {info.get('dataset')} test split; no member trained on them, no choice saw them"
+    if split == "train":
+        return (f"choose, not measure: {n} images of fold {info.get('fold')} of the training split; runs holding "
+                f"it out chose their best epoch and ensemble weights on corrupted copies of that fold (ood_check), "
+                f"so the figure is optimistic; build the suite from a measure reserve (folds --measure-n)")
+    return "images of unknown origin (no suite.json): neither a measure nor an estimate"
 
 
 def sample_rows(rows, n: int | None, seed: int) -> np.ndarray:

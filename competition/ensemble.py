@@ -3,15 +3,21 @@
     python -m competition.ensemble 'models/part1-demo-digits-f*' 'models/part2-demo-digits-f*' --name demo \\
         --ood-dir data/ood-local/digits-n40
     python -m competition.ensemble 'models/part3-cifar100-f*-s0' 'models/part2-cifar100-f*-s0' --name p23 \\
-        --ood-dir data/ood-test --adapt auto --suite data/ood-local/cifar100-n1000
+        --ood-dir data/ood-test --adapt auto
     python -m competition.ensemble 'models/part*' --name equal --method equal --ood-dir data/ood-test
 
 Runs that differ only in their fold (`<preset>-<dataset>-f<k>-s<seed>`) form one *member*: its
 out-of-fold logits are the union of its runs' held-out folds (rows of the folds CSV), and its
 test and OOD logits the mean of its fold models (the usual k-fold bagging). Each member uses one
 prediction setting (predict's pred/<setting>/): its TTA (--tta, default the run's own) and, with
---adapt, BN-adapted OOD logits (bn: always; auto: per member, only where the labelled local
-suite shows it pays, printed as one line per member).
+--adapt, adapted OOD logits (bn, tent: always; auto: per member, whichever of plain, BN and
+TENT is best on its corrupted out-of-fold images, printed as one line per member).
+
+Three roles for labelled images (README): members *train* on their training folds; every choice
+here (weights with --fit-on ood, --adapt auto) is made on the *choose* images, the corrupted
+copies of the members' held-out folds (oof_ood); a labelled local suite passed as --ood-dir is
+only *measured* on (its score goes in the JSON), never chosen on, so shuffling its labels
+changes no decision.
 
 Member weights (Caruana selection) are fitted on out-of-fold logits only, never on test data:
 --fit-on ood (the default when every run was trained with ood_check) fits them on the corrupted
@@ -117,28 +123,34 @@ def shared_oof_ood(members: list[Member], labels_all: np.ndarray):
     return labels_all[np.concatenate(common)], logits
 
 
-def choose_adaptation(members: list[Member], adapt: str, suite: data.OodSet | None, say=print) -> dict:
+def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray | None = None, say=print) -> dict:
     """Set each member's setting for `adapt`: none | bn | tent (always that), or auto: per member,
     the setting (plain, +bn, +tent: those predicted for every run of it) with the best accuracy
-    on the labelled local suite, printed as one line. Returns the estimates behind each choice."""
+    on its corrupted out-of-fold images (oof_ood, the *choose* images: copies of its held-out
+    fold, 19 x 5 slices each adapted alone), printed as one line. Never on a local suite: that
+    is the *measure*, and a choice made on it would make its figure optimistic. Returns the
+    estimates behind each choice and the images they were made on."""
     choices = {}
     for m in members:
         base = base_setting(m.setting)
         if adapt != "auto":
             m.setting = base if adapt == "none" else f"{base}+{adapt}"
             continue
-        if suite is None or suite.labels is None:
-            raise CompetitionError("--adapt auto needs a labelled local suite the runs were predicted on "
-                                   "(--suite DIR, or --ood-dir a suite) to choose by")
-        candidates = [base] + [f"{base}+{a}" for a in ("bn", "tent")
-                               if all((r.pred_dir(f"{base}+{a}") / RunDir.MANIFEST).exists() for r in m.runs)]
-        est = {s: table_summary(np.stack([file_accuracy(z, suite.labels) for _, z in
-                                          ood_logits([Member(m.name, m.runs, s)], [1.0], suite)]))["ood_accuracy"]
-               for s in candidates}
+        if not all(r.has_oof_ood(base) for r in m.runs):
+            raise CompetitionError(f"--adapt auto chooses on corrupted out-of-fold images, which {m.name} lacks under "
+                                   f"{base}: train with ood_check > 0, then {m.runs[0].how(base)}; or pass --adapt "
+                                   f"bn|tent|none")
+        candidates = [base] + [f"{base}+{a}" for a in ("bn", "tent") if all(r.has_oof_ood(f"{base}+{a}") for r in m.runs)]
+        est, rows = {}, 0
+        for s in candidates:
+            idx, z = member_oof_ood(Member(m.name, m.runs, s))
+            est[s], rows = accuracy(z.reshape(-1, z.shape[-1]), labels_all[idx.reshape(-1)]), idx.size
         m.setting = max(candidates, key=lambda s: (est[s], -candidates.index(s)))  # a tie keeps the cheaper one
-        choices[m.name] = {**{adaptation(s): est[s] for s in candidates}, "chosen": adaptation(m.setting)}
-        say(f"  {m.name}: local OOD " + ", ".join(f"{est[s]:.4f} {adaptation(s) if s != base else 'plain'}"
-                                                  for s in candidates) + f" -> {adaptation(m.setting)}")
+        choices[m.name] = {**{adaptation(s): est[s] for s in candidates}, "chosen": adaptation(m.setting),
+                           "chosen_on": f"oof_ood: {rows} corrupted out-of-fold images (choose)"}
+        say(f"  {m.name}: corrupted out-of-fold acc " + ", ".join(
+            f"{est[s]:.4f} {adaptation(s) if s != base else 'plain'}" for s in candidates) +
+            f" -> {adaptation(m.setting)} (chosen on {rows} choose images, not on any local suite)")
     return choices
 
 
@@ -204,8 +216,22 @@ def report(info: dict, say=print) -> None:
     if info["test_accuracy"] is not None:
         line += f", clean test acc {info['test_accuracy']:.4f}"
     if "local_score" in info:
-        line += f", OOD acc {info['local_score']['ood_accuracy']:.4f} on {Path(info['ood_dir']).name} (labelled)"
+        line += f", OOD acc {info['local_score']['ood_accuracy']:.4f} on {Path(info['ood_dir']).name}"
     say(line)
+    say(f"  decisions made on: {info['roles']['choose']}")
+    if "local_score" in info:
+        say(f"  OOD acc measured on: {info['roles']['measure']}")
+
+
+def roles(method: str, fit_on: str, adapt: str, ood: data.OodSet, oof_rows, ood_figures) -> dict:
+    """Which images each decision was made on, and the role of the images the local score is on."""
+    decisions = ([f"weights ({fit_on} out-of-fold)"] if method == "caruana" else []) + \
+        (["adaptation"] if adapt == "auto" else [])
+    corrupted = f"{ood_figures['rows']} corrupted out-of-fold images (oof_ood)" if ood_figures else None
+    where = corrupted if fit_on == "ood" or (method == "equal" and adapt == "auto") else \
+        f"{len(oof_rows)} clean out-of-fold images" + (f"; adaptation on {corrupted}" if adapt == "auto" else "")
+    return {"choose": f"{' and '.join(decisions)}: {where}" if decisions else "nothing chosen (equal weights)",
+            "measure": ood.role()}
 
 
 def same_submission(old: dict, new: dict) -> bool:
@@ -233,7 +259,7 @@ def fit(members: list[Member], labels_all: np.ndarray, method: str, rounds: int,
 
 
 def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "caruana", rounds: int = 40,
-          tta_name: str | None = None, adapt: str = "none", fit_on: str = "auto", suite=None,
+          tta_name: str | None = None, adapt: str = "none", fit_on: str = "auto",
           overwrite: bool = False, say=print, allow_partial: bool = False) -> Path:
     """Fit the weights, write submissions/<name>.csv and .json, validate the CSV; returns the CSV.
     An existing CSV is never overwritten by a different submission (a new --name, or overwrite)."""
@@ -249,16 +275,16 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
                             setting_name(tta_name) if tta_name else None)
     datasets = [c.get("dataset") for m in members for c in m.cfgs]
     ood = data.OodSet(ood_dir, data.OodSet.required_shape(ood_dir, datasets, allow_partial))
-    suite = data.OodSet(suite) if suite else (ood if ood.labels is not None else None)
-    choices = choose_adaptation(members, adapt, suite, say)
-    load_oof(members)
     labels_all, n_classes = oof_labels(members), num_classes(members)
+    choices = choose_adaptation(members, adapt, labels_all, say)
+    load_oof(members)
     if fit_on == "auto":  # the leaderboard scores corrupted images: fit there when every run has them
         fit_on = "ood" if all(r.oof_ood_index() is not None for m in members for r in m.runs) else "clean"
     weights, oof_fit, ood_figures = fit(members, labels_all, method, rounds, fit_on, say)
     csv = Path(out_dir) / f"{name}.csv"
     info = sidecar(name, csv, ood, members, weights, oof_fit, labels_all, n_classes, method, rounds, fit_on)
-    info.update(adaptation=choices or adapt, **({"oof_ood": ood_figures} if ood_figures else {}))
+    info.update(adaptation=choices or adapt, **({"oof_ood": ood_figures} if ood_figures else {}),
+                roles=roles(method, fit_on, adapt, ood, oof_fit[0], ood_figures))
     old = read_json(csv.with_suffix(".json"))
     if csv.exists() and old is not None and same_submission(old, info):
         say(f"{csv}: unchanged (the same runs, settings, weights and logits); not rewritten")
@@ -268,7 +294,7 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
                                f"--overwrite to replace it (its JSON is replaced too)")
     table = write_csv(members, weights, ood, csv, n_classes)
     if table is not None:
-        info["local_score"] = table_summary(table)
+        info["local_score"] = {**table_summary(table), "ood_dir": str(ood.path), "role": ood.role()}
     save_json(csv.with_suffix(".json"), info)
     report(info, say)
     say(f"wrote {csv} ({sum(ood.rows)} rows, valid) and {csv.with_suffix('.json')} in {time.time() - t0:.1f} s")
@@ -283,10 +309,9 @@ def main(argv=None):
     p.add_argument("--ood-dir", default="data/ood-test", help="the distortionNN.npy files the CSV is for")
     p.add_argument("--tta", default=None, help="the TTA setting to use (default: each run's own, as predict's)")
     p.add_argument("--adapt", default="none", choices=("none", "bn", "tent", "auto"),
-                   help="adapted OOD logits (predict --adapt): none, bn, tent, or auto: per member, what the labelled "
-                        "local suite says pays")
+                   help="adapted OOD logits (predict --adapt): none, bn, tent, or auto: per member, what pays on its "
+                        "corrupted out-of-fold images (the choose images; never a local suite, which measures)")
     p.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
-    p.add_argument("--suite", help="labelled local suite for --adapt auto (default: --ood-dir when it is one)")
     p.add_argument("--fit-on", default="auto", choices=("auto", "clean", "ood"),
                    help="weights fitted on clean or corrupted out-of-fold images (auto: corrupted when every run "
                         "has them, i.e. was trained with ood_check)")
@@ -298,7 +323,7 @@ def main(argv=None):
                    help="accept fewer OOD files or rows than the competition's 19 x 50,000 (cifar100 runs)")
     args = p.parse_args(argv)
     return build(expand_runs(args.runs), args.name, args.ood_dir, args.out_dir, args.method, args.rounds, args.tta,
-                 args.adapt, args.fit_on, args.suite, args.overwrite, allow_partial=args.allow_partial)
+                 args.adapt, args.fit_on, args.overwrite, allow_partial=args.allow_partial)
 
 
 if __name__ == "__main__":

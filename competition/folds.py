@@ -2,11 +2,17 @@
 
     python -m competition.folds --dataset digits                  # folds/digits.csv
     python -m competition.folds --dataset imagefolder --data ../shared/data/cifar10-jpg-train.tar.gz
-    python -m competition.folds --dataset cifar100 --k 5 --seed 0
+    python -m competition.folds --dataset cifar100 --k 5 --seed 0 --measure-n 5000
 
 The CSV has columns index,label,fold (index = row of the dataset's train split). The same
-dataset, k and seed always give the same file; a different split is never written over one
-that exists (models trained on the old folds would leak validation images) unless --force.
+dataset, k, seed and measure size always give the same file; a different split is never written
+over one that exists (models trained on the old folds would leak validation images) unless --force.
+
+Three roles for labelled images (README, "An honest local score"): rows of folds 0..k-1 are
+*train* for the members that do not hold them out and *choose* for those that do (best epoch,
+ensemble weights and adaptation are decided on their corrupted copies, ood_check); rows of fold
+-1 (--measure-n, stratified, seeded) are the *measure* reserve: no member trains on them, no
+choice looks at them, and `score suite` builds the local leaderboard estimate from them.
 """
 from __future__ import annotations
 
@@ -21,24 +27,52 @@ from competition import data
 from competition.files import CompetitionError, atomic_path, cli
 
 
-def make_folds(labels: np.ndarray, k: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold number (0..k-1) per sample, stratified by label."""
+MEASURE = -1  # the fold value of the measure reserve's rows
+
+
+def make_folds(labels: np.ndarray, k: int = 5, seed: int = 0, measure_n: int = 0) -> np.ndarray:
+    """Fold number (0..k-1) per sample, stratified by label; with measure_n, that many rows
+    (stratified too) get MEASURE first and the folds are made of the rest."""
     labels = np.asarray(labels)
-    counts = np.bincount(labels)
+    fold = np.full(len(labels), MEASURE, np.int64)
+    from sklearn.model_selection import StratifiedKFold, train_test_split  # here: sklearn adds ~2 s to every start
+
+    rest = np.arange(len(labels))
+    if measure_n:
+        counts = np.bincount(labels)
+        if not 0 < measure_n <= len(labels) // 2 or measure_n < (counts > 0).sum():
+            raise CompetitionError(f"--measure-n {measure_n}: must be at least one image per class "
+                                   f"({(counts > 0).sum()}) and at most half the {len(labels)} images")
+        rest, _ = train_test_split(rest, test_size=measure_n, stratify=labels, random_state=seed)
+        rest = np.sort(rest)
+    counts = np.bincount(labels[rest])
     if k < 2 or counts[counts > 0].min() < k:
         raise CompetitionError(f"cannot make {k} stratified folds: the rarest class has {counts[counts > 0].min()} "
                                f"images; use a smaller --k (at least 2)")
-    from sklearn.model_selection import StratifiedKFold  # here: sklearn adds ~2 s to every training start
-
-    fold = np.empty(len(labels), np.int64)
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    for f, (_, val) in enumerate(skf.split(np.zeros(len(labels)), labels)):
-        fold[val] = f
+    for f, (_, val) in enumerate(skf.split(np.zeros(len(rest)), labels[rest])):
+        fold[rest[val]] = f
     return fold
 
 
-def folds_frame(labels: np.ndarray, k: int = 5, seed: int = 0) -> pd.DataFrame:
-    return pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "fold": make_folds(labels, k, seed)})
+def folds_frame(labels: np.ndarray, k: int = 5, seed: int = 0, measure_n: int = 0) -> pd.DataFrame:
+    return pd.DataFrame({"index": np.arange(len(labels)), "label": labels,
+                         "fold": make_folds(labels, k, seed, measure_n)})
+
+
+def measure_rows(frame: pd.DataFrame) -> np.ndarray:
+    """Rows of the measure reserve (empty when the split has none)."""
+    return np.flatnonzero(frame["fold"].to_numpy() == MEASURE)
+
+
+def reserve_id(rows) -> str | None:
+    """A short fingerprint of a measure reserve's rows (None: no reserve). A run records the one
+    it was trained beside and a suite the one it was drawn from: equal ids mean the run never
+    trained on the suite's images; a run without it (or with another) may have."""
+    import hashlib
+
+    rows = np.sort(np.asarray(rows, np.int64))
+    return hashlib.sha1(rows.tobytes()).hexdigest()[:16] if len(rows) else None
 
 
 def write_folds(frame: pd.DataFrame, path, force: bool = False) -> str:
@@ -66,6 +100,9 @@ def read_folds(path) -> pd.DataFrame:
         raise CompetitionError(f"{path} is not a folds CSV ({e}); delete it and run competition.folds again") from None
     if list(frame.columns) != ["index", "label", "fold"]:
         raise CompetitionError(f"{path}: columns {list(frame.columns)}, expected index,label,fold")
+    if (frame["fold"] < MEASURE).any():
+        raise CompetitionError(f"{path}: fold values below {MEASURE} (the measure reserve); rewrite it with "
+                               f"python -m competition.folds --force")
     return frame
 
 
@@ -88,13 +125,23 @@ def main(argv=None):
     p.add_argument("--data-dir", default="data", help="where datasets and caches live")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measure-n", type=float, default=0, help="reserve this many images (or this share, below 1; "
+                   "stratified; fold -1) to "
+                   "measure the local OOD estimate on: no member trains on them, no choice sees them. It costs "
+                   "their share of training images; the final submission may drop it (--measure-n 0 --force, "
+                   "then retrain), with no local estimate left for it")
     p.add_argument("--folds-dir", default="folds")
     p.add_argument("--force", action="store_true", help="replace an existing different split")
     args = p.parse_args(argv)
     ds = data.load(args.dataset, "train", args.data_dir, args.data)
     out = folds_path(dataset_name(args.dataset, args.data), args.folds_dir)
-    status = write_folds(folds_frame(ds.labels, args.k, args.seed), out, args.force)
-    print(f"{out}: {status} ({len(ds.labels)} images, {len(ds.classes)} classes, k={args.k}, seed={args.seed})")
+    x = args.measure_n
+    if x < 0 or (x >= 1 and x != int(x)):
+        raise CompetitionError(f"--measure-n {x}: a count of images (0: no reserve) or a share between 0 and 1")
+    measure_n = int(round(x * len(ds.labels))) if x < 1 else int(x)
+    status = write_folds(folds_frame(ds.labels, args.k, args.seed, measure_n), out, args.force)
+    print(f"{out}: {status} ({len(ds.labels)} images, {len(ds.classes)} classes, k={args.k}, seed={args.seed}, "
+          f"measure reserve {measure_n} images)")
     return out
 
 

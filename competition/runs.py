@@ -417,6 +417,12 @@ class RunDir:
         logits = np.load(path).astype(np.float32)
         return index, logits.reshape(index.shape + logits.shape[-1:])
 
+    def has_oof_ood(self, setting: str) -> bool:
+        """Whether predict wrote the corrupted out-of-fold logits under `setting` (the *choose*
+        images ensemble --adapt auto decides on)."""
+        return self.oof_ood_index() is not None and "oof_ood.npy" in self.manifest(setting) and \
+            (self.pred_dir(setting) / "oof_ood.npy").exists()
+
     def test_logits(self, setting: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(clean test logits, labels) when predict wrote them from today's best.pt, else None."""
         base = base_setting(setting)

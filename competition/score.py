@@ -3,6 +3,7 @@
     # 1. the suite: held-out labelled images, corrupted 19 ways x 5 severities, written exactly
     #    like the competition's OOD files (plus labels.npy and suite.json)
     python -m competition.score suite --out data/ood-local/digits-n40 --dataset digits --n 40
+    python -m competition.folds --dataset cifar100 --measure-n 5000     # the measure reserve, once
     python -m competition.score suite --out data/ood-local/cifar100 --dataset cifar100 --n 2000
     python -m competition.score suite --out /tmp/ood --images held_out.npy --names fog,snow --preview p.png
     # 2. predict on it like on the real files
@@ -11,14 +12,22 @@
     python -m competition.score models/part1-demo-f0-s0 submissions/demo.json --ood-dir data/ood-local/digits-n40
     python -m competition.score models/part3-f0-s0 --ood-dir data/ood-local/cifar100 --bn-adapt
 
-The suite's images are the dataset's test split when it has one (digits, cifar100, an image
-folder with test/); otherwise the held-out images of fold 0, and then runs trained on another
-fold (which saw those images) are flagged as leaking. Each report gives clean accuracy (the
-test split; else out-of-fold), OOD accuracy per corruption and severity, their mean (every
-cell holds the same images, so it is the accuracy over the whole suite: the leaderboard
-estimate) and the expected calibration error (15 equal-width confidence bins). It is written
-as markdown and a corruption x severity heat map: models/<run>/score_<logits>.md/.png, or
-submissions/<name>.score.md/.png (and the submission's JSON gets a local_score entry).
+Three roles for labelled images, and the suite's: members *train* on their training folds; every
+choice (best epoch, ensemble weights, adaptation) is made on the *choose* images, corrupted copies
+of the held-out folds; the suite is the *measure*: built from the folds file's measure reserve
+(`python -m competition.folds --measure-n N`: rows no run trains on and no choice sees) when it
+has one, else from the dataset's test split, except CIFAR-100's (the competition's OOD files are
+that split corrupted: refused unless --leaderboard-labels, and every report then says so).
+`--fold K` builds it from a held-out fold instead: choose images, and every report says that
+too. Each report names its images' role and flags runs that may have seen them (trained on
+them, trained beside another reserve, or self-trained on pseudo-labelled copies of them).
+
+Each report gives clean accuracy (the test split; else out-of-fold), OOD accuracy per
+corruption and severity, their mean (every cell holds the same images, so it is the accuracy
+over the whole suite: the leaderboard estimate) and the expected calibration error (15
+equal-width confidence bins). It is written as markdown and a corruption x severity heat map:
+models/<run>/pred/<setting>/ood/<suite>/score.md/.png, or submissions/<name>.score.md/.png (and
+the submission's JSON gets a local_score entry).
 """
 from __future__ import annotations
 
@@ -41,23 +50,43 @@ SEV = data.SEVERITIES
 # ---------------------------------------------------------------------------- the suite
 
 
-def held_out_images(dataset: str, path=None, data_dir="data", folds_dir="folds", fold: int | None = None):
-    """(images, labels, source) to corrupt: the test split, else fold 0's (or `fold`'s) images."""
-    test = data.load(dataset, "test", data_dir, path) if fold is None else None
-    if test is not None:
-        return test.images, test.labels, {"dataset": dataset, "data": path and str(path), "split": "test"}
-    train = data.load(dataset, "train", data_dir, path)
+def held_out_images(dataset: str, path=None, data_dir="data", folds_dir="folds", fold: int | None = None,
+                    leaderboard_labels: bool = False):
+    """(images, labels, source) to corrupt, by role: the folds file's measure reserve when it has
+    one; else the dataset's test split (CIFAR-100's only with leaderboard_labels: its labels are
+    the leaderboard's); `fold`: that held-out fold's images (choose images, flagged as such)."""
     fpath = folds.folds_path(folds.dataset_name(dataset, path), folds_dir)
-    frame = folds.read_folds(fpath)
+    frame = folds.read_folds(fpath) if fpath.exists() else None
+    reserve = folds.measure_rows(frame) if frame is not None and fold is None else np.arange(0)
+    source = {"dataset": dataset, "data": path and str(path)}
+    if fold is None and not len(reserve):
+        if (dataset, "test") == data.LEADERBOARD_SPLIT and not leaderboard_labels:
+            raise CompetitionError(
+                f"a local suite from CIFAR-100's test split would be scored on the leaderboard's own answers (the "
+                f"competition's OOD files are that split, corrupted). Reserve training images to measure on: "
+                f"python -m competition.folds --dataset cifar100 --measure-n 5000 --force (then retrain), or pass "
+                f"--leaderboard-labels to build it anyway (every report then says so)")
+        test = data.load(dataset, "test", data_dir, path)
+        if test is not None:
+            return test.images, test.labels, {**source, "split": "test",
+                                              **({"leaderboard_labels": True} if leaderboard_labels else {})}
+    train = data.load(dataset, "train", data_dir, path)
+    if frame is None:
+        frame = folds.read_folds(fpath)  # the clear "run competition.folds first" error
     if len(frame) != len(train.labels):
         raise CompetitionError(f"{fpath} was made for another dataset ({len(frame)} rows, {len(train.labels)} images)")
+    if len(reserve):
+        print(f"the suite uses the measure reserve of {fpath}: {len(reserve)} training images no run trains on",
+              file=sys.stderr)
+        return train.images[reserve], train.labels[reserve], {**source, "split": "measure", "rows_of": str(fpath),
+                                                              "reserve": folds.reserve_id(reserve),
+                                                              "fold_rows": reserve.tolist()}
     fold = fold or 0
     rows = np.flatnonzero(frame["fold"].to_numpy() == fold)
-    print(f"note: the suite uses fold {fold}'s {len(rows)} images of the training split. Runs that trained on fold "
-          f"{fold} saw them, so their local scores LEAK (too high): score runs that hold it out (--fold {fold}) or "
-          f"exclude it (exclude_folds)", file=sys.stderr)
-    return train.images[rows], train.labels[rows], {"dataset": dataset, "data": path and str(path),
-                                                    "split": "train", "fold": fold, "rows_of": str(fpath),
+    print(f"note: the suite uses fold {fold}'s {len(rows)} held-out images: choose images, not a measure (runs "
+          f"holding it out selected on corrupted copies of it; runs trained on it LEAK). For an honest estimate "
+          f"make a measure reserve: python -m competition.folds --measure-n N --force", file=sys.stderr)
+    return train.images[rows], train.labels[rows], {**source, "split": "train", "fold": fold, "rows_of": str(fpath),
                                                     "fold_rows": rows.tolist()}
 
 
@@ -82,22 +111,22 @@ def suite_rows(source: dict, count: int, n: int, seed: int) -> np.ndarray:
 
 def build_suite(out, dataset: str = "digits", path=None, data_dir="data", folds_dir="folds", n: int = 200,
                 seed: int = 0, names=None, workers: int | None = None, images_npy=None, preview=None,
-                preview_images: int = 2, fold: int | None = None) -> Path:
+                preview_images: int = 2, fold: int | None = None, leaderboard_labels: bool = False) -> Path:
     """Write the local suite to `out` (skipped when it is already there); returns `out`. Labelled
     when the images come from a dataset; `images_npy` corrupts a .npy of images instead.
     `preview`: also draw a PNG of the first `preview_images` images under every corruption."""
     from competition import corruptions
 
-    images, labels, source = images_from_file(images_npy) if images_npy else held_out_images(dataset, path, data_dir,
-                                                                                             folds_dir, fold)
+    images, labels, source = images_from_file(images_npy) if images_npy else \
+        held_out_images(dataset, path, data_dir, folds_dir, fold, leaderboard_labels)
     rows = suite_rows(source, len(images), n, seed)
     names = list(names or corruptions.CORRUPTIONS)
     t0 = time.time()
     corruptions.make_suite(images[rows], out, seed=seed, names=names,
                            labels=None if labels is None else labels[rows], workers=workers)
     save_json(Path(out) / "suite.json", {**source, "n": int(len(rows)), "seed": seed, "rows": rows.tolist()})
-    print(f"suite {out}: {len(names)} corruptions x {SEV} severities x {len(rows)} images "
-          f"({source.get('split', 'file')}) in {time.time() - t0:.1f} s")
+    print(f"suite {out}: {len(names)} corruptions x {SEV} severities x {len(rows)} images in "
+          f"{time.time() - t0:.1f} s; role: {data.OodSet(out).role() if labels is not None else 'unlabelled'}")
     if preview:
         print(f"preview: {corruptions.preview(images[rows[:preview_images]], preview, seed=seed, names=names)}")
     return Path(out)
@@ -106,20 +135,47 @@ def build_suite(out, dataset: str = "digits", path=None, data_dir="data", folds_
 # ---------------------------------------------------------------------------- scoring a target
 
 
+def images_overlap(suite: dict, pool: dict) -> bool:
+    """Whether two OOD folders' suite.json say they hold copies of the same labelled images: the
+    same rows of the training split (fold or measure reserve), or the same test split. The
+    competition's files (no suite.json) are CIFAR-100's test split, corrupted."""
+    def origin(info):
+        if not info.get("split"):
+            return data.LEADERBOARD_SPLIT  # the competition's OOD files
+        return info.get("dataset"), "train" if info["split"] in ("train", "measure") else info["split"]
+
+    if origin(suite) != origin(pool):
+        return False
+    if origin(suite)[1] == "train":
+        return bool(set(suite.get("source_rows") or []) & set(pool.get("source_rows") or []))
+    return True  # two samples of one test split: conservatively the same images
+
+
 def _leaks(cfgs: list[dict], info: dict, runs: list[RunDir]) -> list[str]:
-    """Runs that saw the suite's images: trained on its fold of the training split, or on
-    pseudo-labelled copies of them (competition.selftrain)."""
-    if info.get("split") != "train":
-        return []
-    rows = set(info.get("source_rows") or [])
+    """Runs that may have seen the suite's images: trained on its fold of the training split,
+    trained beside another measure reserve than the suite's (or none), or fine-tuned on
+    pseudo-labelled copies of them (competition.selftrain; the competition's files are copies
+    of CIFAR-100's test split)."""
     out = []
     for c, r in zip(cfgs, runs):
-        trained_on_fold = c.get("fold") != info.get("fold") and info.get("fold") not in (c.get("exclude_folds") or [])
-        pseudo = (read_json(Path(c["pseudo"]).with_suffix(".json")) or {}).get("source_rows", []) if c.get("pseudo") \
-            else []
-        if trained_on_fold or (rows and rows & set(pseudo)):
+        if info.get("split") == "train":
+            leak = c.get("fold") != info.get("fold") and info.get("fold") not in (c.get("exclude_folds") or [])
+        elif info.get("split") == "measure":
+            leak = r.data_config().get("measure_reserve") != info.get("reserve")
+        else:
+            leak = False
+        if c.get("pseudo"):
+            pool = read_json(Path(c["pseudo"]).with_suffix(".json")) or {}
+            leak = leak or images_overlap(info, pool.get("pool") or _pool_info(pool))
+        if leak:
             out.append(str(r))
     return out
+
+
+def _pool_info(rep: dict) -> dict:
+    """A pseudo-label report's pool (selftrain records it; older reports: read its folder again)."""
+    info = read_json(Path(rep.get("ood_dir", "")) / "suite.json") or {}
+    return {**info, "source_rows": rep.get("source_rows") or info.get("source_rows") or []}
 
 
 def check_pinned(spec: dict, members, ood: data.OodSet, path: Path) -> None:
@@ -183,7 +239,7 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
                   settings=sorted({m.setting for m in members}), oof_accuracy=oof_acc,
                   clean_accuracy=accuracy(*test) if test is not None else None,
                   clean_ece=ece(*test, bins=bins) if test is not None else None,
-                  leaking_runs=_leaks([r.config() for r in runs], ood.info(), runs))
+                  leaking_runs=_leaks([r.config() for r in runs], ood.info(), runs), role=ood.role())
     seen = sorted({c for r in runs for c in r.summary().get("trained_on", trained_on(r.config()))})
     unseen = [row for name, row in zip(result["corruptions"], result["table"]) if name not in seen]
     result.update(trained_on=seen, unseen_accuracy=float(np.mean(unseen)) if unseen else None)
@@ -245,9 +301,10 @@ def say_result(result: dict, info: dict, prefix: Path, say=print) -> None:
     say(f"score {result['target']}: clean acc {clean} | OOD acc {result['ood_accuracy']:.4f}{_se(result)} "
         f"(leaderboard estimate, {', '.join(result['settings'])}){unseen} | ECE clean {_fmt(result['clean_ece'])} OOD "
         f"{result['ood_ece']:.4f} | report {Path(f'{prefix}.md')}")
+    say(f"  images: {result['role']}")
     if result["leaking_runs"]:
-        say(f"warning: {', '.join(result['leaking_runs'])} trained on the suite's images (fold "
-            f"{info.get('fold')} held-out rows): this score is optimistic")
+        say(f"warning: {', '.join(result['leaking_runs'])} may have trained on the suite's images (or on "
+            f"pseudo-labelled copies of them): this score is optimistic")
 
 
 def _fmt(x) -> str:
@@ -261,6 +318,7 @@ def markdown(r: dict, info: dict) -> str:
              f"Suite `{r['ood_dir']}` ({src}; {r['images_per_severity']} images per corruption and severity), "
              f"predictions `{', '.join(r['settings'])}`. +- is one standard error over the "
              f"{r['images_per_severity']} images (the same ones in every cell).", "",
+             f"Role of these images: **{r.get('role', 'not recorded')}**.", "",
              f"Training augmentation saw the families of: {', '.join(r['trained_on']) or 'none of the 19'}; "
              f"mean over the others: **{_fmt(r['unseen_accuracy'])}**.", "",
              "| clean acc | OOF acc | OOD acc (leaderboard estimate) | ECE clean | ECE OOD |",
@@ -293,8 +351,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", help="imagefolder: folder or .tar.gz")
     s.add_argument("--images", help="a uint8 (N, H, W, 3) .npy to corrupt instead of a dataset (no labels)")
     s.add_argument("--data-dir", default="data")
-    s.add_argument("--folds-dir", default="folds", help="for a dataset without test split: fold 0 is used")
-    s.add_argument("--fold", type=int, default=None, help="use this fold of the training split (not the test split)")
+    s.add_argument("--folds-dir", default="folds", help="where the folds file (and its measure reserve) is")
+    s.add_argument("--fold", type=int, default=None, help="use this held-out fold of the training split: choose "
+                   "images (runs holding it out selected on them), flagged as such; default: the measure reserve "
+                   "(folds --measure-n), else the test split")
+    s.add_argument("--leaderboard-labels", action="store_true", help="cifar100: build the suite from the test split "
+                   "anyway, though its labels are the leaderboard's answers (every report says so)")
     s.add_argument("--n", type=int, default=200, help="held-out images, the same ones under every corruption and "
                    "severity as in CIFAR-C (0: all); every estimate carries their sampling noise: one s.e. "
                    "at most sqrt(p(1-p)/n), e.g. 1.6 points measured at 78%% accuracy with n=500")
@@ -323,7 +385,7 @@ def main(argv=None):
     if a.command == "suite":
         names = [x.strip() for x in a.names.split(",") if x.strip()]
         return build_suite(a.out, a.dataset, a.data, a.data_dir, a.folds_dir, a.n, a.seed, names, a.workers,
-                           a.images, a.preview, a.preview_images, a.fold)
+                           a.images, a.preview, a.preview_images, a.fold, a.leaderboard_labels)
     results = []
     for t in a.targets:
         targets = [Path(t)] if t.endswith(".json") else [r.path for r in expand_runs([t])]

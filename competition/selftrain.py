@@ -12,8 +12,11 @@ untouched, so out-of-fold figures stay honest), each a new run folder <run>-<sub
 (4) predicted and ensembled again with the same settings, as submissions/<name>-st<round>.
 
 It refuses a pseudo-label set that contains a member's held-out images (a local suite made from
-that fold), and a local suite to measure on (--suite) that contains the pseudo-labelled images
-(it would score what it trained on; the report flags it as a leak, not an estimate).
+that fold: the choose images) or the measure reserve, and a local suite to measure on (--suite)
+that holds copies of the pseudo-labelled images (it would score what it trained on): the same
+rows of the training split, or CIFAR-100's test split against the competition's files, which
+are that split corrupted. Its own thresholds are fixed defaults (measured once, bench/NOTES.md),
+never tuned on the suite.
 """
 from __future__ import annotations
 
@@ -58,7 +61,14 @@ def select(probs: np.ndarray, threshold: float, per_class: int | None) -> np.nda
 def suite_rows(ood: data.OodSet) -> set[int] | None:
     """Rows of the training split a local suite's images are copies of (None: not from it)."""
     info = ood.info()
-    return set(info.get("source_rows") or []) if info.get("split") == "train" else None
+    return set(info.get("source_rows") or []) if info.get("split") in ("train", "measure") else None
+
+
+def pool_info(ood: data.OodSet) -> dict:
+    """Where the pseudo-label pool's images come from, kept in the pseudo-label report so that a
+    later leak check knows them even if the pool's folder is gone."""
+    info = ood.info()
+    return {k: info[k] for k in ("dataset", "split", "fold", "reserve", "source_rows") if k in info}
 
 
 def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_images: int | None):
@@ -68,6 +78,10 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
     if max_images is None:
         max_images = int(PSEUDO_FRACTION * min(labelled_images(source_run(r)) for m in members for r in m.runs))
     ood = data.OodSet(spec["ood_dir"])
+    if ood.info().get("split") == "measure":
+        raise CompetitionError(f"{ood.path} is made of the measure reserve: pseudo-labelling it would train on the "
+                               f"images the local estimate is measured on; pseudo-label the competition's files or a "
+                               f"pool from other images")
     for m in members:  # never the held-out fold's images: the OOF figures would no longer be honest
         src = suite_rows(ood)
         for run in m.runs:
@@ -96,7 +110,7 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
     rep = {"images": int(len(images)), "of": int(sum(ood.rows)), "threshold": threshold, "max_images": max_images,
            "per_class": np.bincount(probs.argmax(1), minlength=probs.shape[1]).tolist(),
            "mean_confidence": float(probs.max(1).mean()), "ood_dir": str(ood.path),
-           "source_rows": sorted(suite_rows(ood) or [])}
+           "source_rows": sorted(suite_rows(ood) or []), "pool": pool_info(ood)}
     if right is not None:
         rep["pseudo_label_accuracy"] = float(right.mean())
     return members, spec, images, probs, rep
@@ -155,9 +169,11 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
         f"at most {cap or 'all'}, mean {rep['mean_confidence']:.3f}; per class {rep['per_class']}); fine-tuning "
         f"{args.epochs} epochs at {lr}")
     suite = data.OodSet(args.suite) if args.suite else None
-    if suite is not None and suite_rows(suite) and suite_rows(suite) & set(rep["source_rows"]):
-        raise CompetitionError(f"{suite.path} holds images that are pseudo-labelled here: scoring on it would measure "
-                               f"what the models trained on; build the measuring suite from other images")
+    if suite is not None and score.images_overlap(suite.info(), rep["pool"]):
+        raise CompetitionError(f"{suite.path} holds images that are pseudo-labelled here ({rep['ood_dir']}: "
+                               f"{'the competition files are CIFAR-100 test images' if not rep['pool'] else 'the same rows'}"
+                               f"): scoring on it would measure what the models trained on; build the measuring suite "
+                               f"from other images (a measure reserve: folds --measure-n)")
     new_runs = []
     for m in members:
         for run in m.runs:
@@ -171,7 +187,7 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
     chosen = spec.get("adaptation", "none")
     csv = ensemble.build(new_runs, name, spec["ood_dir"], args.out_dir, spec["method"],
                          spec.get("rounds") or 40, record.get("tta"), "auto" if isinstance(chosen, dict) else chosen,
-                         spec.get("fit_on", "auto"), args.suite, overwrite=args.force, say=say, allow_partial=True)
+                         spec.get("fit_on", "auto"), overwrite=args.force, say=say, allow_partial=True)
     out = csv.with_suffix(".json")
     info = read_json(out)
     info["selftrain"] = {"round": round_, "from": str(spec_path), "pseudo": str(pseudo), **rep,

@@ -171,9 +171,12 @@ def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force:
 
 def fold_rows(fold: np.ndarray, cfg: dict, path) -> tuple[np.ndarray, np.ndarray]:
     """Training and held-out rows for cfg['fold'], given every row's fold (from the folds file
-    `path`): exclude_folds in neither; fold -1 trains on all the others and holds out none."""
+    `path`): exclude_folds and the measure reserve (fold value folds.MEASURE) in neither; fold -1
+    trains on all the others and holds out none."""
     k = int(fold.max()) + 1
-    excluded = np.isin(fold, cfg.get("exclude_folds") or [])  # a reserve: neither trained on nor held out
+    # A reserve: neither trained on nor held out. The measure reserve always is: no run, whatever
+    # its config, learns from or is selected on the images the local estimate is measured on.
+    excluded = np.isin(fold, cfg.get("exclude_folds") or []) | (fold == folds.MEASURE)
     if cfg["fold"] in (cfg.get("exclude_folds") or []):
         raise CompetitionError(f"fold={cfg['fold']} is also in exclude_folds {cfg['exclude_folds']}")
     if cfg["fold"] == -1:
@@ -183,9 +186,9 @@ def fold_rows(fold: np.ndarray, cfg: dict, path) -> tuple[np.ndarray, np.ndarray
     return np.flatnonzero((fold != cfg["fold"]) & ~excluded), np.flatnonzero(fold == cfg["fold"])
 
 
-def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Training and held-out rows for cfg['fold'] from folds/<dataset>.csv (written with the
-    defaults, k=5 seed 0, when it does not exist yet)."""
+    defaults, k=5 seed 0, when it does not exist yet), and the id of its measure reserve."""
     name = folds.dataset_name(cfg["dataset"], cfg.get("data"))
     path = folds.folds_path(name, cfg["folds_dir"])
     if not path.exists() and accelerator.is_main_process:
@@ -197,8 +200,9 @@ def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, 
         raise CompetitionError(f"{path} was made for a different dataset ({len(frame)} rows, this one has "
                                f"{len(labels)} images); rerun `python -m competition.folds --force` for it")
     train_rows, val_rows = fold_rows(frame["fold"].to_numpy(), cfg, path)
+    reserve = folds.reserve_id(folds.measure_rows(frame))
     if cfg["fold"] == -1:
-        return train_rows, val_rows
+        return train_rows, val_rows, reserve
     n_classes = int(labels.max()) + 1
     for rows, what in ((train_rows, "training folds"), (val_rows, f"held-out fold {cfg['fold']}")):
         absent = np.setdiff1d(np.arange(n_classes), labels[rows])
@@ -206,7 +210,7 @@ def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, 
             raise CompetitionError(f"{path}: the {what} hold no image of class(es) {absent[:10].tolist()}: make "
                                    f"stratified folds with fewer splits (python -m competition.folds --k 2 --force) "
                                    f"or add images of those classes")
-    return train_rows, val_rows
+    return train_rows, val_rows, reserve
 
 
 def ood_check_seed(cfg: dict) -> int:
@@ -271,7 +275,7 @@ class TrainData:
             raise CompetitionError(f"{cfg.get('data') or cfg['dataset']}: {len(ds.classes)} class ({ds.classes}); a "
                                    f"classifier needs at least 2 (an image folder holds one sub-folder per class)")
         self.images, self.labels, self.classes = ds.images, ds.labels, list(ds.classes)
-        train_rows, self.val_rows = split_rows(cfg, ds.labels, accelerator)
+        train_rows, self.val_rows, self.measure_reserve = split_rows(cfg, ds.labels, accelerator)
         self.train_rows = data.sample_rows(train_rows, cfg["train_subset"], cfg["seed"])
         self.soft = None  # (N, C) soft targets of every row when pseudo-labelled images join the training set
         if cfg.get("pseudo"):
@@ -387,6 +391,8 @@ def resolve_data_config(cfg: dict, td: TrainData) -> dict:
            "image_size": int(cfg["image_size"] or td.images.shape[1]), "channels_last": bool(cfg["channels_last"])}
     if td.ood_rows.size:
         out["ood_check_seed"] = ood_check_seed(cfg)
+    if td.measure_reserve:  # the images score's leak check knows this run never saw
+        out["measure_reserve"] = td.measure_reserve
     return out
 
 

@@ -99,3 +99,17 @@ def test_main_writes_digits_folds(tmp_path, capsys):
 def test_dataset_name():
     assert F.dataset_name("digits") == "digits"
     assert F.dataset_name("imagefolder", "../shared/data/cifar10-jpg-train.tar.gz") == "cifar10-jpg-train"
+
+
+def test_measure_reserve_is_stratified_seeded_and_leaves_the_folds_alone_without_it():
+    with_reserve = F.make_folds(LABELS, 5, seed=0, measure_n=20)
+    reserve = with_reserve == F.MEASURE
+    assert reserve.sum() == 20 and np.array_equal(with_reserve, F.make_folds(LABELS, 5, seed=0, measure_n=20))
+    share = 20 * np.bincount(LABELS) / len(LABELS)  # stratified: each class its share of the 20
+    assert np.abs(np.bincount(LABELS[reserve]) - share).max() < 1
+    assert sorted(np.unique(with_reserve[~reserve])) == [0, 1, 2, 3, 4]
+    assert np.array_equal(F.make_folds(LABELS, 5, seed=0, measure_n=0), F.make_folds(LABELS, 5, seed=0))
+    with pytest.raises(CompetitionError, match="measure-n"):
+        F.make_folds(LABELS, 5, measure_n=len(LABELS))
+    frame = F.folds_frame(LABELS, 5, 0, 20)
+    assert F.reserve_id(F.measure_rows(frame)) and F.reserve_id([]) is None

@@ -165,3 +165,26 @@ def test_paired_difference_over_the_same_images(scored, capsys):
                                          .with_suffix(".json").read_text())
     assert results[0][S.PER_IMAGE].shape == (6,)
     assert "OOD acc +0.00 +- 0.00 points (paired over the suite's 6 images)" in capsys.readouterr().out
+
+
+def test_a_cifar100_test_split_suite_is_refused_or_flagged(tmp_path):
+    """CIFAR-100's test split is the competition's OOD files, uncorrupted: a suite from it scores the
+    leaderboard's own answers. Refused by default; the flag builds it and every report says so;
+    a measure reserve in the folds file is used instead, without any flag."""
+    from competition import folds
+    from test_data import write_cifar100
+
+    write_cifar100(tmp_path / "d", n_train=30, n_test=6)
+    common = dict(dataset="cifar100", data_dir=tmp_path / "d", folds_dir=tmp_path / "f", n=0, names=["brightness"])
+    with pytest.raises(CompetitionError, match="leaderboard's own answers.*--measure-n"):
+        S.build_suite(tmp_path / "s0", **common)
+    out = S.build_suite(tmp_path / "s1", leaderboard_labels=True, **common)
+    suite = data.OodSet(out)
+    assert suite.info()["leaderboard_labels"] and suite.role().startswith("LEADERBOARD LABELS")
+    folds.main(["--dataset", "cifar100", "--data-dir", str(tmp_path / "d"), "--folds-dir", str(tmp_path / "f"),
+                "--k", "2", "--measure-n", "6"])
+    out = S.build_suite(tmp_path / "s2", **common)
+    info = data.OodSet(out).info()
+    frame = folds.read_folds(tmp_path / "f" / "cifar100.csv")
+    assert info["split"] == "measure" and sorted(info["source_rows"]) == folds.measure_rows(frame).tolist()
+    assert data.OodSet(out).role().startswith("measure:")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from competition import ensemble, predict, score, selftrain, train, tta
+from competition import data, ensemble, folds, predict, score, selftrain, train, tta
 from competition.files import CompetitionError
 from competition.runs import RunDir
 
@@ -19,22 +19,62 @@ TINY = ["--part", "1", "--preset", "demo", "epochs=2", "model_args.widths=[8,16,
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    """The three roles on digits: a measure reserve of 100 images (fold -1), fold 0 held out (the
+    choose images), fold 1 excluded (the unlabelled "test files"), the rest trained on."""
     tmp = tmp_path_factory.mktemp("st")
+    folds.main(["--dataset", "digits", "--k", "5", "--measure-n", "100", "--folds-dir", str(tmp / "folds")])
     dirs = [f"folds_dir={tmp / 'folds'}", f"models_dir={tmp / 'models'}"]
     run = train.main(TINY + dirs)
     common = ["--dataset", "digits", "--folds-dir", str(tmp / "folds"), "--names", "brightness,gaussian_noise",
               "--workers", "1", "--n", "12"]
     pool = score.main(["suite", "--out", str(tmp / "pool"), "--fold", "1", *common])  # the "test files"
-    measure = score.main(["suite", "--out", str(tmp / "measure"), "--fold", "0", *common])
+    measure = score.main(["suite", "--out", str(tmp / "measure"), *common])  # the measure reserve
     predict.predict_run(run, [pool, measure], tta.parse_tta("flip"), adapts=["bn"], test=False)
     return tmp, run, pool, measure
 
 
+def test_measure_rows_are_in_no_training_row_choose_image_or_pool(world):
+    tmp, run, pool, measure = world
+    frame = folds.read_folds(tmp / "folds" / "digits.csv")
+    reserve = set(folds.measure_rows(frame).tolist())
+    info = data.OodSet(measure).info()
+    assert len(reserve) == 100 and info["split"] == "measure" and set(info["source_rows"]) <= reserve
+    trained, held = train.fold_rows(frame["fold"].to_numpy(), RunDir(run).config(), "f")
+    r = RunDir(run)
+    assert not reserve & set(trained.tolist()) and not reserve & set(held.tolist())
+    assert not reserve & set(r.oof_index().tolist()) and not reserve & set(r.oof_ood_index().ravel().tolist())
+    assert not reserve & set(data.OodSet(pool).info()["source_rows"])
+    for fold_all in ({**r.config(), "fold": -1}, {**r.config(), "fold": -1, "exclude_folds": []}):
+        assert not reserve & set(train.fold_rows(frame["fold"].to_numpy(), fold_all, "f")[0].tolist())
+    assert r.data_config()["measure_reserve"] == info["reserve"]  # what score's leak check compares
+    assert score._leaks([r.config()], info, [r]) == []
+    assert score._leaks([r.config()], {**info, "reserve": "another"}, [r]) == [str(r)]
+
+
+def test_adapt_auto_never_looks_at_the_measure_labels(world):
+    """The choice is made on the corrupted out-of-fold images: shuffling the measure's labels
+    (or scoring on it at all) changes no decision."""
+    tmp, run, pool, measure = world
+    a = json.loads(ensemble.build([run], "auto-a", measure, tmp / "subs", tta_name="flip", adapt="auto")
+                   .with_suffix(".json").read_text())
+    labels = np.load(measure / "labels.npy")
+    try:
+        np.save(measure / "labels.npy", np.random.default_rng(0).permutation((labels + 3) % 10))
+        b = json.loads(ensemble.build([run], "auto-b", measure, tmp / "subs", tta_name="flip", adapt="auto")
+                       .with_suffix(".json").read_text())
+    finally:
+        np.save(measure / "labels.npy", labels)
+    assert a["adaptation"] == b["adaptation"] and a["weights"] == b["weights"]
+    assert a["local_score"]["ood_accuracy"] != b["local_score"]["ood_accuracy"]  # the labels did change
+    assert "oof_ood" in a["adaptation"][RunDir(run).member]["chosen_on"]
+    assert a["local_score"]["role"].startswith("measure:") and "oof_ood" in a["roles"]["choose"]
+
+
 def test_one_round_trains_predicts_and_ensembles_again(world):
     tmp, run, pool, measure = world
-    csv = ensemble.build([run], "base", pool, tmp / "subs", tta_name="flip", adapt="auto", suite=measure)
+    csv = ensemble.build([run], "base", pool, tmp / "subs", tta_name="flip", adapt="auto")
     spec = json.loads(csv.with_suffix(".json").read_text())
-    assert set(spec["adaptation"][RunDir(run).member]) == {"none", "bn", "chosen"}  # the choice and its reasons
+    assert set(spec["adaptation"][RunDir(run).member]) == {"none", "bn", "chosen", "chosen_on"}  # the choice, its reasons
     out = selftrain.main([str(csv.with_suffix(".json")), "--threshold", "0.1", "--epochs", "1", "--suite",
                           str(measure), "--out-dir", str(tmp / "rounds")])
     info = json.loads(out.read_text())
@@ -48,7 +88,7 @@ def test_one_round_trains_predicts_and_ensembles_again(world):
     # the defaults are relative to the members: a fraction of their lr and of their labelled images
     source = RunDir(run).config()
     fold = pd.read_csv(tmp / "folds" / "digits.csv")["fold"].to_numpy()
-    labelled = int(((fold != 0) & (fold != 1)).sum())
+    labelled = int(((fold != 0) & (fold != 1) & (fold != folds.MEASURE)).sum())
     assert cfg["lr"] == pytest.approx(selftrain.LR_FRACTION * source["lr"])
     assert info["selftrain"]["max_images"] == int(selftrain.PSEUDO_FRACTION * labelled)
     assert selftrain.labelled_images(RunDir(run)) == labelled
@@ -58,9 +98,32 @@ def test_one_round_trains_predicts_and_ensembles_again(world):
 
 def test_a_pseudo_set_of_held_out_images_is_refused(world):
     tmp, run, pool, measure = world
-    csv = ensemble.build([run], "onheld", measure, tmp / "subs", tta_name="flip")  # the "test files" ARE fold 0: held out
+    held = score.main(["suite", "--out", str(tmp / "fold0"), "--fold", "0", "--dataset", "digits", "--folds-dir",
+                       str(tmp / "folds"), "--names", "brightness", "--workers", "1", "--n", "4"])
+    predict.predict_run(run, [held], tta.parse_tta("flip"), test=False)
+    csv = ensemble.build([run], "onheld", held, tmp / "subs", tta_name="flip")  # the "test files" ARE fold 0: held out
     with pytest.raises(CompetitionError, match="holds out .* pseudo-labelling them would train on the held-out fold"):
         selftrain.main([str(csv.with_suffix(".json")), "--out-dir", str(tmp / "subs")])
+
+
+def test_a_pseudo_set_of_the_measure_reserve_is_refused(world):
+    tmp, run, pool, measure = world
+    csv = ensemble.build([run], "onmeasure", measure, tmp / "subs", tta_name="flip")
+    with pytest.raises(CompetitionError, match="measure reserve: pseudo-labelling it"):
+        selftrain.main([str(csv.with_suffix(".json")), "--out-dir", str(tmp / "subs")])
+
+
+def test_a_test_split_suite_overlaps_the_competition_files():
+    """CIFAR-100's test split is what the competition's OOD files are made of: a suite from it and
+    a pseudo-label pool of those files hold the same images, whatever their rows say."""
+    leaderboard = {"dataset": "cifar100", "split": "test", "n": 10}
+    assert score.images_overlap(leaderboard, {})  # {}: the competition's files (no suite.json)
+    assert not score.images_overlap({"dataset": "cifar100", "split": "measure", "source_rows": [1, 2]}, {})
+    assert score.images_overlap({"dataset": "x", "split": "measure", "source_rows": [1, 2]},
+                                {"dataset": "x", "split": "train", "source_rows": [2, 5]})
+    assert not score.images_overlap({"dataset": "x", "split": "measure", "source_rows": [1, 2]},
+                                    {"dataset": "x", "split": "train", "source_rows": [3, 5]})
+    assert data.suite_role(leaderboard).startswith("LEADERBOARD LABELS")
 
 
 def test_select_keeps_confident_rows_and_caps_classes():
