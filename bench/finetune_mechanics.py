@@ -58,7 +58,7 @@ def frozen_drift(cfg_args: list[str], work: Path) -> dict:
                           f"weights={weights}", f"models_dir={work / 'models'}", f"folds_dir={work / 'folds'}",
                           "name=mechanics", *cfg_args])
     before = torch.load(weights, map_location="cpu", weights_only=True)
-    after = torch.load(Path(run_dir) / "last.pt", map_location="cpu", weights_only=False)["model"]
+    after = torch.load(Path(run_dir) / "last.pt", map_location="cpu", weights_only=True)["model"]
     drift = {s: 0.0 for s in STAGES[:-1]}
     for k, v in after.items():
         if k.endswith(("running_mean", "running_var")) and k in before:

@@ -173,15 +173,38 @@ def load_cifar10(data_dir, split: str = "train", download: bool = True) -> Image
     return ImageSet(flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels, classes)
 
 
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler for CIFAR's python format that admits only what those files hold: dicts,
+    lists, bytes, strings, numbers and numpy arrays. Plain pickle.load would run whatever code a
+    doctored `data_batch_1` or `meta` names (a copy off a shared drive, a forum tarball); here any
+    other global is refused before it is looked up. Written by hand: neither torchvision nor numpy
+    offers a restricted loader for this format (torch's weights_only reads only torch's zip files)."""
+
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               *((mod, name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+                 for name in ("_reconstruct", "scalar")),
+               *((mod, "_frombuffer") for mod in ("numpy.core.numeric", "numpy._core.numeric"))}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR pickle never holds (refused "
+                                         f"unrun: a pickle can execute code)")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            out = _ArraysOnly(f, encoding="bytes").load()
     except FileNotFoundError:
         raise CompetitionError(f"{path} is missing: the cifar-100-python/ folder needs train, test and meta") from None
     except Exception as e:
         raise CompetitionError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}); "
                                f"delete the folder and download it again") from None
+    if not isinstance(out, dict):
+        raise CompetitionError(f"{path} holds a {type(out).__name__}, not a CIFAR batch dict; delete the folder and "
+                               f"download it again")
+    return out
 
 
 # ---------------------------------------------------------------------------- imagefolder

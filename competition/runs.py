@@ -159,14 +159,19 @@ class RunDir:
             ([] if rng else ["random_states_0.pkl"])
         if missing:
             return f"{', '.join(missing)} missing"
+        from accelerate.utils import load as safe_load  # torch.load, weights_only, numpy RNG states allowed
+
         for name in [model] + needed + rng:
             try:
                 if name.endswith(".safetensors"):
                     load_file(ckpt / name)
                 else:
-                    torch.load(ckpt / name, map_location="cpu", weights_only=False)
+                    # weights_only: tensors, containers, numbers and numpy arrays, nothing that runs
+                    # code. Accelerate itself reads custom_checkpoint_*.pkl with weights_only=False, so
+                    # this check (before every load_state) is what keeps a planted file from running.
+                    safe_load(ckpt / name, map_location="cpu", weights_only=True)
             except Exception as e:
-                return f"{name} does not load ({type(e).__name__}: {str(e)[:120]})"
+                return f"{name} does not load as plain weights ({type(e).__name__}: {str(e)[:120]})"
         return None
 
     def move_aside(self, what: str) -> Path:
@@ -206,6 +211,10 @@ class RunDir:
         save_config(cfg, self.path / self.CONFIG)
         save_config(data_cfg, self.path / self.DATA_CONFIG)
 
+    def load_weights(self, which: str = "best") -> dict:
+        """best.pt / last.pt as a dict (model, config, data_config, metrics), read without running code."""
+        return load_weights(self.weights(which))
+
     def save_weights(self, which: str, state_dict: dict, cfg: dict, data_cfg: dict, metrics: dict) -> None:
         import torch
 
@@ -226,7 +235,7 @@ class RunDir:
             raise CompetitionError(f"{path} is missing: train this run first (python competition/train.py ...) "
                                    f"or check the run folder name")
         try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=False)
+            ckpt = load_weights(path, map_location)
             cfg = ckpt.get("config") or self.config()
             data_cfg = ckpt.get("data_config") or {k: cfg.get(k) for k in ("num_classes", "classes", "mean", "std",
                                                                            "image_size", "channels_last")}
@@ -454,6 +463,21 @@ class RunDir:
         cfg = self.config()
         path = folds.folds_path(folds.dataset_name(cfg["dataset"], cfg.get("data")), cfg["folds_dir"])
         return path, folds.read_folds(path)["label"].to_numpy()
+
+
+def load_weights(path, map_location="cpu") -> dict:
+    """A best.pt/last.pt read with weights_only=True: tensors, dicts, lists, strings and numbers
+    only, so a weights file planted in a run folder (a teammate's, a download) cannot run code.
+    A file that needs more is refused with the reason."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CompetitionError(f"{path} holds more than weights (refused unrun: {str(e).splitlines()[0][:200]}); "
+                               f"load only weights files you trust, or retrain the run") from None
 
 
 def _alive(pid) -> bool:

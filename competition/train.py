@@ -424,8 +424,7 @@ def make_learner(cfg: dict, data_cfg: dict, accelerator) -> Learner:
     with accelerator.main_process_first():  # one process fetches hub weights; the others read its cache
         model = models.model_from_config(cfg, data_cfg["num_classes"])
     if cfg.get("init_from"):
-        model.load_state_dict(torch.load(RunDir(cfg["init_from"]).weights("best"), map_location="cpu",
-                                         weights_only=False)["model"])
+        model.load_state_dict(RunDir(cfg["init_from"]).load_weights("best")["model"])
     n_params = sum(p.numel() for p in model.parameters())
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -804,7 +803,7 @@ def write_oof(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner: Le
     accelerator.wait_for_everyone()
     if not len(td.val_rows):
         return summary
-    eval_model.load_state_dict(torch.load(run.weights("best"), map_location="cpu", weights_only=False)["model"])
+    eval_model.load_state_dict(run.load_weights("best")["model"])
     views = tta.parse_tta(cfg["oof_tta"])
     views = views if tta.tta_name(views) != "none" else None
     logits, labels, pos, tta_logits = evaluate(eval_model, td.eval_loader(td.val_rows), data_cfg, accelerator, views)

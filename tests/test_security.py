@@ -1,0 +1,85 @@
+"""Nothing runs from a file a user was sent: a weights file, a checkpoint to resume or a CIFAR
+folder that carries a pickle payload is refused before it can run, and the payload's marker
+file never appears."""
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from competition import data, train
+from competition.files import CompetitionError
+from competition.runs import RunDir
+
+TINY = ["--part", "1", "--preset", "demo", "epochs=2", "train_subset=128", "model_args.widths=[8,16,16]",
+        "model_args.hidden=16"]
+
+
+class Payload:
+    """Unpickling this runs `touch MARKER` (what a hostile file would do with worse commands)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sec")
+    return train.main(TINY + [f"folds_dir={tmp / 'folds'}", f"models_dir={tmp / 'models'}"]), tmp
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    src, tmp = trained
+    shutil.copytree(tmp, tmp_path / "w")
+    return tmp_path / "w" / "models" / src.name, [f"folds_dir={tmp_path / 'w' / 'folds'}",
+                                                   f"models_dir={tmp_path / 'w' / 'models'}"]
+
+
+def test_a_planted_best_pt_is_refused_unrun(run_copy, tmp_path):
+    run_dir, _ = run_copy
+    marker = tmp_path / "pwned"
+    good = torch.load(run_dir / "best.pt", weights_only=True)
+    torch.save({**good, "metrics": Payload(marker)}, run_dir / "best.pt")
+    with pytest.raises(CompetitionError, match="holds more than weights"):
+        RunDir(run_dir).load_model()
+    with pytest.raises(CompetitionError, match="holds more than weights"):  # what init_from / selftrain reads
+        RunDir(run_dir).load_weights("best")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("planted", ["random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_a_planted_checkpoint_file_is_never_loaded_on_resume(run_copy, tmp_path, planted, capsys):
+    run_dir, dirs = run_copy
+    marker = tmp_path / "pwned"
+    (run_dir / "summary.json").unlink()
+    newest = RunDir(run_dir).checkpoints()[-1]
+    torch.save(Payload(marker), newest / planted)
+    train.main(TINY + dirs + ["--resume"])  # falls back to the older, intact checkpoint
+    assert f"{newest.name} cannot be resumed from ({planted} does not load as plain weights" in capsys.readouterr().out
+    assert not marker.exists() and RunDir(run_dir).finished
+
+
+def test_a_planted_cifar_pickle_is_refused_unrun(tmp_path):
+    from test_data import write_cifar100
+
+    write_cifar100(tmp_path / "d")
+    assert data.load("cifar100", "train", tmp_path / "d").images.shape == (6, 32, 32, 3)  # the real layout loads
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "d" / "cifar-100-python" / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": Payload(marker)}, f)
+    with pytest.raises(CompetitionError, match="posix.system|os.system|nt.system"):
+        data.load("cifar100", "train", tmp_path / "d")
+    assert not marker.exists()
+    with open(tmp_path / "d" / "cifar-100-python" / "meta", "wb") as f:
+        pickle.dump([np.zeros(3)], f)  # arrays pass the unpickler, but a list is no batch
+    with pytest.raises(CompetitionError, match="not a CIFAR batch dict"):
+        data.load("cifar100", "train", tmp_path / "d")
