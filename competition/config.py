@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from competition.files import CompetitionError, save_text
+from competition.files import CompetitionError, check_name, save_text
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -237,6 +237,8 @@ def validate(cfg: dict) -> dict:
     check_keys(cfg)
     for key, value in cfg.items():
         check_value(key, value)
+    if cfg.get("name") is not None:
+        check_name(cfg["name"], "config name (the run folder under models_dir)", nested=True)
     for epoch, size in (cfg.get("train_sizes") or {}).items():
         if not str(epoch).isdigit() or isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 512:
             raise _bad("train_sizes", cfg["train_sizes"], "must map epochs (whole numbers >= 0) to image sizes "

@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 
 from competition import data, runtime, submit
-from competition.files import CompetitionError, cli, read_json, save_json
+from competition.files import CompetitionError, check_name, cli, read_json, save_json
 from competition.metrics import accuracy, file_accuracy, log_loss, table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, combine, expand_runs, file_hash, \
     group_members, load_oof, member_oof_ood, member_test, num_classes, ood_logits, oof_labels, setting_name, \
@@ -264,8 +263,7 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
     """Fit the weights, write submissions/<name>.csv and .json, validate the CSV; returns the CSV.
     An existing CSV is never overwritten by a different submission (a new --name, or overwrite)."""
     t0 = time.time()
-    if not re.fullmatch(r"[\w.+-]+", name):
-        raise CompetitionError(f"--name {name!r}: use letters, digits and . _ + - (it becomes a file name)")
+    check_name(name, "--name")
     for key, value, allowed in (("method", method, ("caruana", "equal")),
                                 ("adapt", adapt, ("none", "bn", "tent", "auto")),
                                 ("fit-on", fit_on, ("auto", "clean", "ood"))):

@@ -5,6 +5,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -43,6 +44,28 @@ def cli(main):
             sys.exit(130)
 
     return wrapper
+
+
+NAME_RULE = re.compile(r"[A-Za-z0-9._+-]+")
+
+
+def check_name(value, what: str, nested: bool = False) -> str:
+    """A run or submission name becomes a file or folder name: letters, digits and . _ + -, not
+    `.` or `..` (which would write into, or with --force delete, the folder above). `nested`:
+    several such parts joined by / (a run under models/ablations/<study>/), never absolute."""
+    parts = value.split("/") if isinstance(value, str) and nested else [value]
+    if not all(isinstance(x, str) and NAME_RULE.fullmatch(x) and x not in (".", "..") for x in parts):
+        raise CompetitionError(f"{what} {value!r}: use letters, digits and . _ + - (a file or folder name, not "
+                               f"'.' or '..'; no spaces{', no leading or doubled /' if nested else ', no /'})")
+    return value
+
+
+def check_inside(path, folder, what: str) -> Path:
+    """`path` resolved, refused unless it lies strictly inside `folder` (before a destructive step)."""
+    target, root = Path(path).resolve(), Path(folder).resolve()
+    if target == root or root not in target.parents:
+        raise CompetitionError(f"{what}: {target} is not inside {root}; refused (nothing moved or deleted)")
+    return target
 
 
 def check_writable(folder, what: str = "folder") -> None:

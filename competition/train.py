@@ -158,6 +158,7 @@ def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force:
         raise CompetitionError(f"--resume: {run.checkpoint_dir} holds no checkpoint (interrupted in its first "
                                f"epoch?); retrain with --force")
     if force and not resume and main and run.path.exists():
+        files.check_inside(run.path, cfg["models_dir"], "--force (the run folder to replace)")
         aside = run.move_aside("replaced")
         accelerator.print(f"--force: {run} moved to {aside}; it is deleted once the new run has finished an epoch")
     if main:

@@ -83,3 +83,24 @@ def test_a_planted_cifar_pickle_is_refused_unrun(tmp_path):
         pickle.dump([np.zeros(3)], f)  # arrays pass the unpickler, but a list is no batch
     with pytest.raises(CompetitionError, match="not a CIFAR batch dict"):
         data.load("cifar100", "train", tmp_path / "d")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../b", ".", "..", "/tmp/x", "x=y", "a b"])
+def test_a_run_name_cannot_reach_outside_models_dir(tmp_path, name):
+    with pytest.raises(CompetitionError, match="config name"):
+        train.main(TINY + [f"folds_dir={tmp_path / 'f'}", f"models_dir={tmp_path / 'models'}", f"name={name}",
+                           "--force"])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "models").exists()
+
+
+def test_names_and_destructive_targets_in_one_place(tmp_path):
+    from competition.files import check_inside, check_name
+
+    assert check_name("ablations/lr/0.1", "name", nested=True) and check_name("p23-st1", "--name")
+    with pytest.raises(CompetitionError):
+        check_name("ablations/lr", "--name")  # a submission name is one file name
+    with pytest.raises(CompetitionError, match="not inside"):
+        check_inside(tmp_path, tmp_path, "--force")
+    with pytest.raises(CompetitionError, match="not inside"):
+        check_inside(tmp_path / "models" / ".." / "other", tmp_path / "models", "--force")
+    assert check_inside(tmp_path / "models" / "run", tmp_path / "models", "--force").name == "run"
