@@ -327,3 +327,36 @@ def test_bad_ood_file_names_the_file(tmp_path, kind):
 def test_open_ood_any_image_size_when_asked(tmp_path):
     np.save(tmp_path / "distortion00.npy", np.zeros((10, 64, 64, 3), np.uint8))
     assert data.open_ood(tmp_path / "distortion00.npy", image_shape=None).shape == (10, 64, 64, 3)
+
+
+@pytest.mark.parametrize("compress", ["gz", ""])
+def test_an_archive_cut_anywhere_is_refused_not_half_read(tree, tmp_path, compress):
+    """tarfile's stream mode reads a cut inside a header block as the end of the archive; every
+    cut point here (inside a header, inside image data, inside the end blocks) must be refused."""
+    import gzip
+
+    root, _, expect = tree
+    whole = tmp_path / f"whole.tar{'.gz' if compress else ''}"
+    with tarfile.open(whole, f"w:{compress}") as tar:
+        tar.add(root, arcname=".")
+    raw = gzip.decompress(whole.read_bytes()) if compress else whole.read_bytes()
+    assert len(data.load("imagefolder", "train", tmp_path / "c0", path=whole).labels) == len(expect["train"][1])
+    for cut in (512 * 3 + 100, 512 * 5, len(raw.rstrip(b"\0")) + 10, len(raw) // 2):
+        bad = tmp_path / f"cut{cut}.tar{'.gz' if compress else ''}"
+        bad.write_bytes(gzip.compress(raw[:cut]) if compress else raw[:cut])
+        with pytest.raises(CompetitionError, match="cut short"):
+            data.load("imagefolder", "train", tmp_path / f"c{cut}", path=bad)
+    cut_gzip = tmp_path / "cutgz.tar.gz"
+    cut_gzip.write_bytes(whole.read_bytes()[:-20])  # the gzip stream itself ends early
+    if compress:
+        with pytest.raises(CompetitionError, match="cut short or damaged"):
+            data.load("imagefolder", "train", tmp_path / "cg", path=cut_gzip)
+
+
+def test_a_damaged_cache_is_rebuilt(tree, tmp_path, capsys):
+    root, targz, expect = tree
+    first = data.load("imagefolder", "train", tmp_path / "cache", path=targz)
+    (cache,) = (tmp_path / "cache").rglob("*.npz")
+    cache.write_bytes(cache.read_bytes()[:100])
+    again = data.load("imagefolder", "train", tmp_path / "cache", path=targz)
+    assert np.array_equal(first.images, again.images) and "damaged" in capsys.readouterr().err
