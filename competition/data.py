@@ -420,7 +420,15 @@ class OodSet:
                 f"{'no distortionNN.npy files' if not count else ''} ({why} files); a submission needs every "
                 f"file and only those: restore or remove files, or rebuild the suite")
         self.files = [self.path / ood_name(i) for i in range(count)]
-        self.rows = [open_ood(p, image_shape=None).shape[0] for p in self.files]
+        shapes = [open_ood(p, image_shape=None).shape for p in self.files]
+        self.rows, sizes = [x[0] for x in shapes], {x[1:3] for x in shapes}
+        if len(sizes) > 1:  # one file of another size would be resized silently into the submission
+            common = max(sizes, key=[x[1:3] for x in shapes].count)
+            odd = [f"{p.name} ({x[1]}x{x[2]})" for p, x in zip(self.files, shapes) if x[1:3] != common]
+            raise CompetitionError(f"{self.path}: {', '.join(odd)} images, but the other files hold "
+                                   f"{common[0]}x{common[1]}: every OOD file holds the same images; the odd file is "
+                                   f"from another set (download or rebuild it)")
+        self.image_size = next(iter(sizes))
         if len(set(self.rows)) > 1:
             common = max(set(self.rows), key=self.rows.count)
             odd = [f"{p.name} ({r})" for p, r in zip(self.files, self.rows) if r != common]
@@ -449,7 +457,17 @@ class OodSet:
     def labels(self) -> np.ndarray | None:
         """The suite's N labels (the same images at every severity of every file), or None."""
         p = self.path / "labels.npy"
-        return np.load(p) if p.exists() else None
+        if not p.exists():
+            return None
+        try:
+            labels = np.load(p, allow_pickle=False)
+        except Exception as e:
+            raise CompetitionError(f"{p} is not a readable .npy ({type(e).__name__}); rebuild the suite") from None
+        n = self.rows[0] // SEVERITIES
+        if labels.shape != (n,) or labels.dtype.kind not in "iu" or (n and labels.min() < 0):
+            raise CompetitionError(f"{p}: {labels.dtype} labels of shape {labels.shape}; a suite of {n} images per "
+                                   f"severity needs {n} class indices >= 0 (rebuild it with score suite)")
+        return labels
 
     def info(self) -> dict:
         """suite.json (where the images came from) plus the corruption name of every file."""

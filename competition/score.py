@@ -274,6 +274,9 @@ def score_table(ood: data.OodSet, members, weights, bins: int) -> dict:
     labels, info = ood.labels, ood.info()
     cal, names, table, right = Calibration(bins), [], [], []
     for src, z in ood_logits(members, weights, ood):
+        if labels.max() >= z.shape[1]:
+            raise CompetitionError(f"{ood.path}/labels.npy holds class {labels.max()}, but the models predict "
+                                   f"{z.shape[1]} classes: the suite was made from another data set")
         right.append(file_right(z, labels))
         table.append(right[-1].mean(1))
         cal.add(z, np.tile(labels, SEV))

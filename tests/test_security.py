@@ -104,3 +104,20 @@ def test_names_and_destructive_targets_in_one_place(tmp_path):
     with pytest.raises(CompetitionError, match="not inside"):
         check_inside(tmp_path / "models" / ".." / "other", tmp_path / "models", "--force")
     assert check_inside(tmp_path / "models" / "run", tmp_path / "models", "--force").name == "run"
+
+
+def test_ood_files_of_another_size_and_impossible_labels_are_refused(tmp_path):
+    for i in range(3):
+        np.save(tmp_path / f"distortion{i:02d}.npy", np.zeros((10, 32 if i != 1 else 28, 32 if i != 1 else 28, 3),
+                                                            np.uint8))
+    with pytest.raises(CompetitionError, match=r"distortion01.npy \(28x28\) images"):
+        data.OodSet(tmp_path)
+    np.save(tmp_path / "distortion01.npy", np.zeros((10, 32, 32, 3), np.uint8))
+    ood = data.OodSet(tmp_path)
+    assert ood.image_size == (32, 32) and ood.labels is None
+    for bad in (np.array([0, 1, 2]), np.array([0, -1]), np.array([0.5, 1.0])):
+        np.save(tmp_path / "labels.npy", bad)
+        with pytest.raises(CompetitionError, match="labels.npy"):
+            data.OodSet(tmp_path).labels
+    np.save(tmp_path / "labels.npy", np.array([0, 3]))
+    assert data.OodSet(tmp_path).labels.tolist() == [0, 3]
