@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from competition import data, runtime, submit
-from competition.files import CompetitionError, check_name, cli, read_json, save_json
+from competition.files import CompetitionError, check_name, cli, count, read_json, save_json
 from competition.metrics import accuracy, file_accuracy, log_loss, table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, combine, expand_runs, file_hash, \
     group_members, load_oof, member_oof_ood, member_test, num_classes, ood_logits, oof_labels, setting_name, \
@@ -314,7 +314,7 @@ def main(argv=None):
                    help="weights fitted on clean or corrupted out-of-fold images (auto: corrupted when every run "
                         "has them, i.e. was trained with ood_check)")
     p.add_argument("--method", default="caruana", choices=("caruana", "equal"))
-    p.add_argument("--rounds", type=int, default=40, help="greedy selection rounds (weights are multiples of 1/k)")
+    p.add_argument("--rounds", type=count, default=40, help="greedy selection rounds (weights are multiples of 1/k)")
     p.add_argument("--out-dir", default="submissions")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission of this name")
     p.add_argument("--allow-partial", action="store_true",

@@ -68,6 +68,25 @@ def check_inside(path, folder, what: str) -> Path:
     return target
 
 
+def count(text: str) -> int:
+    """argparse type of a count flag (rounds, steps, batches, bins): a whole number >= 1, so a
+    `--rounds -3` is one usage error instead of a recorded nonsense value."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
+def count0(text: str) -> int:
+    """The same, where 0 has a documented meaning (0: all images, or: no processes of its own)."""
+    return 0 if text.strip() in ("0", "+0", "-0") else count(text)
+
+
 def check_writable(folder, what: str = "folder") -> None:
     """An error naming the folder and the fix unless files can be created in it."""
     folder = Path(folder)

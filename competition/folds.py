@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from competition import data
-from competition.files import CompetitionError, atomic_path, cli
+from competition.files import CompetitionError, atomic_path, cli, count
 
 
 MEASURE = -1  # the fold value of the measure reserve's rows
@@ -123,7 +123,7 @@ def main(argv=None):
     p.add_argument("--dataset", default="digits", choices=data.SOURCES)
     p.add_argument("--data", default=None, help="imagefolder: folder or .tar.gz")
     p.add_argument("--data-dir", default="data", help="where datasets and caches live")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--k", type=count, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--measure-n", type=float, default=0, help="reserve this many images (or this share, below 1; "
                    "stratified; fold -1) to "

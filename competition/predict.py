@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from competition import adapt, augment, data, files, runtime, tta
-from competition.files import CompetitionError, cli
+from competition.files import CompetitionError, cli, count
 from competition.loader import eval_loader
 from competition.runs import RunDir, expand_runs, setting_name, source_stamp
 
@@ -314,12 +314,12 @@ def main(argv=None):
                    help="also write BN-adapted OOD logits (default: the run config's bn_adapt); = --adapt bn")
     p.add_argument("--adapt", default=None, help="adapted OOD logits to write besides the plain ones: bn, tent "
                    "or bn,tent (episodic per OOD file and severity)")
-    p.add_argument("--tent-steps", type=int, default=1, help="TENT: passes over each slice (default 1)")
+    p.add_argument("--tent-steps", type=count, default=1, help="TENT: passes over each slice (default 1)")
     p.add_argument("--tent-lr", type=float, default=1e-3, help="TENT: Adam learning rate (default 1e-3)")
-    p.add_argument("--tent-batch", type=int, default=128, help="TENT: images per update (default 128)")
+    p.add_argument("--tent-batch", type=count, default=128, help="TENT: images per update (default 128)")
     p.add_argument("--bn-blend", type=float, default=1.0,
                    help="BN statistics = ALPHA * adapted + (1 - ALPHA) * source (default 1)")
-    p.add_argument("--batch-size", type=int, default=512, help="images per batch per process")
+    p.add_argument("--batch-size", type=count, default=512, help="images per batch per process")
     p.add_argument("--no-test", action="store_true", help="skip the clean test split")
     p.add_argument("--no-oof", action="store_true", help="skip the out-of-fold TTA logits")
     p.add_argument("--force", action="store_true", help="redo outputs that are up to date")

@@ -40,7 +40,7 @@ import numpy as np
 
 from competition import data, folds, plots
 from competition.corruptions import trained_on
-from competition.files import CompetitionError, cli, read_json, save_json, save_text
+from competition.files import CompetitionError, cli, count, count0, read_json, save_json, save_text
 from competition.metrics import Calibration, accuracy, ece, file_right, image_standard_error, table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, default_setting, expand_runs, file_hash, \
     members_from_json, ood_logits, oof_labels, setting_name, test_logits
@@ -360,14 +360,14 @@ def _parser() -> argparse.ArgumentParser:
                    "(folds --measure-n), else the test split")
     s.add_argument("--leaderboard-labels", action="store_true", help="cifar100: build the suite from the test split "
                    "anyway, though its labels are the leaderboard's answers (every report says so)")
-    s.add_argument("--n", type=int, default=200, help="held-out images, the same ones under every corruption and "
+    s.add_argument("--n", type=count0, default=200, help="held-out images, the same ones under every corruption and "
                    "severity as in CIFAR-C (0: all); every estimate carries their sampling noise: one s.e. "
                    "at most sqrt(p(1-p)/n), e.g. 1.6 points measured at 78%% accuracy with n=500")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--names", default=",".join(CORRUPTIONS), help="comma-separated corruptions, in file order")
-    s.add_argument("--workers", type=int, default=None, help="processes (default: one per CPU for >= 500 images)")
+    s.add_argument("--workers", type=count, default=None, help="processes (default: one per CPU for >= 500 images)")
     s.add_argument("--preview", help="also draw a PNG grid (rows = corruptions, columns = clean + severities)")
-    s.add_argument("--preview-images", type=int, default=2, help="images shown side by side in the preview")
+    s.add_argument("--preview-images", type=count, default=2, help="images shown side by side in the preview")
     r = sub.add_parser("run", help="score runs and submissions (the default: `score TARGET...`)",
                        description="Score run folders and submission JSONs on a labelled suite.")
     r.add_argument("targets", nargs="+", help="run folders (or quoted globs) and/or submissions/<name>.json")
@@ -376,7 +376,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--adapt", default="none", choices=("none", "bn", "tent"),
                    help="runs: score the adapted logits (predict --adapt)")
     r.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
-    r.add_argument("--bins", type=int, default=15, help="confidence bins of the calibration error")
+    r.add_argument("--bins", type=count, default=15, help="confidence bins of the calibration error")
     return p
 
 

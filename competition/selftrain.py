@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from competition import data, ensemble, folds, predict, score, train, tta
-from competition.files import CompetitionError, cli, read_json, save_json
+from competition.files import CompetitionError, cli, count, read_json, save_json
 from competition.metrics import softmax
 from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits
 
@@ -201,13 +201,13 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("submission", help="submissions/<name>.json (competition.ensemble's sidecar)")
-    p.add_argument("--rounds", type=int, default=1, help="self-training rounds (1-2 pay; each starts from the last)")
+    p.add_argument("--rounds", type=count, default=1, help="self-training rounds (1-2 pay; each starts from the last)")
     p.add_argument("--threshold", type=float, default=0.8, help="keep OOD rows whose top probability is at least this")
-    p.add_argument("--per-class", type=int, default=None, help="at most this many pseudo-labels per class "
+    p.add_argument("--per-class", type=count, default=None, help="at most this many pseudo-labels per class "
                                                                "(default: 1.5x the median class count)")
     p.add_argument("--max-images", type=int, default=None, help="at most this many pseudo-labelled images, a seeded "
                    f"sample (default: {PSEUDO_FRACTION}x the labelled images the members trained on; 0: no cap)")
-    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs per round")
+    p.add_argument("--epochs", type=count, default=3, help="fine-tuning epochs per round")
     p.add_argument("--lr", type=float, default=None, help="fine-tuning peak learning rate, cosine to 0 (default: "
                    f"{LR_FRACTION}x each member's own training lr)")
     p.add_argument("--suite", help="a labelled local suite to score each round on (its images must not be pseudo-"

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from competition.data import COMPETITION_SHAPE, SEVERITIES, OodSet
-from competition.files import CompetitionError, atomic_path, cli
+from competition.files import CompetitionError, atomic_path, cli, count
 
 HEADER = "id,label"
 ID_PATTERN = r"distortion(\d{2})_([1-9]\d*)_(\d+)"
@@ -310,7 +310,7 @@ def main(argv=None):
     p.add_argument("-m", "--message", help="submission message (required to submit)")
     p.add_argument("--competition", help="Kaggle competition slug (default: $KAGGLE_COMPETITION)")
     p.add_argument("--ood-dir", help="folder of distortionNN.npy to check row counts against")
-    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--num-classes", type=count, default=100)
     p.add_argument("--allow-partial", action="store_true",
                    help="accept fewer files or rows than the competition's 19 x 50,000 (a test on part of the data)")
     args = p.parse_args(argv)

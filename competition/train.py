@@ -154,6 +154,10 @@ def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force:
                                    f"--resume to continue it, --force to retrain it, or name=NEW for a new run")
     if resume and not exists:
         raise CompetitionError(f"--resume: {run} holds no run to resume; train it without --resume")
+    if resume and force and changed_keys(run.config(), cfg):  # it would rewrite the config as if it had always held
+        raise CompetitionError(f"--resume --force: {run} was trained with other values of "
+                               f"{', '.join(changed_keys(run.config(), cfg))}; --resume continues a run with its own "
+                               f"config only: drop those overrides, or --force alone to retrain it")
     if resume and run.latest_checkpoint() is None:
         raise CompetitionError(f"--resume: {run.checkpoint_dir} holds no checkpoint (interrupted in its first "
                                f"epoch?); retrain with --force")

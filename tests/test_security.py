@@ -121,3 +121,22 @@ def test_ood_files_of_another_size_and_impossible_labels_are_refused(tmp_path):
             data.OodSet(tmp_path).labels
     np.save(tmp_path / "labels.npy", np.array([0, 3]))
     assert data.OodSet(tmp_path).labels.tolist() == [0, 3]
+
+
+def test_resume_force_never_continues_under_changed_settings(run_copy):
+    run_dir, dirs = run_copy
+    before = (run_dir / "config.yaml").read_text()
+    with pytest.raises(CompetitionError, match="--resume --force: .* other values of lr"):
+        train.main(TINY + dirs + ["lr=0.2", "--resume", "--force"])
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("argv", [["ensemble", "x", "--name", "y", "--rounds", "-3"],
+                                  ["predict", "x", "--tent-steps", "-1"], ["predict", "x", "--batch-size", "0"],
+                                  ["selftrain", "x.json", "--epochs", "0"], ["score", "suite", "--out", "o", "--n", "-5"]])
+def test_count_flags_refuse_nonsense_before_anything_runs(argv, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(f"competition.{argv[0]}").main(argv[1:])
+    assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
