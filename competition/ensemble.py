@@ -287,7 +287,9 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
     if csv.exists() and old is not None and same_submission(old, info):
         say(f"{csv}: unchanged (the same runs, settings, weights and logits); not rewritten")
         return csv
-    if csv.exists() and not overwrite:
+    if csv.exists() and old is None:  # the JSON is written last: a CSV without it is an interrupted write
+        say(f"note: {csv} has no {csv.with_suffix('.json').name} (a write interrupted before it): replaced")
+    elif csv.exists() and not overwrite:
         raise CompetitionError(f"{csv} already exists and holds another submission: choose a new --name, or pass "
                                f"--overwrite to replace it (its JSON is replaced too)")
     table = write_csv(members, weights, ood, csv, n_classes)

@@ -42,6 +42,13 @@ def cli(main):
         except KeyboardInterrupt:
             print("interrupted (Ctrl-C); files written so far are complete, nothing is half-written", file=sys.stderr)
             sys.exit(130)
+        except OSError as e:  # disk full, read-only folder, permissions: the file and the fix, no traceback
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            fix = {28: "free some disk space", 30: "choose a writable folder", 13: "check the folder's permissions",
+                   122: "free some quota"}.get(e.errno, "check the path and the disk")
+            print(f"error: {e.strerror or e}{where}: {fix}, then rerun; files are written whole or not at all",
+                  file=sys.stderr)
+            sys.exit(2)
 
     return wrapper
 

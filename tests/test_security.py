@@ -140,3 +140,17 @@ def test_count_flags_refuse_nonsense_before_anything_runs(argv, capsys):
     with pytest.raises(SystemExit) as e:
         importlib.import_module(f"competition.{argv[0]}").main(argv[1:])
     assert e.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_an_os_error_is_one_line_with_the_fix(capsys):
+    import errno
+
+    from competition.files import cli
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/x.npy")
+
+    with pytest.raises(SystemExit) as e:
+        cli(full)()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "/tmp/x.npy" in err and "free some disk space" in err

@@ -130,3 +130,13 @@ def test_select_keeps_confident_rows_and_caps_classes():
     probs = np.array([[0.95, 0.05], [0.97, 0.03], [0.99, 0.01], [0.2, 0.8], [0.5, 0.5], [0.08, 0.92]])
     assert selftrain.select(probs, 0.9, None).tolist() == [0, 1, 2, 5]
     assert selftrain.select(probs, 0.9, 2).tolist() == [1, 2, 5]  # class 0 capped to its 2 most confident
+
+
+def test_a_csv_without_its_json_is_an_interrupted_write_and_is_replaced(world, capsys):
+    tmp, run, pool, measure = world
+    (tmp / "subs").mkdir(exist_ok=True)
+    (tmp / "subs" / "orphan.csv").write_text("id,label\n")  # a crash between the CSV and its JSON
+    csv = ensemble.build([run], "orphan", measure, tmp / "subs", tta_name="flip")
+    assert "interrupted before it): replaced" in capsys.readouterr().out and csv.with_suffix(".json").exists()
+    with pytest.raises(CompetitionError, match="holds another submission"):  # a recorded one is still protected
+        ensemble.build([run], "orphan", measure, tmp / "subs", tta_name="flip", adapt="bn")
