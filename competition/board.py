@@ -54,8 +54,13 @@ def run_rows(models_dir) -> list[dict]:
         run = RunDir(cfg_path.parent)
         if run.path.name.startswith(".") or "broken-checkpoints" in run.path.parts:
             continue
-        cfg, summary = run.config(), run.summary()
-        plain, adapted = _best_score(run, False), _best_score(run, True)
+        try:
+            cfg, summary = run.config(), run.summary()
+            plain, adapted = _best_score(run, False), _best_score(run, True)
+        except (CompetitionError, OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            # One damaged run folder is flagged in its own row; the board of the others goes on.
+            rows.append({"run": str(run.path.relative_to(models_dir)), "state": f"broken: {str(e)[:120]}"})
+            continue
         rows.append({
             "run": str(run.path.relative_to(models_dir)), "part": cfg.get("part"), "model": cfg.get("model"),
             "fold": cfg.get("fold"), "seed": cfg.get("seed"), "epochs": summary.get("epochs"),
@@ -75,26 +80,37 @@ def submission_rows(submissions_dir) -> list[dict]:
     rows = []
     for path in sorted(Path(submissions_dir).glob("*.json")):
         spec = read_json(path)
-        if not spec or "members" not in spec:
+        if spec is None or (isinstance(spec, dict) and "members" in spec and not isinstance(spec["members"], list)):
+            rows.append({"submission": path.stem, "members": f"broken sidecar: {path.name} does not read as "
+                                                             f"competition.ensemble's JSON"})
             continue
-        local = spec.get("local_score_adapted") or spec.get("local_score") or {}
-        kaggle = [u for u in spec.get("kaggle", []) if u.get("public_score") is not None]
-        rows.append({
-            "submission": spec.get("name", path.stem),
-            "members": ", ".join(f"{m['name']} {m['weight']:.2f}" for m in spec["members"] if m["weight"] > 0),
-            "settings": ", ".join(sorted({m.get("setting", "?") for m in spec["members"]})),
-            "fit on": spec.get("fit_on", "clean"), "OOF acc": (spec.get("oof") or {}).get("accuracy"),
-            "local OOD": local.get("ood_accuracy"), "suite role": local and _role(local),
-            "Kaggle public": kaggle[-1]["public_score"] if kaggle else None,
-            "uploads": len(spec.get("kaggle", [])), "created": spec.get("created"),
-            "commit": (spec.get("commit") or "")[:8] + ("+" if spec.get("dirty") else ""),
-        })
+        if not isinstance(spec, dict) or "members" not in spec:
+            continue
+        try:
+            rows.append(_submission_row(spec, path))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            rows.append({"submission": path.stem, "members": f"broken sidecar: {type(e).__name__} {str(e)[:80]}"})
     return rows
+
+
+def _submission_row(spec: dict, path: Path) -> dict:
+    local = spec.get("local_score_adapted") or spec.get("local_score") or {}
+    kaggle = [u for u in spec.get("kaggle", []) if u.get("public_score") is not None]
+    return {
+        "submission": spec.get("name", path.stem),
+        "members": ", ".join(f"{m['name']} {m['weight']:.2f}" for m in spec["members"] if m["weight"] > 0),
+        "settings": ", ".join(sorted({m.get("setting", "?") for m in spec["members"]})),
+        "fit on": spec.get("fit_on", "clean"), "OOF acc": (spec.get("oof") or {}).get("accuracy"),
+        "local OOD": local.get("ood_accuracy"), "suite role": local and _role(local),
+        "Kaggle public": kaggle[-1]["public_score"] if kaggle else None,
+        "uploads": len(spec.get("kaggle", [])), "created": spec.get("created"),
+        "commit": (spec.get("commit") or "")[:8] + ("+" if spec.get("dirty") else ""),
+    }
 
 
 def table(rows: list[dict], sort_col: str, ascending: bool = False) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
-    if frame.empty:
+    if frame.empty or sort_col not in frame:  # only broken rows: nothing to sort by
         return frame
     return frame.sort_values(sort_col, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
 
@@ -122,7 +138,7 @@ def chart(runs: pd.DataFrame, subs: pd.DataFrame, path) -> Path:
     plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     ax = axes[0]
-    scored = runs.dropna(subset=["local OOD"]) if not runs.empty else runs
+    scored = runs.dropna(subset=["local OOD"]) if "local OOD" in runs else runs.iloc[0:0]
     for _, r in scored.iterrows():
         clean = r["held-out acc TTA"] if pd.notna(r["held-out acc TTA"]) else r["held-out acc"]
         ax.scatter(clean, r["local OOD"], color="tab:blue")
@@ -132,7 +148,7 @@ def chart(runs: pd.DataFrame, subs: pd.DataFrame, path) -> Path:
     ax.set(xlabel="held-out accuracy (clean)", ylabel="local OOD estimate", title="runs (circle plain, triangle +BN)")
     ax.grid(alpha=0.3)
     ax = axes[1]
-    s = subs.dropna(subset=["local OOD"]) if not subs.empty else subs
+    s = subs.dropna(subset=["local OOD"]) if "local OOD" in subs else subs.iloc[0:0]
     if not s.empty:
         ax.barh(s["submission"], s["local OOD"], color="tab:green", label="local OOD")
         for name, v in zip(s["submission"], s["local OOD"]):

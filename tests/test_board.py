@@ -122,3 +122,18 @@ def test_tensorboard_writes_event_files_and_a_missing_tracker_is_one_error(tmp_p
         train.main(TINY + dirs + ["log_with=wandb", "name=w"])
     assert not (tmp_path / "models" / "w").exists()
     shutil.rmtree(run)
+
+
+def test_a_broken_run_or_sidecar_is_flagged_in_its_row(world, tmp_path):
+    tmp, a, b, suite = world
+    shutil.copytree(tmp / "models", tmp_path / "models")
+    (tmp_path / "models" / "b" / "config.yaml").write_text("lr: [unclosed\n")
+    (tmp_path / "subs").mkdir()
+    (tmp_path / "subs" / "cut.json").write_text('{"members": [{"name": ')
+    (tmp_path / "subs" / "edited.json").write_text('{"members": [{"name": "a"}]}')
+    runs, subs = board.main(["--models-dir", str(tmp_path / "models"), "--submissions-dir", str(tmp_path / "subs"),
+                             "--out", str(tmp_path / "board")])
+    state = dict(zip(runs["run"], runs["state"]))
+    assert state["b"].startswith("broken:") and state["a"] == "finished"  # the others go on
+    members = dict(zip(subs["submission"], subs["members"]))
+    assert members["cut"].startswith("broken sidecar") and members["edited"].startswith("broken sidecar")
