@@ -53,10 +53,24 @@ def member_key(name: str) -> str:
 
 
 def source_stamp(path) -> list:
-    """What an output was made from, for predict.json: the input file's resolved path, size, mtime."""
+    """What an output was made from, for predict.json: the input file's name, size and content
+    hash. Content, not place: moving or copying data/ keeps every prediction valid, and a file
+    changed in place (same size, new bytes) invalidates the outputs made from it."""
+    path = Path(path)
+    return [path.name, path.stat().st_size, content_hash(path)]
+
+
+_CONTENT_HASHES: dict[tuple, str] = {}
+
+
+def content_hash(path) -> str:
+    """sha1 of a file's bytes (about 1 s per GB), computed once per process and file version."""
     path = Path(path)
     st = path.stat()
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _CONTENT_HASHES:
+        _CONTENT_HASHES[key] = file_hash(path)
+    return _CONTENT_HASHES[key]
 
 
 def setting_name(tta_name: str, average: str = "logits", adapt: str = "none", blend: float = 1.0) -> str:
@@ -354,10 +368,11 @@ class RunDir:
 
     @staticmethod
     def ood_rel(ood: data.OodSet, src: Path) -> str:
-        """Where a setting keeps the logits of one OOD file: ood/<folder name>-<hash of its path>/,
-        so two OOD folders (the competition's, local suites) never share an output."""
-        resolved = str(ood.path.resolve())
-        return f"ood/{ood.path.resolve().name}-{hashlib.sha1(resolved.encode()).hexdigest()[:8]}/{src.name}"
+        """Where a setting keeps the logits of one OOD file: ood/<folder name>-<hash of its files'
+        contents>/, so two OOD folders (the competition's, local suites) never share an output,
+        and the same folder moved or copied elsewhere finds its outputs again."""
+        key = hashlib.sha1("|".join(f"{p.name}:{content_hash(p)}" for p in ood.files).encode()).hexdigest()[:8]
+        return f"ood/{ood.path.resolve().name}-{key}/{src.name}"
 
     def _checked(self, setting: str, rel: str, how: str, source=None) -> tuple[Path, dict]:
         path, entry = self.pred_dir(setting) / rel, self.manifest(setting).get(rel)

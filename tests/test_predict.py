@@ -162,10 +162,23 @@ def test_predict_writes_logits_and_skips_done_work(run, monkeypatch):
     monkeypatch.setattr(T, "tta_logits", lambda *a, **k: pytest.fail("predicted again"))
     assert set(P.predict_run(run_dir, [ood], T.parse_tta("flip")).values()) == {"skipped"}
     monkeypatch.undo()
-    # a newer source file redoes only what it touches
+    # outputs are keyed by the files' contents: a touched file, or the folder moved elsewhere, is
+    # still the same data and reuses every prediction; changed bytes redo the folder's outputs
     os.utime(ood / "distortion00.npy", ns=(os.stat(ood / "distortion00.npy").st_mtime_ns + 10**9,) * 2)
+    assert set(P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False).values()) == {"skipped"}
+    moved = ood.parent / "elsewhere" / ood.name
+    moved.parent.mkdir()
+    ood.rename(moved)
+    try:
+        assert set(P.predict_run(run_dir, [moved], T.parse_tta("flip"), test=False, oof=False).values()) == {"skipped"}
+        assert RunDir(run_dir).ood_logits_paths(data.OodSet(moved), "flip") == [out(run_dir, moved, i) for i in (0, 1)]
+    finally:
+        moved.rename(ood)
+    images = np.load(ood / "distortion00.npy")
+    images[0, 0, 0] ^= 1
+    np.save(ood / "distortion00.npy", images)
     status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False)
-    assert [status[str(out(run_dir, ood, i))] for i in (0, 1)] == ["written", "skipped"]
+    assert [status[str(out(run_dir, ood, i))] for i in (0, 1)] == ["written", "written"]
     status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False, force=True)
     assert set(status.values()) == {"written"}
 
@@ -196,9 +209,13 @@ def test_default_tta_is_the_one_the_run_reported(run, monkeypatch):
 def test_stale_or_missing_ood_logits_are_a_clear_error(run, tmp_path):
     run_dir, ood = run
     P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False)
-    os.utime(ood / "distortion01.npy", ns=(os.stat(ood / "distortion01.npy").st_mtime_ns + 10**9,) * 2)
-    with pytest.raises(CompetitionError, match="predicted from other files than now.*competition.predict"):
-        RunDir(run_dir).ood_logits_paths(data.OodSet(ood), "flip")
+    images = np.load(ood / "distortion01.npy")
+    np.save(ood / "distortion01.npy", 255 - images)  # new bytes behind the same name: no output is theirs
+    try:
+        with pytest.raises(CompetitionError, match="is missing.*competition.predict"):
+            RunDir(run_dir).ood_logits_paths(data.OodSet(ood), "flip")
+    finally:
+        np.save(ood / "distortion01.npy", images)
     with pytest.raises(CompetitionError, match=r"pred/flip\+bn/ood/ood-\w+/distortion00.npy is missing.*--adapt bn"):
         RunDir(run_dir).ood_logits_paths(data.OodSet(ood), "flip+bn")
 
