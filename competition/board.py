@@ -2,14 +2,16 @@
 
     python -m competition.board                         # models/ and submissions/ of this folder
     python -m competition.board --sort ood              # runs by local OOD estimate (also: clean, time, ...)
-    python -m competition.board --out board             # also board.md, board_runs.csv, board_submissions.csv, board.png
+    python -m competition.board --out submissions/board # also board.md, board_runs.csv, board_submissions.csv, board.png
     python -m competition.board --fetch --competition SLUG   # first fetch Kaggle's scores of your uploads
     python -m competition.board --stages submissions/x.json --suite data/ood-local/x   # what each stage adds
 
 Runs: part, model, fold, seed, epochs, held-out accuracy (plain, and with the TTA train
 validated), the local OOD estimate (plain and BN-adapted, from `competition.score`), the mean
 over the corruption families training did not see, training time and the commit that trained
-it. Runs not scored (or not predicted) yet show `-` instead of stopping the board.
+it, and the role of the images each local figure is on (`measure`, or `choose` when a suite was
+built from a held-out fold: optimistic). Runs not scored (or not predicted) yet show `-`, and a
+broken run folder or sidecar is flagged in its row, instead of stopping the board.
 Submissions: members and weights, how the weights were fitted, the local estimate, and the
 Kaggle public score once `competition.submit` has uploaded it and `--fetch` read it back.
 """
@@ -204,7 +206,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default="models")
     p.add_argument("--submissions-dir", default="submissions")
-    p.add_argument("--sort", default="ood", help=f"runs: {', '.join(RUN_SORTS)}; submissions: {', '.join(SUB_SORTS)}")
+    p.add_argument("--sort", default="ood", choices=sorted(set(RUN_SORTS) | set(SUB_SORTS)),
+                   help=f"runs: {', '.join(RUN_SORTS)}; submissions: {', '.join(SUB_SORTS)}")
     p.add_argument("--out", help="write OUT.md, OUT_runs.csv, OUT_submissions.csv and OUT.png too")
     p.add_argument("--fetch", action="store_true", help="first read your uploads' Kaggle scores (needs credentials)")
     p.add_argument("--competition", help="Kaggle competition slug for --fetch (default: $KAGGLE_COMPETITION)")
