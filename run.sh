@@ -19,9 +19,10 @@
 #                   test split measures]. 0 for the final submission: no local estimate then
 #   --n N           local suite images per corruption and severity [digits 40, else 1000]
 #   --tta NAME      predict's TTA [digits: shift (no mirror); else shift1]
-#   --tta-adapt none|bn|tent|auto   test-time adaptation of the OOD logits per file and severity
+#   --tta-adapt none|bn|tent|shot|eata|auto   test-time adaptation per OOD file and severity
 #                   [auto: BN and TENT are predicted, and each member keeps whichever is best on
-#                   its corrupted out-of-fold images; bn: cheap (one extra pass); tent: ~2-3x bn's]
+#                   its corrupted out-of-fold images; bn: cheap (one extra pass); tent, shot (entropy
+#                   + diversity), eata (reliable predictions only): ~2-3x bn's, see competition/adapt.py]
 #   --selftrain R   R rounds of pseudo-label self-training on the OOD files (needs --ood-dir) [0]
 #   --name NAME     submission name, and the prefix of its run folders (NAME-part<P>-f<F>-s0)
 #                   [submission <dataset>-<preset>-p<parts>; runs <preset>-<dataset>-f<F>-s0]
@@ -84,7 +85,8 @@ case $DATASET in
   *) echo "run.sh: --dataset must be digits, cifar100, cifar10 or imagefolder" >&2; exit 2 ;;
 esac
 [[ $PARTS =~ ^[123](,[123])*$ ]] || { echo "run.sh: --parts must look like 1,2,3" >&2; exit 2; }
-[[ $ADAPT =~ ^(none|bn|tent|auto)$ ]] || { echo "run.sh: --tta-adapt must be none, bn, tent or auto" >&2; exit 2; }
+[[ $ADAPT =~ ^(none|bn|tent|shot|eata|auto)$ ]] || {
+  echo "run.sh: --tta-adapt must be none, bn, tent, shot, eata or auto" >&2; exit 2; }
 [[ $SELFTRAIN =~ ^[0-9]+$ ]] || { echo "run.sh: --selftrain takes a number of rounds" >&2; exit 2; }
 [[ $SELFTRAIN == 0 || -n $OOD_DIR ]] || {
   echo "run.sh: --selftrain needs --ood-dir (the unlabelled test files to pseudo-label; the local suite measures)" >&2
@@ -150,7 +152,7 @@ if [[ -n $OOD_DIR ]]; then
 else
   echo "no --ood-dir: the submission is made for the local suite $SUITE (a stand-in for the real OOD files)"
 fi
-case $ADAPT in none) PADAPT=() ;; bn|tent) PADAPT=(--adapt "$ADAPT") ;; auto) PADAPT=(--adapt bn,tent) ;; esac
+case $ADAPT in none) PADAPT=() ;; auto) PADAPT=(--adapt bn,tent) ;; *) PADAPT=(--adapt "$ADAPT") ;; esac
 step "predict ${#RUNS[@]} run(s) with TTA $TTA (adapted copies: ${PADAPT[*]:-none}): clean test, out-of-fold, OOD"
 $PY -m competition.predict "${RUNS[@]}" "${OOD_ARGS[@]}" --tta "$TTA" "${PADAPT[@]}"
 # No TTA on the suite too, for the table of what each stage adds (cheap: one view).

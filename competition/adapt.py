@@ -3,15 +3,30 @@
     BN adaptation  re-estimate every batch-norm layer's statistics on the slice's own images
                    (Schneider et al. 2020, "Improving robustness against common corruptions by
                    covariate shift adaptation"); no gradient, one pass.
-    TENT           also learn the BN layers' scale and shift by minimising the entropy of the
-                   slice's predictions for a few steps (Wang et al. 2021), then re-estimate.
+    learned        also learn the BN layers' scale and shift on the whole slice, for `steps`
+                   passes with a cosine-decaying learning rate, minimising one of OBJECTIVES:
+      tent         the mean prediction entropy (Wang et al., ICLR 2021; its offline variant,
+                   several passes over the test set, beat the online one there);
+      shot         information maximisation (SHOT-IM, Liang et al., ICML 2020): entropy of each
+                   prediction minus the entropy of the slice's mean prediction, so the slice
+                   cannot collapse onto a few classes;
+      eata         entropy of the reliable predictions only, weighted by their confidence (EATA's
+                   sample selection, Niu et al., ICML 2022: entropy below 0.4 ln C, weight
+                   exp(E0 - H)); its Fisher anti-forgetting term is not needed here, every slice
+                   starts from the source weights.
 
 Every adaptation is temporary: `bn_source_stats` / `source_weights` put the source model back
 when the slice is done (also on error), so one slice never leaks into the next: episodic.
+`collapsed` is the label-free guard a learned slice answers to: if its predictions spread over
+clearly fewer classes than BN adaptation's on the same slice, predict falls back to BN there.
+These objectives are a few lines each on top of the loop below, which is why they are written
+here rather than taken from a library (the reference implementations are research repositories,
+not packages).
 """
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 from torch import nn
@@ -97,13 +112,33 @@ def source_weights(model: nn.Module):
             m.train(modes[n])
 
 
-def tent(model: nn.Module, batches, steps: int = 1, lr: float = 1e-3) -> int:
-    """TENT (Wang et al., ICLR 2021) on one slice: BN layers normalise with the batch's own
-    statistics, and only their affine parameters learn, by minimising the mean prediction
-    entropy, for `steps` passes over `batches` (a callable returning the slice's float input
-    batches in a fixed order). Leaves the model in eval mode with running statistics
-    re-estimated on the slice (adapt_bn), the way it then predicts. Call inside source_weights.
-    Returns the updates made."""
+OBJECTIVES = ("tent", "shot", "eata")
+
+
+def slice_loss(logits: torch.Tensor, objective: str) -> torch.Tensor:
+    """The unsupervised loss of one batch of a slice (float32 logits), by objective."""
+    logp = logits.log_softmax(1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(1)
+    if objective == "tent":
+        return entropy.mean()
+    if objective == "shot":
+        mean = p.mean(0)
+        return entropy.mean() + (mean * mean.clamp_min(1e-8).log()).sum()  # minus the diversity's entropy
+    if objective == "eata":
+        e0 = 0.4 * math.log(logits.shape[1])
+        weight = (entropy < e0).float() * torch.exp(e0 - entropy.detach())
+        return (weight * entropy).mean()
+    raise ValueError(f"unknown objective {objective!r}: one of {', '.join(OBJECTIVES)}")
+
+
+def learn(model: nn.Module, batches, objective: str = "tent", steps: int = 1, lr: float = 1e-3) -> int:
+    """Adapt one slice: BN layers normalise with the batch's own statistics, and only their
+    affine parameters learn, by minimising `objective` for `steps` passes over `batches` (a
+    callable returning the slice's float input batches in a fixed order), Adam with the learning
+    rate decaying on a cosine to 0 over all updates. Leaves the model in eval mode with running
+    statistics re-estimated on the slice (adapt_bn), the way it then predicts. Call inside
+    source_weights. Returns the updates made."""
     params = bn_affine(model)
     if not params:
         raise ValueError("no batch-norm affine parameters")
@@ -112,6 +147,9 @@ def tent(model: nn.Module, batches, steps: int = 1, lr: float = 1e-3) -> int:
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+    total = steps * sum(1 for _ in batches())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / total))
+                                              if steps > 1 else 1.0)  # one pass: TENT's constant lr
     model.eval()
     for m in batchnorms(model):
         m.train()  # batch statistics, as TENT normalises test batches
@@ -119,13 +157,33 @@ def tent(model: nn.Module, batches, steps: int = 1, lr: float = 1e-3) -> int:
     for _ in range(steps):
         for x in batches():
             with torch.enable_grad():
-                logits = model(x).float()
-                loss = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+                loss = slice_loss(model(x).float(), objective)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
             updates += 1
     for p in params:
         p.requires_grad_(False)
     adapt_bn(model, batches())
     return updates
+
+
+def tent(model: nn.Module, batches, steps: int = 1, lr: float = 1e-3) -> int:
+    """TENT (Wang et al., ICLR 2021) on one slice: `learn` with the entropy objective."""
+    return learn(model, batches, "tent", steps, lr)
+
+
+def class_entropy(labels: torch.Tensor | "np.ndarray", num_classes: int) -> float:
+    """Entropy (nats) of the predicted-class histogram of a slice: ln C when spread evenly, 0 when
+    every image gets one class."""
+    counts = torch.bincount(torch.as_tensor(labels).long().flatten(), minlength=num_classes).double()
+    p = counts / counts.sum().clamp_min(1)
+    return float(-(p * p.clamp_min(1e-12).log()).sum())
+
+
+def collapsed(adapted_labels, bn_labels, num_classes: int, tolerance: float = 0.1) -> bool:
+    """The collapse guard, label-free: a learned slice whose predicted classes are spread clearly
+    less than BN adaptation's on the same images (class-histogram entropy lower by more than
+    `tolerance` nats) has drifted toward a few classes; predict then keeps BN's logits there."""
+    return class_entropy(adapted_labels, num_classes) < class_entropy(bn_labels, num_classes) - tolerance

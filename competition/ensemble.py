@@ -48,6 +48,10 @@ from competition.runs import Member, RunDir, adaptation, base_setting, combine, 
     group_members, load_oof, member_oof_ood, member_test, num_classes, ood_logits, oof_labels, setting_name, \
     test_logits
 
+# Test-time adaptations predict can write (competition/adapt.py); named here, not imported from
+# predict, which sits above this module.
+ADAPTATIONS = ("bn", "tent", "shot", "eata")
+
 # ---------------------------------------------------------------------------- weights
 
 
@@ -123,8 +127,8 @@ def shared_oof_ood(members: list[Member], labels_all: np.ndarray):
 
 
 def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray | None = None, say=print) -> dict:
-    """Set each member's setting for `adapt`: none | bn | tent (always that), or auto: per member,
-    the setting (plain, +bn, +tent: those predicted for every run of it) with the best accuracy
+    """Set each member's setting for `adapt`: none | bn | tent | shot | eata (always that), or auto:
+    per member, the setting (plain, or adapted: those predicted for every run of it) with the best accuracy
     on its corrupted out-of-fold images (oof_ood, the *choose* images: copies of its held-out
     fold, 19 x 5 slices each adapted alone), printed as one line. Never on a local suite: that
     is the *measure*, and a choice made on it would make its figure optimistic. Returns the
@@ -138,8 +142,8 @@ def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray 
         if not all(r.has_oof_ood(base) for r in m.runs):
             raise CompetitionError(f"--adapt auto chooses on corrupted out-of-fold images, which {m.name} lacks under "
                                    f"{base}: train with ood_check > 0, then {m.runs[0].how(base)}; or pass --adapt "
-                                   f"bn|tent|none")
-        candidates = [base] + [f"{base}+{a}" for a in ("bn", "tent") if all(r.has_oof_ood(f"{base}+{a}") for r in m.runs)]
+                                   f"{'|'.join(ADAPTATIONS)}|none")
+        candidates = [base] + [f"{base}+{a}" for a in ADAPTATIONS if all(r.has_oof_ood(f"{base}+{a}") for r in m.runs)]
         est, rows = {}, 0
         for s in candidates:
             idx, z = member_oof_ood(Member(m.name, m.runs, s))
@@ -265,7 +269,7 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
     t0 = time.time()
     check_name(name, "--name")
     for key, value, allowed in (("method", method, ("caruana", "equal")),
-                                ("adapt", adapt, ("none", "bn", "tent", "auto")),
+                                ("adapt", adapt, ("none", *ADAPTATIONS, "auto")),
                                 ("fit-on", fit_on, ("auto", "clean", "ood"))):
         if value not in allowed:
             raise CompetitionError(f"--{key} must be one of {', '.join(allowed)}, not {value!r}")
@@ -308,8 +312,9 @@ def main(argv=None):
     p.add_argument("--name", required=True, help="submission name: submissions/NAME.csv and NAME.json")
     p.add_argument("--ood-dir", default="data/ood-test", help="the distortionNN.npy files the CSV is for")
     p.add_argument("--tta", default=None, help="the TTA setting to use (default: each run's own, as predict's)")
-    p.add_argument("--adapt", default="none", choices=("none", "bn", "tent", "auto"),
-                   help="adapted OOD logits (predict --adapt): none, bn, tent, or auto: per member, what pays on its "
+    p.add_argument("--adapt", default="none", choices=("none", *ADAPTATIONS, "auto"),
+                   help="adapted OOD logits (predict --adapt): none, bn, tent, shot, eata, or auto: per member, what "
+                        "pays on its "
                         "corrupted out-of-fold images (the choose images; never a local suite, which measures)")
     p.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
     p.add_argument("--fit-on", default="auto", choices=("auto", "clean", "ood"),

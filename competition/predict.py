@@ -68,6 +68,7 @@ class Predictor:
         if data_cfg.get("channels_last"):
             model = model.to(memory_format=torch.channels_last)
         self.model = model
+        self.fallbacks = (0, 0)  # learned-adaptation slices predicted, and how many fell back to BN
 
     def _loader(self, images: np.ndarray, rows: np.ndarray):
         return self.acc.prepare_data_loader(eval_loader(images, rows, batch_size=self.batch_size))
@@ -105,9 +106,11 @@ class Predictor:
                 adapt.adapt_bn(self.model, batches(), blend, reduce)
             return self.predict(images, rows)
 
-    def predict_tent(self, images: np.ndarray, rows: np.ndarray, steps: int, lr: float, batch: int) -> np.ndarray:
-        """TTA logits of images[rows] after TENT on those same images, in this process alone (a
-        slice is one domain; several processes split the slices, not a slice's batches). The
+    def predict_learned(self, images: np.ndarray, rows: np.ndarray, objective: str = "tent", steps: int = 1,
+                        lr: float = 1e-3, batch: int = 128, guard: float | None = 0.1) -> tuple[np.ndarray, bool]:
+        """(TTA logits of images[rows] after learned adaptation on those same images, whether the
+        collapse guard fell back to BN adaptation), in this process alone (a slice is one domain;
+        several processes split the slices, not a slice's batches). guard None: no guard. The
         source weights are back in place when it returns."""
         dev = self.acc.device
 
@@ -116,23 +119,39 @@ class Predictor:
                 yield augment.to_input(x.to(dev), self.prep["mean"], self.prep["std"], self.prep["image_size"],
                                        self.prep["channels_last"])
 
-        out = np.zeros((len(rows), self.prep["num_classes"]), np.float32)
-        with adapt.source_weights(self.model):
-            with self.acc.autocast():  # the entropy itself is taken in float32 (adapt.tent)
-                adapt.tent(self.model, batches, steps, lr)
+        def tta_pass() -> np.ndarray:
+            out = np.zeros((len(rows), self.prep["num_classes"]), np.float32)
             with torch.no_grad():
                 for x, _, pos in eval_loader(images, rows, batch_size=self.batch_size):
                     with self.acc.autocast():
                         z = tta.tta_logits(self.model, x.to(dev), self.prep, self.views, self.average)
                     out[pos.numpy()] = z.float().cpu().numpy()
+            return out
+
+        def bn_labels() -> torch.Tensor:  # the guard's reference: one view, BN statistics of the slice
+            with self.acc.autocast():
+                adapt.adapt_bn(self.model, batches())
+                with torch.no_grad():
+                    return torch.cat([self.model(x).argmax(1).cpu() for x in batches()])
+
+        fell_back = False
+        with adapt.source_weights(self.model):
+            reference = bn_labels() if guard is not None else None
+            with self.acc.autocast():  # the loss itself is taken in float32 (adapt.slice_loss)
+                adapt.learn(self.model, batches, objective, steps, lr)
+            out = tta_pass()
+        if reference is not None and adapt.collapsed(out.argmax(1), reference, out.shape[1], guard):
+            out, fell_back = self.predict_adapted(images, rows), True
         if self.bar is not None:
             self.bar.update(len(rows) * (steps + len(self.views)) * self.acc.num_processes)
-        return out
+        return out, fell_back
 
     def predict_ood(self, images: np.ndarray, mode: str, blend: float = 1.0, slices: int | None = None,
-                    tent_args: dict | None = None) -> np.ndarray:
-        """float16 logits of OOD images; with adaptation (mode bn | tent) each slice of `slices` rows
-        (default: the file's N, one severity) is its own domain, adapted separately."""
+                    learn_args: dict | None = None) -> np.ndarray:
+        """float16 logits of OOD images; with adaptation (bn, or a learned objective of
+        adapt.OBJECTIVES) each slice of `slices` rows (default: the file's N, one severity) is its
+        own domain, adapted separately. Learned slices the guard sent back to BN are counted in
+        self.fallbacks (slices, of which fell back)."""
         if mode == "none":
             return self.predict(images).astype(np.float16)
         n = slices or len(images) // data.SEVERITIES
@@ -142,13 +161,20 @@ class Predictor:
                                    for s in starts]).astype(np.float16)
         from accelerate.utils import gather_object
 
-        mine = [(k, self.predict_tent(images, np.arange(s, s + n), **(tent_args or {})))
+        mine = [(k, *self.predict_learned(images, np.arange(s, s + n), mode, **(learn_args or {})))
                 for k, s in enumerate(starts) if k % self.acc.num_processes == self.acc.process_index]
-        done = dict(gather_object(mine) if self.acc.num_processes > 1 else mine)
-        return np.concatenate([done[k] for k in range(len(starts))]).astype(np.float16)
+        done = {k: (z, fell) for k, z, fell in (gather_object(mine) if self.acc.num_processes > 1 else mine)}
+        self.fallbacks = (self.fallbacks[0] + len(starts), self.fallbacks[1] + sum(f for _, f in done.values()))
+        return np.concatenate([done[k][0] for k in range(len(starts))]).astype(np.float16)
 
 
 # ---------------------------------------------------------------------------- one run
+
+
+ADAPTATIONS = ("bn", *adapt.OBJECTIVES)
+LEARN_KEYS = ("steps", "lr", "batch", "guard")
+# One pass of TENT's own settings; the collapse guard on (0.1 nats of class-histogram entropy).
+LEARN_DEFAULTS = {"steps": 1, "lr": 1e-3, "batch": 128, "guard": 0.1}
 
 
 @dataclass
@@ -164,7 +190,7 @@ class Job:
 
 def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data.OodSet], adapts: list[str],
          bn_blend: float, test: bool, oof: bool, force: bool, say=print,
-         tent_args: dict | None = None) -> tuple[list[Job], list[str]]:
+         learn_args: dict | None = None) -> tuple[list[Job], list[str]]:
     """The outputs to (re)write and the ones already current (skipped unless force). Clean images
     (test, OOF) go to the base setting only; OOD files and the corrupted OOF copies to every one."""
     base = setting_name(record["tta"], record["average"])
@@ -189,21 +215,23 @@ def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data
                 len(rows) * n_views))
     for setting, a in settings:
         extra = {"adapt": a, **({"bn_blend": bn_blend} if a == "bn" else {}),
-                 **({f"tent_{k}": v for k, v in (tent_args or {}).items()} if a == "tent" else {})} if a != "none" else {}
+                 **({f"{a}_{k}": v for k, v in (learn_args or {}).items()} if a in adapt.OBJECTIVES else {})} \
+            if a != "none" else {}
         if oof and ood_rows is not None:
             source = ["oof_ood", list(ood_rows.shape), int(ood_rows.sum()), run.data_config().get("ood_check_seed")]
             add(Job(setting, "oof_ood.npy", {**record, **extra, "source": source}, "oof_ood", ood_rows,
-                    ood_rows.size * (n_views + _extra_passes(a, tent_args))))
+                    ood_rows.size * (n_views + _extra_passes(a, learn_args))))
         for ood in ood_sets:
             for src, n in zip(ood.files, ood.rows):
                 add(Job(setting, RunDir.ood_rel(ood, src), {**record, **extra, "source": source_stamp(src),
                                                             "ood_files": len(ood.files)}, "ood", src,
-                        n * (n_views + _extra_passes(a, tent_args))))
+                        n * (n_views + _extra_passes(a, learn_args))))
     return todo, [f"{j.setting}/{j.rel}" for j in current]
 
 
-def _extra_passes(adapt_mode: str, tent_args: dict | None) -> int:
-    return {"none": 0, "bn": 1}.get(adapt_mode, 1 + (tent_args or {}).get("steps", 1))
+def _extra_passes(adapt_mode: str, learn_args: dict | None) -> int:
+    args = learn_args or {}
+    return {"none": 0, "bn": 1}.get(adapt_mode, 1 + args.get("steps", 1) + (2 if args.get("guard") is not None else 0))
 
 
 def oof_ood_images(run: RunDir, cfg: dict, train_set, rows: np.ndarray) -> np.ndarray:
@@ -219,7 +247,8 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
     train_set = None
     for job in jobs:
         mode = job.record.get("adapt", "none")
-        tent_args = {k: job.record[f"tent_{k}"] for k in ("steps", "lr", "batch")} if mode == "tent" else None
+        learn_args = {k: job.record[f"{mode}_{k}"] for k in LEARN_KEYS} if mode in adapt.OBJECTIVES else None
+        before = pred.fallbacks
         if job.kind == "test":
             logits = pred.predict(job.source.images)
             if main:
@@ -235,10 +264,14 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
             logits = pred.predict(train_set.images, job.source)
         elif job.kind == "oof_ood":  # 95 slices of n images: each (corruption, severity) adapted alone
             logits = pred.predict_ood(oof_ood_images(run, cfg, train_set, job.source), mode, bn_blend,
-                                      slices=job.source.shape[-1], tent_args=tent_args)
+                                      slices=job.source.shape[-1], learn_args=learn_args)
         else:
             logits = pred.predict_ood(data.open_ood(job.source, image_shape=None), mode, bn_blend,
-                                      tent_args=tent_args)
+                                      learn_args=learn_args)
+        fell = pred.fallbacks[1] - before[1]
+        if fell:
+            pred.acc.print(f"{job.setting}/{job.rel}: {fell} of {pred.fallbacks[0] - before[0]} slices collapsed "
+                           f"under {mode} (fewer predicted classes than BN's) and kept BN adaptation")
         if main:
             run.write_output(job.setting, job.rel, logits, job.record)
 
@@ -246,10 +279,11 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
 def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, average: str = "logits",
                 bn_adapt: bool | None = None, bn_blend: float = 1.0, batch_size: int = 512,
                 test: bool = True, oof: bool = True, force: bool = False, accelerator=None,
-                allow_partial: bool = False, adapts: list[str] | None = None, tent_args: dict | None = None) -> dict:
+                allow_partial: bool = False, adapts: list[str] | None = None, learn_args: dict | None = None) -> dict:
     """Write the run's TTA logits (see the module docstring). views=None and bn_adapt=None follow
     the run's config (oof_tta, or flip when that is none; bn_adapt). `adapts` lists the adapted
-    settings to write besides the plain one (bn, tent); bn_adapt=True is adapts=["bn"].
+    settings to write besides the plain one (bn, and the learned adapt.OBJECTIVES: tent, shot,
+    eata); bn_adapt=True is adapts=["bn"]. learn_args: steps, lr, batch, guard of the learned ones.
     Returns {output path: 'written' | 'skipped'}. A run trained on cifar100 needs the
     competition's full OOD set (19 files x 50,000 rows) unless allow_partial."""
     from tqdm.auto import tqdm
@@ -268,18 +302,18 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
         views = views if tta.tta_name(views) != "none" else tta.TTA_PRESETS["flip"]
     adapts = list(adapts if adapts is not None else (["bn"] if (cfg.get("bn_adapt") if bn_adapt is None
                                                                else bn_adapt) else []))
-    unknown = [a for a in adapts if a not in ("bn", "tent")]
+    unknown = [a for a in adapts if a not in ADAPTATIONS]
     if unknown:
-        raise CompetitionError(f"--adapt {','.join(unknown)}: adaptations are bn and tent")
+        raise CompetitionError(f"--adapt {','.join(unknown)}: adaptations are {', '.join(ADAPTATIONS)}")
     if adapts and not adapt.batchnorms(model):
         raise CompetitionError(f"{run}: {cfg['model']} has no batch-norm layers, so --adapt {','.join(adapts)} has "
                                f"nothing to adapt; predict without it")
-    tent_args = {"steps": 1, "lr": 1e-3, "batch": 128, **(tent_args or {})}
+    learn_args = {**LEARN_DEFAULTS, **(learn_args or {})}
     record = {"tta": tta.tta_name(views), "average": average, "weights": run.weights_hash()}
     ood_sets = [data.OodSet(d, data.OodSet.required_shape(d, [cfg["dataset"]], allow_partial)) for d in ood_dirs]
     with acc.main_process_first():  # plan reads the test split: one process downloads it, the others wait
         jobs, current = plan(run, cfg, record, len(views), ood_sets, adapts, bn_blend, test, oof, force, acc.print,
-                             tent_args)
+                             learn_args)
     status = {str(run.path / RunDir.PRED / rel): "skipped" for rel in current}
     if not jobs:
         acc.print(f"{run}: all {len(current)} outputs up to date (--force redoes them)")
@@ -312,11 +346,19 @@ def main(argv=None):
     p.add_argument("--average", default="logits", choices=("logits", "prob"), help="how TTA views are averaged")
     p.add_argument("--bn-adapt", action="store_true", default=None,
                    help="also write BN-adapted OOD logits (default: the run config's bn_adapt); = --adapt bn")
-    p.add_argument("--adapt", default=None, help="adapted OOD logits to write besides the plain ones: bn, tent "
-                   "or bn,tent (episodic per OOD file and severity)")
-    p.add_argument("--tent-steps", type=count, default=1, help="TENT: passes over each slice (default 1)")
-    p.add_argument("--tent-lr", type=float, default=1e-3, help="TENT: Adam learning rate (default 1e-3)")
-    p.add_argument("--tent-batch", type=count, default=128, help="TENT: images per update (default 128)")
+    p.add_argument("--adapt", default=None, help="adapted OOD logits to write besides the plain ones, comma-"
+                   "separated: bn, and the learned tent, shot, eata (competition/adapt.py; episodic per OOD file "
+                   "and severity)")
+    p.add_argument("--tent-steps", "--learn-steps", type=count, default=1, dest="tent_steps",
+                   help="learned adaptation (tent, shot, eata): passes over each slice, lr on a cosine to 0 when > 1 "
+                        "(default 1)")
+    p.add_argument("--tent-lr", "--learn-lr", type=float, default=1e-3, dest="tent_lr",
+                   help="learned adaptation: Adam learning rate (default 1e-3)")
+    p.add_argument("--tent-batch", "--learn-batch", type=count, default=128, dest="tent_batch",
+                   help="learned adaptation: images per update (default 128)")
+    p.add_argument("--collapse-tol", type=float, default=LEARN_DEFAULTS["guard"],
+                   help="learned adaptation falls back to BN on a slice whose predicted classes spread less than "
+                        "BN's by more than this (class-histogram entropy, nats; no labels); < 0: no guard")
     p.add_argument("--bn-blend", type=float, default=1.0,
                    help="BN statistics = ALPHA * adapted + (1 - ALPHA) * source (default 1)")
     p.add_argument("--batch-size", type=count, default=512, help="images per batch per process")
@@ -339,7 +381,8 @@ def main(argv=None):
         predict_run(run, args.ood_dir, views, args.average, args.bn_adapt, args.bn_blend, args.batch_size,
                     test=not args.no_test, oof=not args.no_oof, force=args.force, accelerator=acc,
                     allow_partial=args.allow_partial, adapts=adapts,
-                    tent_args={"steps": args.tent_steps, "lr": args.tent_lr, "batch": args.tent_batch})
+                    learn_args={"steps": args.tent_steps, "lr": args.tent_lr, "batch": args.tent_batch,
+                                "guard": args.collapse_tol if args.collapse_tol >= 0 else None})
     return [r.path for r in runs]
 
 

@@ -373,7 +373,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("targets", nargs="+", help="run folders (or quoted globs) and/or submissions/<name>.json")
     r.add_argument("--ood-dir", required=True, help="the labelled local suite (score suite --out DIR)")
     r.add_argument("--tta", default=None, help="runs: the TTA setting to score (default: each run's own)")
-    r.add_argument("--adapt", default="none", choices=("none", "bn", "tent"),
+    r.add_argument("--adapt", default="none", choices=("none", "bn", "tent", "shot", "eata"),
                    help="runs: score the adapted logits (predict --adapt)")
     r.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
     r.add_argument("--bins", type=count, default=15, help="confidence bins of the calibration error")

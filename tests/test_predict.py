@@ -240,15 +240,18 @@ def test_bn_adapt_writes_a_separate_folder_and_leaves_the_model(run, tmp_path):
 # ---------------------------------------------------------------------------- TENT
 
 
-def test_tent_learns_only_bn_affine_and_restores_the_source_weights():
+@pytest.mark.parametrize("objective", A.OBJECTIVES)
+def test_learned_adaptation_moves_only_bn_affine_and_restores_the_source_weights(objective):
     model = bn_model()
     model(torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        model[5].weight.mul_(30)  # confident predictions: EATA learns only from reliable (low-entropy) ones
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     batches = [torch.randn(16, 3, 8, 8) * 2 + 1 for _ in range(3)]
     seen = {}
     with A.source_weights(model):
-        A.tent(model, lambda: iter(batches), steps=2, lr=1e-2)
+        A.learn(model, lambda: iter(batches), objective, steps=2, lr=1e-1)
         changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
         seen["changed"] = changed
         assert not model.training
@@ -260,7 +263,25 @@ def test_tent_learns_only_bn_affine_and_restores_the_source_weights():
     assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
 
 
-def test_tent_slices_do_not_depend_on_their_order(run, tmp_path):
+def test_the_objectives_known_values():
+    uniform, onehot = torch.zeros(4, 10), torch.eye(10)[:4] * 50
+    assert A.slice_loss(uniform, "tent") == pytest.approx(np.log(10), rel=1e-5)
+    assert A.slice_loss(onehot, "tent") == pytest.approx(0, abs=1e-5)
+    # SHOT-IM: confident AND diverse is best; confident on one class for all is penalised
+    same = torch.zeros(4, 10)
+    same[:, 3] = 50
+    assert A.slice_loss(onehot, "shot") == pytest.approx(-np.log(4), abs=1e-4)
+    assert A.slice_loss(same, "shot") == pytest.approx(0, abs=1e-4)
+    # EATA: unreliable predictions (entropy above 0.4 ln C) carry no weight
+    assert A.slice_loss(uniform, "eata") == 0
+    assert A.class_entropy(torch.tensor([1, 1, 1, 1]), 10) == 0
+    assert A.class_entropy(torch.arange(10), 10) == pytest.approx(np.log(10))
+    assert A.collapsed(torch.tensor([1, 1, 1, 2]), torch.tensor([0, 1, 2, 3]), 10)
+    assert not A.collapsed(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 2]), 10)
+
+
+@pytest.mark.parametrize("objective", A.OBJECTIVES)
+def test_learned_slices_do_not_depend_on_their_order(run, objective):
     run_dir, _ = run
     model, cfg, data_cfg = RunDir(run_dir).load_model()
     from accelerate import Accelerator
@@ -268,12 +289,36 @@ def test_tent_slices_do_not_depend_on_their_order(run, tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)  # 5 "severity" slices of 8
     pred = P.Predictor(model, data_cfg, Accelerator(cpu=True), T.parse_tta("flip"), batch_size=16)
-    args = {"steps": 2, "lr": 1e-2, "batch": 4}
-    whole = pred.predict_ood(images, "tent", tent_args=args).astype(np.float32)
-    last_alone = pred.predict_tent(images, np.arange(32, 40), **args)
+    args = {"steps": 2, "lr": 1e-2, "batch": 4, "guard": None}
+    whole = pred.predict_ood(images, objective, learn_args=args).astype(np.float32)
+    last_alone, _ = pred.predict_learned(images, np.arange(32, 40), objective, **args)
     np.testing.assert_allclose(whole[32:], last_alone, atol=2e-2, rtol=1e-2)  # float16 storage of `whole`
-    plain = pred.predict_ood(images, "none").astype(np.float32)
-    assert not np.allclose(whole, plain, atol=1e-2)  # it did adapt
+    reordered = np.concatenate([images[32:], images[:32]])
+    again = pred.predict_ood(reordered, objective, learn_args=args).astype(np.float32)
+    np.testing.assert_allclose(again[:8], whole[32:], atol=2e-2, rtol=1e-2)
+    if objective == "tent":
+        plain = pred.predict_ood(images, "none").astype(np.float32)
+        assert not np.allclose(whole, plain, atol=1e-2)  # it did adapt
+
+
+def test_the_collapse_guard_falls_back_to_bn_on_a_slice_built_to_collapse(run):
+    """Entropy minimisation at a huge learning rate drives a slice onto a few classes: the guard
+    (no labels: the spread of predicted classes against BN's) keeps BN's logits for it."""
+    run_dir, _ = run
+    model, cfg, data_cfg = RunDir(run_dir).load_model()
+    from accelerate import Accelerator
+
+    images = np.random.default_rng(2).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    pred = P.Predictor(model, data_cfg, Accelerator(cpu=True), T.parse_tta("flip"), batch_size=16)
+    rows = np.arange(64)
+    wild = {"steps": 20, "lr": 5.0, "batch": 16}
+    unguarded, fell = pred.predict_learned(images, rows, "tent", guard=None, **wild)
+    bn = pred.predict_adapted(images, rows)
+    assert not fell and A.collapsed(unguarded.argmax(1), bn.argmax(1), 10)  # it did collapse
+    guarded, fell = pred.predict_learned(images, rows, "tent", guard=0.1, **wild)
+    assert fell and np.allclose(guarded, bn, atol=1e-5)
+    mild, fell = pred.predict_learned(images, rows, "tent", guard=0.1, steps=1, lr=1e-4, batch=16)
+    assert not fell
 
 
 def test_adapting_a_model_without_batch_norm_is_one_error(run, monkeypatch):
@@ -287,3 +332,9 @@ def test_adapting_a_model_without_batch_norm_is_one_error(run, monkeypatch):
     monkeypatch.setattr(RunDir, "load_model", no_bn)
     with pytest.raises(CompetitionError, match="has no batch-norm layers, so --adapt tent has nothing to adapt"):
         P.predict_run(run_dir, [ood], adapts=["tent"], test=False)
+
+
+def test_every_stage_knows_the_same_adaptations():
+    from competition import ensemble
+
+    assert P.ADAPTATIONS == ensemble.ADAPTATIONS == ("bn", *A.OBJECTIVES)
