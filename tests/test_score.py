@@ -188,3 +188,15 @@ def test_a_cifar100_test_split_suite_is_refused_or_flagged(tmp_path):
     frame = folds.read_folds(tmp_path / "f" / "cifar100.csv")
     assert info["split"] == "measure" and sorted(info["source_rows"]) == folds.measure_rows(frame).tolist()
     assert data.OodSet(out).role().startswith("measure:")
+
+
+def test_self_training_on_the_competition_files_leaks_into_a_test_split_suite(tmp_path):
+    """The competition's OOD files are CIFAR-100's test split corrupted: a run self-trained on them
+    is flagged on a suite of that split (whatever its rows), not on a measure reserve."""
+    pseudo = tmp_path / "pseudo.npz"
+    (tmp_path / "pseudo.json").write_text(json.dumps({"ood_dir": str(tmp_path / "ood-test"), "pool": {},
+                                                      "source_rows": []}))
+    cfg = {"fold": 0, "pseudo": str(pseudo)}
+    leaderboard = {"dataset": "cifar100", "split": "test", "leaderboard_labels": True, "n": 10}
+    assert S._leaks([cfg], leaderboard, [runs.RunDir("st")]) == ["st"]
+    assert S._leaks([{"fold": 0}], leaderboard, [runs.RunDir("plain")]) == []
