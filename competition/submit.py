@@ -219,6 +219,9 @@ def kaggle_submit(path, message: str, competition: str | None = None) -> str:
     try:
         reply = api.competition_submit(str(path), message, competition)
     except Exception as e:  # 401 bad key, 403 rules not accepted, 404 wrong slug, no network
+        if network_error(e):
+            raise CompetitionError(f"could not reach Kaggle ({type(e).__name__}): no network, or a proxy in the way; "
+                                   f"nothing was submitted; run the same command again when online") from None
         raise CompetitionError(f"Kaggle refused {path.name} for competition {competition!r} ({type(e).__name__}: "
                                f"{e}); check the slug, that you accepted the competition's rules, and the "
                                f"daily submission limit") from None
@@ -227,6 +230,21 @@ def kaggle_submit(path, message: str, competition: str | None = None) -> str:
         raise CompetitionError(f"Kaggle upload of {path} failed: {text}; try again")
     record_upload(path, competition, message, text)
     return text
+
+
+def network_error(e: BaseException) -> bool:
+    """Whether an exception (or one it was raised from) means Kaggle was never reached: a refused
+    or dropped connection, a timeout, a name that does not resolve (requests/urllib3 wrap these)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        names = {c.__name__ for c in type(e).__mro__}
+        if isinstance(e, (ConnectionError, TimeoutError)) or names & {"ConnectionError", "Timeout", "MaxRetryError",
+                                                                      "NewConnectionError", "NameResolutionError",
+                                                                      "gaierror"}:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def record_upload(csv: Path, competition: str, message: str, reply: str) -> None:
@@ -292,6 +310,8 @@ def expected_shape(csv, ood_dir, allow_partial: bool, submitting: bool) -> tuple
     cifar100, or it goes to Kaggle without a sidecar (this pipeline's competition is CIFAR-100's)."""
     from competition.files import read_json
 
+    if submitting and not allow_partial:  # an upload spends a daily submission: only the real test set's shape
+        return COMPETITION_SHAPE
     sidecar = read_json(Path(csv).with_suffix(".json"))
     if sidecar is None:
         return None if allow_partial or not submitting or (ood_dir and OodSet(ood_dir).is_suite) else COMPETITION_SHAPE

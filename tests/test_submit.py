@@ -185,3 +185,37 @@ def test_frame_is_what_kaggle_reads(good):
     path, _ = good
     frame = pd.read_csv(path)
     assert list(frame.columns) == ["id", "label"] and len(frame) == sum(ROWS)
+
+
+def test_a_demo_sized_csv_is_never_uploaded_to_the_competition(good, monkeypatch):
+    path, _ = good  # a valid CSV of a few rows, as the digits demo writes
+    monkeypatch.setattr(S, "kaggle_submit", lambda *a: pytest.fail("spent a daily submission on a wrong-size file"))
+    with pytest.raises(CompetitionError, match="950,000|950000|19"):
+        S.main([str(path), "-m", "demo", "--competition", "x"])
+
+
+def test_no_network_is_told_apart_from_a_refusal(good, monkeypatch):
+    import socket
+
+    path, _ = good
+
+    class Api:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def competition_submit(self, *a):
+            raise self.exc
+
+    try:  # requests-style wrapping: the network error is the cause
+        try:
+            raise socket.gaierror(-3, "Temporary failure in name resolution")
+        except OSError as inner:
+            raise RuntimeError("HTTPSConnectionPool: Max retries exceeded") from inner
+    except RuntimeError as wrapped:
+        offline = wrapped
+    monkeypatch.setattr(S, "_kaggle_api", lambda: Api(offline))
+    with pytest.raises(CompetitionError, match="could not reach Kaggle.*nothing was submitted"):
+        S.kaggle_submit(path, "m", "slug")
+    monkeypatch.setattr(S, "_kaggle_api", lambda: Api(PermissionError("403 Forbidden: accept the rules")))
+    with pytest.raises(CompetitionError, match="Kaggle refused"):
+        S.kaggle_submit(path, "m", "slug")
