@@ -4,3 +4,7 @@ Tests of the bf16 paths ask for bf16 by name."""
 import os
 
 os.environ["COMPETITION_CPU_BF16"] = "0"
+
+# The cores' share, decided once for the session (competition/__init__.py): beside another job the
+# tests and every process they start compute on the free cores only, and say so once, here.
+import competition  # noqa: E402,F401
