@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline, folds -> models -> TTA logits -> ensemble -> local score -> submission CSV.
 #
-#   ./run.sh                      # offline demo on CPU (< 10 min): embedded digits, parts 1-3,
-#                                 # --preset demo, Part 3 from a RANDOM-weight ResNet-50 file
+#   ./run.sh                      # offline demo on CPU (minutes): embedded digits, parts 1-2,
+#                                 # --preset demo (add Part 3: --parts 1,2,3 --weights FILE)
 #   ./run.sh --dataset cifar100   # the competition: downloads CIFAR-100 and the 19 OOD files
 #                                 # when online; trains parts 1-3 with their full presets
 #   ./run.sh --dataset imagefolder --data PATH/cifar10-train.tar.gz \
@@ -11,7 +11,7 @@
 # Options (defaults in brackets):
 #   --dataset digits|cifar100|cifar10|imagefolder [digits]   --data PATH (imagefolder)
 #   --ood-dir DIR   the OOD files the submission is for [cifar100: data/ood-test; else the local suite]
-#   --parts 1,2,3 [1,2,3]   --folds K: train folds 0..K-1 of the split [1]   --k K: split size [5]
+#   --parts 1,2,3 [digits: 1,2; else 1,2,3]   --folds K: train folds 0..K-1 [1]   --k K: split size [5]
 #   --preset NAME   added after part<N> [digits: demo; else none]
 #   --weights PATH  Part 3 ImageNet ResNet-50 weights file (offline machines)
 #   --measure-n N   training images reserved to measure the local estimate on (folds --measure-n;
@@ -38,7 +38,7 @@ CALLER=$PWD
 abspath() { [[ -z $1 || $1 == /* ]] && printf '%s' "$1" || printf '%s/%s' "$CALLER" "$1"; }
 cd "$(dirname "$0")"
 
-DATASET=digits DATA="" OOD_DIR="" PARTS=1,2,3 FOLDS=1 K=5 PRESET=unset WEIGHTS="" N="" TTA="" NAME="" MEASURE_N=""
+DATASET=digits DATA="" OOD_DIR="" PARTS="" FOLDS=1 K=5 PRESET=unset WEIGHTS="" N="" TTA="" NAME="" MEASURE_N=""
 ADAPT=auto RETRAIN=0 OVERWRITE=0 SELFTRAIN=0 USER_OVERRIDES=()
 PY=${PYTHON:-python}
 
@@ -84,6 +84,9 @@ case $DATASET in
                N=${N:-1000}; TTA=${TTA:-shift1}; MEASURE_N=${MEASURE_N:-0.1} ;;
   *) echo "run.sh: --dataset must be digits, cifar100, cifar10 or imagefolder" >&2; exit 2 ;;
 esac
+# The demo leaves Part 3 out: an ImageNet ResNet-50 needs weights from the network, and one from
+# random weights scores at chance while costing most of the demo's time (--parts 1,2,3 adds it).
+[[ -n $PARTS ]] || { [[ $DATASET == digits ]] && PARTS=1,2 || PARTS=1,2,3; }
 [[ $PARTS =~ ^[123](,[123])*$ ]] || { echo "run.sh: --parts must look like 1,2,3" >&2; exit 2; }
 [[ $ADAPT =~ ^(none|bn|tent|shot|eata|auto)$ ]] || {
   echo "run.sh: --tta-adapt must be none, bn, tent, shot, eata or auto" >&2; exit 2; }
@@ -181,5 +184,7 @@ $PY -m competition.score "${RUNS[@]}" --ood-dir "$SUITE" --tta "$TTA"
 $PY -m competition.score "submissions/$SUB.json" --ood-dir "$SUITE"
 $PY -m competition.board --stages "submissions/$SUB.json" --suite "$SUITE"
 
+[[ $PARTS == *3* ]] || echo "Part 3 (ImageNet-pretrained ResNet-50) was left out: add it with --parts 1,2,3 and \
+--weights resnet50.pth (README: The real competition), or online with --dataset cifar100"
 step "done in $((SECONDS - T0)) s; submission (validated against $TARGET):"
 echo "$PWD/submissions/$SUB.csv" >&3
