@@ -286,8 +286,6 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
     eata); bn_adapt=True is adapts=["bn"]. learn_args: steps, lr, batch, guard of the learned ones.
     Returns {output path: 'written' | 'skipped'}. A run trained on cifar100 needs the
     competition's full OOD set (19 files x 50,000 rows) unless allow_partial."""
-    from tqdm.auto import tqdm
-
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.check_unlocked("predicting with it")
     if average not in ("logits", "prob"):
@@ -318,8 +316,7 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
     if not jobs:
         acc.print(f"{run}: all {len(current)} outputs up to date (--force redoes them)")
         return status
-    bar = tqdm(total=sum(j.passes for j in jobs), desc=f"predict {run.name}", unit="img",
-               disable=not (acc.is_main_process and sys.stderr.isatty()), dynamic_ncols=True, mininterval=2)
+    bar = runtime.progress(sum(j.passes for j in jobs), f"predict {run.name}", acc.is_main_process, unit="img")
     t0 = time.time()
     execute(run, cfg, Predictor(model, data_cfg, acc, views, average, batch_size, bar), jobs, bn_blend,
             acc.is_main_process)

@@ -6,6 +6,7 @@ and the benchmarks run with the same settings.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -95,6 +96,17 @@ def keep_freed_memory() -> bool:
                     and libc.mallopt(m_top_pad, 256 * 2**20))
     except (OSError, AttributeError):
         return False
+
+
+def progress(total: int, desc: str, show: bool = True, **kwargs):
+    """A tqdm bar with ETA on the terminal; where stderr is a file or a pipe (a log, `| tee`), the
+    same bar refreshed at most every 30 s, so a long step is never silent (a bar hidden off a
+    terminal left predict silent for 24 minutes) and a log does not fill with refreshes."""
+    from tqdm.auto import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, disable=not show, dynamic_ncols=tty, mininterval=2 if tty else 30,
+                **({} if tty else {"ncols": 100}), **kwargs)
 
 
 def sync() -> None:

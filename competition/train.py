@@ -638,8 +638,6 @@ def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: i
     """One pass over the training loader; the schedule steps per update. Returns the running
     loss and accuracy (over every process) and the images seen; None when a stop request
     ended the epoch early (state.step and state.partial then say where, for the checkpoint)."""
-    from tqdm.auto import tqdm
-
     model, optimizer, epoch = learner.model, learner.optimizer, state.epoch
     model.train()
     models.frozen_norms_to_eval(learner.net)  # frozen stages keep their running statistics
@@ -647,9 +645,8 @@ def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: i
     seen = int(p.get("seen", 0))
     loss_sum = torch.tensor(float(p.get("loss_sum", 0.0)), device=accelerator.device)
     correct = torch.tensor(float(p.get("correct", 0.0)), device=accelerator.device)
-    bar = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False,
-               disable=not (accelerator.is_main_process and cfg["progress"] and sys.stderr.isatty()),
-               dynamic_ncols=True)
+    bar = runtime.progress(steps, f"epoch {epoch + 1}/{cfg['epochs']}", accelerator.is_main_process and cfg["progress"],
+                           initial=state.step, leave=False)
     for i, (x, y, pos) in enumerate(epoch_batches(loader, state, accelerator), start=state.step):
         if stop.now(accelerator, i):
             state.step, state.partial = i, {"seen": seen, "loss_sum": loss_sum.item(), "correct": correct.item()}
