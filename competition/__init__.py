@@ -3,9 +3,9 @@
 Stages (each reads only what the previous one wrote to disk; every one runs as
 `python -m competition.<stage>`, and `--help` prints its commands):
 
-    folds      python -m competition.folds --dataset digits             -> folds/<dataset>.csv
+    folds      python -m competition.folds --dataset digits --measure-n 200 -> folds/<dataset>.csv
     train      python competition/train.py --part 1 --preset demo       -> models/<run>/
-    predict    python -m competition.predict models/<run> --ood-dir D   -> models/<run>/ood*/, oof_tta_logits.npy
+    predict    python -m competition.predict models/<run> --ood-dir D   -> models/<run>/pred/<setting>/
     ensemble   python -m competition.ensemble 'models/*' --name N --ood-dir D -> submissions/N.csv, N.json
     score      python -m competition.score suite --out D ...; score models/<run> N.json --ood-dir D
     submit     python -m competition.submit --check N.csv; submit N.csv -m "message" --competition SLUG

@@ -1,7 +1,7 @@
 """Stage 1: write the k-fold split once, so every model and the ensemble share it.
 
     python -m competition.folds --dataset digits                  # folds/digits.csv
-    python -m competition.folds --dataset imagefolder --data ../shared/data/cifar10-jpg-train.tar.gz
+    python -m competition.folds --dataset imagefolder --data PATH/cifar10-train.tar.gz --measure-n 0.04
     python -m competition.folds --dataset cifar100 --k 5 --seed 0 --measure-n 5000
 
 The CSV has columns index,label,fold (index = row of the dataset's train split). The same

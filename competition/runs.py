@@ -9,12 +9,16 @@
         oof_logits.npy             train    float32 (n_fold, C), best weights, no TTA
         oof_index.npy              train    int64 rows of the folds CSV, sorted
         summary.json               train    held-out accuracy, epochs, times; written last: the run is finished
+        oof_ood_logits.npy, oof_ood_index.npy  train  corrupted copies of held-out images (ood_check):
+                                            the choose images, (19 x 5, n) rows of the folds CSV
         .lock                      train    {pid, host} of the process training it (removed at exit)
-        predict.json               predict  per output: its source and settings
-        oof_tta_logits.npy         predict  the held-out fold with the OOD logits' TTA
-        test_logits.npy (+labels)  predict  the dataset's clean test split
-        ood[_local][_bnadapt]/distortionNN.npy  predict  float16 (5N, C) per OOD file
-        score_<logits>.md/.png     score    the local score report
+        test_labels.npy            predict  labels of the dataset's clean test split
+        pred/<setting>/            predict  one folder per setting (TTA, '+bn', '+tent', '+shot', '+eata'):
+            predict.json                    per output: its source (file name, size, sha1) and settings
+            oof.npy, oof_ood.npy            the held-out fold and its corrupted copies, under the setting
+            test.npy                        the clean test split (plain settings only)
+            ood/<folder>-<content hash>/distortionNN.npy   float16 (5N, C) per OOD file
+            ood/<folder>-<content hash>/score.md/.png/.json  score: the local score report on a suite
 
 Runs that differ only in their fold form one *member* of an ensemble: its out-of-fold logits
 are the union of its runs' held-out folds, its test and OOD logits the mean of its fold models.

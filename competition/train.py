@@ -11,7 +11,7 @@
     python competition/train.py --part 3 --find-batch-size    # images/s per batch size, then exit
 
 Config: competition/configs/base.yaml <- part<N>.yaml <- --preset NAME(s) <- key=value overrides.
-The run lands in models/<presets>-f<fold>-s<seed>/ (or models/<name>/); competition/runs.py
+The run lands in models/<presets>-<dataset>-f<fold>-s<seed>/ (or models/<name>/); competition/runs.py
 lists its files.
 
 The run, top to bottom (`train`): an Accelerator; the run folder (skip a finished run, refuse
@@ -824,7 +824,7 @@ def write_oof(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner: Le
     summary.update(oof_images=len(rows), oof_accuracy=oof_acc, oof_loss=oof_loss, best_epoch=state.best_epoch)
     if views:
         # The accuracy a submission made with this TTA would have; the logits themselves come
-        # from competition.predict (oof_tta_logits.npy), next to the OOD ones.
+        # from competition.predict (pred/<setting>/oof.npy), next to the OOD ones.
         tta_acc = metrics.accuracy(tta_logits, labels)
         accelerator.print(f"out-of-fold with TTA {cfg['oof_tta']} ({len(views)} views): accuracy {tta_acc:.4f}")
         summary.update(oof_tta=cfg["oof_tta"], oof_tta_accuracy=tta_acc)
@@ -1027,7 +1027,7 @@ def main(argv=None):
     p.add_argument("--preset", action="append", help="competition/configs/NAME.yaml (or a path); repeatable")
     p.add_argument("--fold", type=int, help="held-out fold (-1: train on every image)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--name", help="run folder under models/ (default <presets>-f<fold>-s<seed>)")
+    p.add_argument("--name", help="run folder under models/ (default <presets>-<dataset>-f<fold>-s<seed>)")
     p.add_argument("--weights", help="Part 3: local ImageNet ResNet-50 weights file (offline machines)")
     p.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
     p.add_argument("--force", action="store_true", help="delete an existing run folder of this name and retrain")
