@@ -126,7 +126,20 @@ def shared_oof_ood(members: list[Member], labels_all: np.ndarray):
     return labels_all[np.concatenate(common)], logits
 
 
-def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray | None = None, say=print) -> dict:
+def _predicted(m: Member, setting: str, ood: data.OodSet | None) -> bool:
+    """Whether every run of the member has current logits for the OOD files under `setting` (a
+    setting chosen without them would fail when the CSV is written)."""
+    try:
+        for r in m.runs:
+            if ood is not None:
+                r.ood_logits_paths(ood, setting)
+    except CompetitionError:
+        return False
+    return True
+
+
+def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray | None = None, say=print,
+                      ood: data.OodSet | None = None) -> dict:
     """Set each member's setting for `adapt`: none | bn | tent | shot | eata (always that), or auto:
     per member, the setting (plain, or adapted: those predicted for every run of it) with the best accuracy
     on its corrupted out-of-fold images (oof_ood, the *choose* images: copies of its held-out
@@ -143,7 +156,8 @@ def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray 
             raise CompetitionError(f"--adapt auto chooses on corrupted out-of-fold images, which {m.name} lacks under "
                                    f"{base}: train with ood_check > 0, then {m.runs[0].how(base)}; or pass --adapt "
                                    f"{'|'.join(ADAPTATIONS)}|none")
-        candidates = [base] + [f"{base}+{a}" for a in ADAPTATIONS if all(r.has_oof_ood(f"{base}+{a}") for r in m.runs)]
+        candidates = [base] + [f"{base}+{a}" for a in ADAPTATIONS
+                               if all(r.has_oof_ood(f"{base}+{a}") for r in m.runs) and _predicted(m, f"{base}+{a}", ood)]
         est, rows = {}, 0
         for s in candidates:
             idx, z = member_oof_ood(Member(m.name, m.runs, s))
@@ -278,7 +292,7 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
     datasets = [c.get("dataset") for m in members for c in m.cfgs]
     ood = data.OodSet(ood_dir, data.OodSet.required_shape(ood_dir, datasets, allow_partial))
     labels_all, n_classes = oof_labels(members), num_classes(members)
-    choices = choose_adaptation(members, adapt, labels_all, say)
+    choices = choose_adaptation(members, adapt, labels_all, say, ood)
     load_oof(members)
     if fit_on == "auto":  # the leaderboard scores corrupted images: fit there when every run has them
         fit_on = "ood" if all(r.oof_ood_index() is not None for m in members for r in m.runs) else "clean"
