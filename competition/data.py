@@ -506,9 +506,10 @@ def suite_role(info: dict) -> str:
     if split == "test":
         return f"measure: {n} images of the {info.get('dataset')} test split; no member trained on them, no choice saw them"
     if split == "train":
-        return (f"choose, not measure: {n} images of fold {info.get('fold')} of the training split; runs holding "
-                f"it out chose their best epoch and ensemble weights on corrupted copies of that fold (ood_check), "
-                f"so the figure is optimistic; build the suite from a measure reserve (folds --measure-n)")
+        return (f"choose, not measure: {n} images of fold {info.get('fold')} of the training split, the choose "
+                f"images of runs that hold it out (best epoch and weights picked on corrupted copies of that fold) "
+                f"and training images of runs that train on it: not an estimate; measure on a measure reserve "
+                f"(folds --measure-n)")
     return "images of unknown origin (no suite.json): neither a measure nor an estimate"
 
 
