@@ -280,6 +280,7 @@ class TrainData:
             raise CompetitionError(f"{cfg.get('data') or cfg['dataset']}: {len(ds.classes)} class ({ds.classes}); a "
                                    f"classifier needs at least 2 (an image folder holds one sub-folder per class)")
         self.images, self.labels, self.classes = ds.images, ds.labels, list(ds.classes)
+        self.data_sha1 = data.fingerprint(ds.images, ds.labels)  # the source data, before any pseudo-labels
         train_rows, self.val_rows, self.measure_reserve = split_rows(cfg, ds.labels, accelerator)
         self.train_rows = data.sample_rows(train_rows, cfg["train_subset"], cfg["seed"])
         self.soft = None  # (N, C) soft targets of every row when pseudo-labelled images join the training set
@@ -398,7 +399,25 @@ def resolve_data_config(cfg: dict, td: TrainData) -> dict:
         out["ood_check_seed"] = ood_check_seed(cfg)
     if td.measure_reserve:  # the images score's leak check knows this run never saw
         out["measure_reserve"] = td.measure_reserve
+    out["data_sha1"] = td.data_sha1
     return out
+
+
+def check_same_data(run: RunDir, cfg: dict, current: str | None = None) -> None:
+    """Refuse to skip or resume a run whose data changed behind the same path since it trained
+    (its data_config records the fingerprint; runs from before it have none and pass)."""
+    if not (run / RunDir.DATA_CONFIG).exists():
+        return
+    recorded = run.data_config().get("data_sha1")
+    if recorded is None:
+        return
+    if current is None:
+        ds = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
+        current = data.fingerprint(ds.images, ds.labels)
+    if current != recorded:
+        raise CompetitionError(f"{run} was trained on other images than {cfg.get('data') or cfg['dataset']} holds now "
+                               f"(data fingerprint {recorded} then, {current} now): --force retrains it on these, "
+                               f"name=NEW trains a new run")
 
 
 # ---------------------------------------------------------------------------- model, optimizer, schedule
@@ -844,6 +863,7 @@ def train(cfg: dict, resume: bool = False, force: bool = False, command: str | N
         process_batch(cfg, optim.batch_size_at(cfg, epoch), accelerator.num_processes)
     aside = prepare_run_folder(run, cfg, accelerator, resume, force)
     if aside is False:
+        check_same_data(run, cfg)
         return run.path
     try:
         with StopRequest() as stop:
@@ -867,6 +887,8 @@ def run_training(run: RunDir, cfg: dict, accelerator, resume: bool, stop: StopRe
     t_start = time.time()
     set_seed(cfg["seed"])
     td = TrainData(cfg, accelerator)
+    if resume:
+        check_same_data(run, cfg, td.data_sha1)
     data_cfg = resolve_data_config(cfg, td)
     if accelerator.is_main_process:
         run.save_configs(cfg, data_cfg)

@@ -154,3 +154,24 @@ def test_an_os_error_is_one_line_with_the_fix(capsys):
         cli(full)()
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "/tmp/x.npy" in err and "free some disk space" in err
+
+
+def test_other_images_behind_the_same_path_are_never_called_already_trained(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (root / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    args = TINY + ["dataset=imagefolder", f"data={root}", "train_subset=null", "epochs=1", "ood_check=0",
+                   "select_on=clean", f"folds_dir={tmp_path / 'f'}", f"models_dir={tmp_path / 'm'}",
+                   f"data_dir={tmp_path / 'd'}"]
+    run = train.main(args)
+    train.main(args)
+    assert "already trained" in capsys.readouterr().out  # the same images: skipped
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "cat" / "3.png")
+    with pytest.raises(CompetitionError, match="trained on other images than .* holds now"):
+        train.main(args)
+    assert RunDir(run).finished
