@@ -87,7 +87,14 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise CompetitionError(f"override {text!r} must look like key=value (e.g. lr=0.05)")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.load(value, Loader=_Loader) if value.strip() else None
+    if not key.strip() or any(not part for part in key.strip().split(".")):
+        raise CompetitionError(f"override {text!r}: no key before '=' (it must look like key=value, e.g. lr=0.05)")
+    try:
+        return key.strip().split("."), yaml.load(value, Loader=_Loader) if value.strip() else None
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0]
+        raise CompetitionError(f"override {text!r}: the value is not valid YAML ({first}); quote it, or close its "
+                               f"brackets (e.g. model_args.widths=[8,16,32])") from None
 
 
 def base_config() -> dict:

@@ -138,3 +138,12 @@ def test_save_config_round_trip(tmp_path):
     C.save_config(cfg, tmp_path / "run" / "config.yaml")
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text()) == cfg
     assert C.read_yaml(tmp_path / "run" / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("text, problem", [("lr=[1,", "not valid YAML"), ("=3", "no key"), (".x=3", "no key")])
+def test_a_malformed_override_is_one_error(text, problem):
+    from competition.config import parse_override
+    from competition.files import CompetitionError
+
+    with pytest.raises(CompetitionError, match=problem):
+        parse_override(text)
