@@ -46,15 +46,19 @@ def main(argv=None):
             cells.append("" if not len(v) else f"{v.mean():.2f} +- {v.std(ddof=1) if len(v) > 1 else 0:.2f} "
                                               f"({v.min():.2f}-{v.max():.2f})")
         print(f"| {name} | {len(vals)} | " + " | ".join(cells) + " |")
-    # A method's gain, repeat by repeat (each repeat's rows are the same images): its spread is the
-    # one a claim has to beat, not the s.e. of one repeat's images.
-    print("\n| gain on the measure, each row minus the row above | n | mean +- sd | per repeat |\n|---|---:|---:|---|")
-    for above, name in zip(names, names[1:]):
-        d = [t[name][1] - t[above][1] for t in tables if name in t and above in t]
+    # A method's gain, repeat by repeat (each repeat's rows are on the same images): its spread is
+    # the one a claim has to beat, not the s.e. of one repeat's images. Rows by their place in
+    # test_time's table: single plain, single adapted, ensemble plain, ensemble adapted, rounds.
+    pairs = [(1, 0, "adaptation, one model"), (2, 0, "ensemble of the seeds, plain"),
+             (3, 2, "adaptation, ensemble"), (3, 1, "ensemble, adapted")] + \
+        [(k, k - 1, f"self-training round {k - 3}") for k in range(4, max(map(len, tables)))]
+    print("\n| gain on the measure (paired images within a repeat) | n | mean +- sd over repeats | per repeat |\n"
+          "|---|---:|---:|---|")
+    for a, b, label in pairs:
+        d = [list(t.values())[a][1] - list(t.values())[b][1] for t in tables if len(t) > max(a, b)]
         if d:
-            print(f"| {name} - {above} | {len(d)} | {np.mean(d):+.2f} +- {np.std(d, ddof=1) if len(d) > 1 else 0:.2f} "
+            print(f"| {label} | {len(d)} | {np.mean(d):+.2f} +- {np.std(d, ddof=1) if len(d) > 1 else 0:.2f} "
                   f"| {', '.join(f'{x:+.2f}' for x in d)} |")
-
 
 if __name__ == "__main__":
     main()
