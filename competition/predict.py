@@ -309,6 +309,12 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
     learn_args = {**LEARN_DEFAULTS, **(learn_args or {})}
     record = {"tta": tta.tta_name(views), "average": average, "weights": run.weights_hash()}
     ood_sets = [data.OodSet(d, data.OodSet.required_shape(d, [cfg["dataset"]], allow_partial)) for d in ood_dirs]
+    size = data_cfg.get("source_image_size")  # runs trained before it was recorded: not checked
+    for ood in ood_sets:
+        if size and tuple(ood.image_size) != tuple(size):
+            raise CompetitionError(f"{ood.path} holds {ood.image_size[0]}x{ood.image_size[1]} images, but {run} was "
+                                   f"trained on {size[0]}x{size[1]} ones: they would be resized silently into the "
+                                   f"submission; these are not the test files for this run")
     with acc.main_process_first():  # plan reads the test split: one process downloads it, the others wait
         jobs, current = plan(run, cfg, record, len(views), ood_sets, adapts, bn_blend, test, oof, force, acc.print,
                              learn_args)

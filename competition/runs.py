@@ -497,6 +497,11 @@ def load_weights(path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as e:
         raise CompetitionError(f"{path} holds more than weights (refused unrun: {str(e).splitlines()[0][:200]}); "
                                f"load only weights files you trust, or retrain the run") from None
+    except FileNotFoundError:
+        raise CompetitionError(f"{path} is missing: train the run first (or check the run folder)") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # a cut or damaged file
+        raise CompetitionError(f"{path} could not be read ({type(e).__name__}: {str(e)[:150]}); it may be "
+                               f"truncated: restore it or retrain the run") from None
 
 
 def _alive(pid) -> bool:

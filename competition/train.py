@@ -400,6 +400,7 @@ def resolve_data_config(cfg: dict, td: TrainData) -> dict:
     if td.measure_reserve:  # the images score's leak check knows this run never saw
         out["measure_reserve"] = td.measure_reserve
     out["data_sha1"] = td.data_sha1
+    out["source_image_size"] = list(td.images.shape[1:3])  # OOD files must hold images of this size
     return out
 
 

@@ -175,3 +175,20 @@ def test_other_images_behind_the_same_path_are_never_called_already_trained(tmp_
     with pytest.raises(CompetitionError, match="trained on other images than .* holds now"):
         train.main(args)
     assert RunDir(run).finished
+
+
+def test_ood_files_of_another_size_than_the_run_trained_on_are_refused(trained, tmp_path):
+    from competition import predict
+
+    run, _ = trained
+    for i in range(2):
+        np.save(tmp_path / f"distortion{i:02d}.npy", np.zeros((10, 28, 28, 3), np.uint8))
+    with pytest.raises(CompetitionError, match="holds 28x28 images, but .* trained on 32x32"):
+        predict.predict_run(run, [tmp_path], test=False)
+
+
+def test_a_cut_best_pt_is_one_error(run_copy):
+    run_dir, _ = run_copy
+    (run_dir / "best.pt").write_bytes((run_dir / "best.pt").read_bytes()[:200])
+    with pytest.raises(CompetitionError, match="could not be read .* truncated"):
+        RunDir(run_dir).load_weights("best")
