@@ -110,7 +110,8 @@ T0=$SECONDS
 step() { printf '\n==== [%3ds] %s\n' $((SECONDS - T0)) "$*"; }
 
 step "folds: $DSNAME, k=$K, measure reserve $MEASURE_N"
-$PY -m competition.folds --dataset "$DATASET" "${DATA_ARGS[@]}" --k "$K" --measure-n "$MEASURE_N"
+FOLDS_FORCE=(); [[ $RETRAIN == 1 ]] && FOLDS_FORCE=(--force)  # a new split: every run is retrained anyway
+$PY -m competition.folds --dataset "$DATASET" "${DATA_ARGS[@]}" --k "$K" --measure-n "$MEASURE_N" "${FOLDS_FORCE[@]}"
 
 RUNS=()
 for P in ${PARTS//,/ }; do
@@ -143,10 +144,17 @@ for P in ${PARTS//,/ }; do
   done
 done
 
-step "local OOD suite: $SUITE ($N held-out images x 19 corruptions x 5 severities)"
-$PY -m competition.score suite --out "$SUITE" --dataset "$DATASET" "${DATA_ARGS[@]}" --n "$N"
+# CIFAR-100 without a measure reserve (the final submission): no honest local estimate exists (its
+# test split is the leaderboard's), so there is no suite to predict or score.
+if [[ $DATASET == cifar100 && $MEASURE_N == 0 ]]; then
+  SUITE=""
+  echo "no measure reserve (--measure-n 0): no local estimate this time; the choices are made on out-of-fold images"
+else
+  step "local OOD suite: $SUITE ($N held-out images x 19 corruptions x 5 severities)"
+  $PY -m competition.score suite --out "$SUITE" --dataset "$DATASET" "${DATA_ARGS[@]}" --n "$N"
+fi
 
-OOD_ARGS=(--ood-dir "$SUITE")
+OOD_ARGS=(); [[ -n $SUITE ]] && OOD_ARGS=(--ood-dir "$SUITE")
 TARGET=$SUITE
 if [[ -n $OOD_DIR ]]; then
   OOD_ARGS+=(--ood-dir "$OOD_DIR")
@@ -159,7 +167,7 @@ case $ADAPT in none) PADAPT=() ;; auto) PADAPT=(--adapt bn,tent) ;; *) PADAPT=(-
 step "predict ${#RUNS[@]} run(s) with TTA $TTA (adapted copies: ${PADAPT[*]:-none}): clean test, out-of-fold, OOD"
 $PY -m competition.predict "${RUNS[@]}" "${OOD_ARGS[@]}" --tta "$TTA" "${PADAPT[@]}"
 # No TTA on the suite too, for the table of what each stage adds (cheap: one view).
-$PY -m competition.predict "${RUNS[@]}" --ood-dir "$SUITE" --tta none --no-test --no-oof
+[[ -z $SUITE ]] || $PY -m competition.predict "${RUNS[@]}" --ood-dir "$SUITE" --tta none --no-test --no-oof
 
 # A finished submission is never overwritten: a rerun with the same runs is left alone, and
 # --retrain (new weights) writes NAME-2, NAME-3, ... unless --overwrite.
@@ -175,14 +183,17 @@ $PY -m competition.ensemble "${RUNS[@]}" --name "$SUB" --ood-dir "$TARGET" --tta
 if [[ $SELFTRAIN -gt 0 ]]; then
   step "self-training: $SELFTRAIN round(s) on the pseudo-labelled $TARGET"
   ST_FORCE=(); [[ $OVERWRITE == 1 ]] && ST_FORCE=(--force)
-  $PY -m competition.selftrain "submissions/$SUB.json" --rounds "$SELFTRAIN" --suite "$SUITE" "${ST_FORCE[@]}"
+  ST_SUITE=(); [[ -n $SUITE ]] && ST_SUITE=(--suite "$SUITE")
+  $PY -m competition.selftrain "submissions/$SUB.json" --rounds "$SELFTRAIN" "${ST_SUITE[@]}" "${ST_FORCE[@]}"
   SUB=$SUB-st$SELFTRAIN
 fi
 
-step "local score on $SUITE"
-$PY -m competition.score "${RUNS[@]}" --ood-dir "$SUITE" --tta "$TTA"
-$PY -m competition.score "submissions/$SUB.json" --ood-dir "$SUITE"
-$PY -m competition.board --stages "submissions/$SUB.json" --suite "$SUITE"
+if [[ -n $SUITE ]]; then
+  step "local score on $SUITE"
+  $PY -m competition.score "${RUNS[@]}" --ood-dir "$SUITE" --tta "$TTA"
+  $PY -m competition.score "submissions/$SUB.json" --ood-dir "$SUITE"
+  $PY -m competition.board --stages "submissions/$SUB.json" --suite "$SUITE"
+fi
 
 [[ $PARTS == *3* ]] || echo "Part 3 (ImageNet-pretrained ResNet-50) was left out: add it with --parts 1,2,3 and \
 --weights resnet50.pth (README: The real competition), or online with --dataset cifar100"

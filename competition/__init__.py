@@ -37,20 +37,25 @@ import sys as _sys
 import time as _time
 
 
-def _busy_cores(interval: float = 0.2) -> float:
-    """Cores busy with other work right now, from two reads of /proc/stat (this process has not
-    started computing yet). Not the load average: it lags a minute, so a stage that starts right
-    after another (run.sh) would see the last one's load and starve itself."""
+def _busy_cores(cpus: set[int], interval: float = 0.2) -> float:
+    """How many of `cpus` (the ones this process may run on) are busy with other work right now,
+    from two reads of their /proc/stat lines (this process has not started computing yet). Not
+    the load average: it lags a minute, so a stage that starts right after another (run.sh)
+    would see the last one's load and starve itself."""
     def read():
+        total = idle = 0
         with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+            for line in f:
+                name, *fields = line.split()
+                if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                    values = [int(x) for x in fields]
+                    total, idle = total + sum(values), idle + values[3] + values[4]  # idle + iowait
+        return total, idle
 
     t0, i0 = read()
     _time.sleep(interval)
     t1, i1 = read()
-    cores = _os.cpu_count() or 1
-    return cores * (1 - (i1 - i0) / max(t1 - t0, 1))
+    return len(cpus) * (1 - (i1 - i0) / max(t1 - t0, 1))
 
 
 def _share_the_cores() -> None:
@@ -62,8 +67,9 @@ def _share_the_cores() -> None:
     if "OMP_NUM_THREADS" in _os.environ or "torch" in _sys.modules or not _os.path.exists("/proc/stat"):
         return
     try:
-        cores = len(_os.sched_getaffinity(0))
-        free = max(1, min(cores, round(cores - _busy_cores())))
+        cpus = _os.sched_getaffinity(0)
+        cores = len(cpus)
+        free = max(1, min(cores, round(cores - _busy_cores(cpus))))
     except (OSError, ValueError, AttributeError):
         return
     if free < cores:

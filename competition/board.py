@@ -71,7 +71,7 @@ def run_rows(models_dir) -> list[dict]:
             "TTA": summary.get("oof_tta"),
             "local OOD": plain and plain["ood_accuracy"], "local OOD +BN": adapted and adapted["ood_accuracy"],
             "unseen OOD": plain and plain.get("unseen_accuracy"),
-            "suite": plain and Path(plain["ood_dir"]).name, "suite role": plain and _role(plain),
+            "suite": plain and Path(plain["ood_dir"]).name, "suite role": _role(plain) if plain else None,
             "train s": summary.get("training_loop_s"),
             "commit": (summary.get("commit") or "")[:8] + ("+" if summary.get("dirty") else ""),
         })
@@ -103,7 +103,8 @@ def _submission_row(spec: dict, path: Path) -> dict:
         "members": ", ".join(f"{m['name']} {m['weight']:.2f}" for m in spec["members"] if m["weight"] > 0),
         "settings": ", ".join(sorted({m.get("setting", "?") for m in spec["members"]})),
         "fit on": spec.get("fit_on", "clean"), "OOF acc": (spec.get("oof") or {}).get("accuracy"),
-        "local OOD": local.get("ood_accuracy"), "suite role": local and _role(local),
+        "local OOD": local.get("ood_accuracy"),
+    "suite role": _role({"ood_dir": spec.get("ood_dir", ""), **local}) if local else None,
         "Kaggle public": kaggle[-1]["public_score"] if kaggle else None,
         "uploads": len(spec.get("kaggle", [])), "created": spec.get("created"),
         "commit": (spec.get("commit") or "")[:8] + ("+" if spec.get("dirty") else ""),

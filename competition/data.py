@@ -295,6 +295,7 @@ def check_archive_complete(path: Path) -> None:
     import bz2
     import gzip
     import lzma
+    import zlib
 
     with open(path, "rb") as f:
         magic = f.read(6)
@@ -305,7 +306,7 @@ def check_archive_complete(path: Path) -> None:
         with opener(path, "rb") as f:
             while chunk := f.read(1 << 22):
                 total, tail = total + len(chunk), (tail + chunk)[-1024:]
-    except (EOFError, OSError, lzma.LZMAError) as e:
+    except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
         raise CompetitionError(f"{path} is cut short or damaged ({type(e).__name__}: {e}); download or copy it "
                                f"again (nothing was read from it)") from None
     if total % 512 or tail != bytes(1024):

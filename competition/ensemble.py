@@ -153,9 +153,15 @@ def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray 
             m.setting = base if adapt == "none" else f"{base}+{adapt}"
             continue
         if not all(r.has_oof_ood(base) for r in m.runs):
-            raise CompetitionError(f"--adapt auto chooses on corrupted out-of-fold images, which {m.name} lacks under "
-                                   f"{base}: train with ood_check > 0, then {m.runs[0].how(base)}; or pass --adapt "
-                                   f"{'|'.join(ADAPTATIONS)}|none")
+            # No choose images (trained with ood_check=0): nothing to choose on, and never the measure.
+            # BN where it was predicted: it paid in every repeat measured (bench/NOTES.md).
+            bn = f"{base}+bn"
+            m.setting = bn if _predicted(m, bn, ood) else base
+            choices[m.name] = {"chosen": adaptation(m.setting), "chosen_on": "nothing: no corrupted out-of-fold "
+                               "images (ood_check=0); BN by default where predicted"}
+            say(f"  {m.name}: no corrupted out-of-fold images to choose on (trained with ood_check=0): "
+                f"{adaptation(m.setting)} by default (train with ood_check > 0 to choose)")
+            continue
         candidates = [base] + [f"{base}+{a}" for a in ADAPTATIONS
                                if all(r.has_oof_ood(f"{base}+{a}") for r in m.runs) and _predicted(m, f"{base}+{a}", ood)]
         est, rows = {}, 0
@@ -305,7 +311,7 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
     if csv.exists() and old is not None and same_submission(old, info):
         say(f"{csv}: unchanged (the same runs, settings, weights and logits); not rewritten")
         return csv
-    if csv.exists() and old is None:  # the JSON is written last: a CSV without it is an interrupted write
+    if csv.exists() and not csv.with_suffix(".json").exists():  # the JSON is written last: an interrupted write
         say(f"note: {csv} has no {csv.with_suffix('.json').name} (a write interrupted before it): replaced")
     elif csv.exists() and not overwrite:
         raise CompetitionError(f"{csv} already exists and holds another submission: choose a new --name, or pass "

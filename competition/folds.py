@@ -40,6 +40,9 @@ def make_folds(labels: np.ndarray, k: int = 5, seed: int = 0, measure_n: int = 0
     rest = np.arange(len(labels))
     if measure_n:
         counts = np.bincount(labels)
+        if counts[counts > 0].min() < 2:
+            raise CompetitionError(f"--measure-n: class(es) {np.flatnonzero(counts == 1)[:10].tolist()} have a single "
+                                   f"image, which cannot be both reserved and trained on: add images or drop the reserve")
         if not 0 < measure_n <= len(labels) // 2 or measure_n < (counts > 0).sum():
             raise CompetitionError(f"--measure-n {measure_n}: must be at least one image per class "
                                    f"({(counts > 0).sum()}) and at most half the {len(labels)} images")

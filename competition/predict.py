@@ -141,7 +141,12 @@ class Predictor:
                 adapt.learn(self.model, batches, objective, steps, lr)
             out = tta_pass()
         if reference is not None and adapt.collapsed(out.argmax(1), reference, out.shape[1], guard):
-            out, fell_back = self.predict_adapted(images, rows), True
+            # BN adaptation in this process alone (predict_adapted shares batches across processes,
+            # while a learned slice belongs to one of them)
+            with adapt.bn_source_stats(self.model):
+                with self.acc.autocast():
+                    adapt.adapt_bn(self.model, batches())
+                out, fell_back = tta_pass(), True
         if self.bar is not None:
             self.bar.update(len(rows) * (steps + len(self.views)) * self.acc.num_processes)
         return out, fell_back

@@ -448,8 +448,13 @@ class RunDir:
     def has_oof_ood(self, setting: str) -> bool:
         """Whether predict wrote the corrupted out-of-fold logits under `setting` (the *choose*
         images ensemble --adapt auto decides on)."""
-        return self.oof_ood_index() is not None and "oof_ood.npy" in self.manifest(setting) and \
-            (self.pred_dir(setting) / "oof_ood.npy").exists()
+        if self.oof_ood_index() is None:
+            return False
+        try:
+            self._checked(setting, "oof_ood.npy", self.how(setting))  # present, and from today's best.pt
+        except CompetitionError:
+            return False
+        return True
 
     def test_logits(self, setting: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(clean test logits, labels) when predict wrote them from today's best.pt, else None."""

@@ -55,6 +55,9 @@ def held_out_images(dataset: str, path=None, data_dir="data", folds_dir="folds",
     """(images, labels, source) to corrupt, by role: the folds file's measure reserve when it has
     one; else the dataset's test split (CIFAR-100's only with leaderboard_labels: its labels are
     the leaderboard's); `fold`: that held-out fold's images (choose images, flagged as such)."""
+    if fold is not None and fold < 0:
+        raise CompetitionError(f"--fold {fold}: a held-out fold is 0..k-1 (the measure reserve is the default "
+                               f"without --fold)")
     fpath = folds.folds_path(folds.dataset_name(dataset, path), folds_dir)
     frame = folds.read_folds(fpath) if fpath.exists() else None
     reserve = folds.measure_rows(frame) if frame is not None and fold is None else np.arange(0)
@@ -160,8 +163,8 @@ def _leaks(cfgs: list[dict], info: dict, runs: list[RunDir]) -> list[str]:
     for c, r in zip(cfgs, runs):
         if info.get("split") == "train":
             leak = c.get("fold") != info.get("fold") and info.get("fold") not in (c.get("exclude_folds") or [])
-        elif info.get("split") == "measure":
-            leak = r.data_config().get("measure_reserve") != info.get("reserve")
+        elif info.get("split") == "measure":  # the run and every run it was fine-tuned from (init_from)
+            leak = any(a.data_config().get("measure_reserve") != info.get("reserve") for a in _ancestry(r))
         else:
             leak = False
         if c.get("pseudo"):
@@ -169,6 +172,16 @@ def _leaks(cfgs: list[dict], info: dict, runs: list[RunDir]) -> list[str]:
             leak = leak or images_overlap(info, pool.get("pool") or _pool_info(pool))
         if leak:
             out.append(str(r))
+    return out
+
+
+def _ancestry(run: RunDir) -> list[RunDir]:
+    """The run and the runs its weights came from (init_from, as self-training and fine-tuning set it)."""
+    out, seen = [run], {run.path.resolve()}
+    while (src := out[-1].config().get("init_from")) and Path(src).resolve() not in seen and \
+            (Path(src) / RunDir.CONFIG).exists():
+        seen.add(Path(src).resolve())
+        out.append(RunDir(src))
     return out
 
 

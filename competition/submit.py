@@ -220,8 +220,10 @@ def kaggle_submit(path, message: str, competition: str | None = None) -> str:
         reply = api.competition_submit(str(path), message, competition)
     except Exception as e:  # 401 bad key, 403 rules not accepted, 404 wrong slug, no network
         if network_error(e):
-            raise CompetitionError(f"could not reach Kaggle ({type(e).__name__}): no network, or a proxy in the way; "
-                                   f"nothing was submitted; run the same command again when online") from None
+            raise CompetitionError(f"could not reach Kaggle ({type(e).__name__}): no network, a proxy in the way, or "
+                                   f"no answer in time; if the upload had started, check "
+                                   f"kaggle.com/competitions/{competition}/submissions before trying again "
+                                   f"(a daily submission may have been spent)") from None
         raise CompetitionError(f"Kaggle refused {path.name} for competition {competition!r} ({type(e).__name__}: "
                                f"{e}); check the slug, that you accepted the competition's rules, and the "
                                f"daily submission limit") from None

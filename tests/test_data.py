@@ -346,6 +346,12 @@ def test_an_archive_cut_anywhere_is_refused_not_half_read(tree, tmp_path, compre
         bad.write_bytes(gzip.compress(raw[:cut]) if compress else raw[:cut])
         with pytest.raises(CompetitionError, match="cut short"):
             data.load("imagefolder", "train", tmp_path / f"c{cut}", path=bad)
+    if compress:  # a damaged byte inside the compressed stream
+        body = bytearray(whole.read_bytes())
+        body[len(body) // 2] ^= 0xFF
+        (tmp_path / "flipped.tar.gz").write_bytes(bytes(body))
+        with pytest.raises(CompetitionError, match="flipped.tar.gz"):
+            data.load("imagefolder", "train", tmp_path / "cf", path=tmp_path / "flipped.tar.gz")
     cut_gzip = tmp_path / "cutgz.tar.gz"
     cut_gzip.write_bytes(whole.read_bytes()[:-20])  # the gzip stream itself ends early
     if compress:

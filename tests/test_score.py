@@ -200,3 +200,8 @@ def test_self_training_on_the_competition_files_leaks_into_a_test_split_suite(tm
     leaderboard = {"dataset": "cifar100", "split": "test", "leaderboard_labels": True, "n": 10}
     assert S._leaks([cfg], leaderboard, [runs.RunDir("st")]) == ["st"]
     assert S._leaks([{"fold": 0}], leaderboard, [runs.RunDir("plain")]) == []
+
+
+def test_a_suite_of_fold_minus_one_is_refused(tmp_path):
+    with pytest.raises(CompetitionError, match="--fold -1"):
+        S.build_suite(tmp_path / "s", "digits", folds_dir=tmp_path / "f", n=4, names=["brightness"], fold=-1)

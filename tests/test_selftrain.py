@@ -140,3 +140,14 @@ def test_a_csv_without_its_json_is_an_interrupted_write_and_is_replaced(world, c
     assert "interrupted before it): replaced" in capsys.readouterr().out and csv.with_suffix(".json").exists()
     with pytest.raises(CompetitionError, match="holds another submission"):  # a recorded one is still protected
         ensemble.build([run], "orphan", measure, tmp / "subs", tta_name="flip", adapt="bn")
+
+
+def test_adapt_auto_without_choose_images_takes_bn_by_default_and_says_so(world, capsys):
+    tmp, run, pool, measure = world
+    dirs = [f"folds_dir={tmp / 'folds'}", f"models_dir={tmp / 'models'}"]
+    bare = train.main(TINY + dirs + ["ood_check=0", "select_on=clean", "name=bare"])
+    predict.predict_run(bare, [measure], tta.parse_tta("flip"), adapts=["bn"], test=False)
+    spec = json.loads(ensemble.build([bare], "bare", measure, tmp / "subs", tta_name="flip", adapt="auto")
+                      .with_suffix(".json").read_text())
+    assert spec["adaptation"]["bare"]["chosen"] == "bn" and "ood_check=0" in spec["adaptation"]["bare"]["chosen_on"]
+    assert "no corrupted out-of-fold images to choose on" in capsys.readouterr().out
