@@ -55,7 +55,7 @@ from typing import Callable
 
 import numpy as np
 
-from competition.data import SEVERITIES, check_images, ood_name
+from competition.data import SEVERITIES, check_images, fingerprint, ood_name
 from competition.files import CompetitionError, save_json, save_npy
 
 # Fixed order: file distortionNN.npy holds CORRUPTIONS[NN]. Append new ones at the end only,
@@ -695,13 +695,6 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
         chunk = np.ascontiguousarray(images[start:start + _CHUNK])
         out[start:start + _CHUNK] = function(chunk, int(severity) - 1, rng)
     return out
-
-
-def fingerprint(array: np.ndarray) -> str:
-    """sha1 of an array's dtype, shape and bytes: which source a suite was made from."""
-    h = hashlib.sha1(f"{array.dtype}{array.shape}".encode())
-    h.update(np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()
 
 
 def corrupted_copies(images: np.ndarray, seed: int, names=CORRUPTIONS, cache_dir=None,

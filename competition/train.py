@@ -280,7 +280,7 @@ class TrainData:
             raise CompetitionError(f"{cfg.get('data') or cfg['dataset']}: {len(ds.classes)} class ({ds.classes}); a "
                                    f"classifier needs at least 2 (an image folder holds one sub-folder per class)")
         self.images, self.labels, self.classes = ds.images, ds.labels, list(ds.classes)
-        self.data_sha1 = data.fingerprint(ds.images, ds.labels)  # the source data, before any pseudo-labels
+        self.data_sha1 = data_id(ds)  # the source data, before any pseudo-labels
         train_rows, self.val_rows, self.measure_reserve = split_rows(cfg, ds.labels, accelerator)
         self.train_rows = data.sample_rows(train_rows, cfg["train_subset"], cfg["seed"])
         self.soft = None  # (N, C) soft targets of every row when pseudo-labelled images join the training set
@@ -404,6 +404,11 @@ def resolve_data_config(cfg: dict, td: TrainData) -> dict:
     return out
 
 
+def data_id(ds) -> str:
+    """A short fingerprint of a data set's images and labels (data.fingerprint of each)."""
+    return data.fingerprint(ds.images)[:16] + data.fingerprint(ds.labels)[:8]
+
+
 def check_same_data(run: RunDir, cfg: dict, current: str | None = None) -> None:
     """Refuse to skip or resume a run whose data changed behind the same path since it trained
     (its data_config records the fingerprint; runs from before it have none and pass)."""
@@ -414,7 +419,7 @@ def check_same_data(run: RunDir, cfg: dict, current: str | None = None) -> None:
         return
     if current is None:
         ds = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
-        current = data.fingerprint(ds.images, ds.labels)
+        current = data_id(ds)
     if current != recorded:
         raise CompetitionError(f"{run} was trained on other images than {cfg.get('data') or cfg['dataset']} holds now "
                                f"(data fingerprint {recorded} then, {current} now): --force retrains it on these, "
