@@ -29,7 +29,7 @@ import torch
 from competition import adapt, augment, models, runtime, selftrain, tta
 from competition.config import load_config
 from competition.runs import RunDir
-from competition.train import step_throughput
+from competition.batch_size import step_throughput
 
 LABELLED = 40_000  # a k=5 member's training images of CIFAR-100's 50,000
 

@@ -7,7 +7,7 @@
 Steps (each appends its section to the results file as soon as it ends, so a timeout keeps
 what finished; `--skip NAME` drops one):
   throughput  training images/s per part at the batch-size finder's pick (bf16, channels-last):
-              the loop's device-side step, synthetic batches (train.step_throughput)
+              the loop's device-side step, synthetic batches (batch_size.step_throughput)
   part2_94    Part 2 (ResNet-18, CIFAR stem, plain: no AugMix, the speed recipe) on the stand-in,
               fold 0 held out: the training-loop time until held-out accuracy first reaches 94%
   airbench    airbench94 (PyPI `airbench`) on the same GPU and the same split (its CifarLoader
@@ -71,7 +71,7 @@ def environment() -> list[str]:
 
 def throughput(dry: bool) -> list[str]:
     from competition.config import resolve
-    from competition.train import find_batch_size, step_throughput
+    from competition.batch_size import find_batch_size, step_throughput
 
     rows = ["| part | image size | batch (finder) | images/s | peak GiB |", "|---|---:|---:|---:|---:|"]
     cases = [("part1", 1, []), ("part2", 2, []), ("part2 plain", 2, ["augmix=false", "jsd=0"]),

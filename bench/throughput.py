@@ -29,7 +29,7 @@ import torch
 
 from competition.config import load_config
 from competition.runtime import keep_freed_memory
-from competition.train import step_throughput
+from competition.batch_size import step_throughput
 
 
 def main(argv=None):

@@ -14,13 +14,17 @@ Stages (each reads only what the previous one wrote to disk; every one runs as
 Modules, from the stages down to the leaves (each imports only modules below it):
 
     ablate     studies: variants of one setting, trained by train, a report       (train, runs, config, plots)
-    train      the training loop, top to bottom                                   (runs, loader, models, optim, tta, ...)
+    train      the training loop, top to bottom                                   (train_data, learner, checkpoints, runs, ...)
+    train_data a run's images, rows and per-epoch loaders; what the data decides (folds, loader, augment, optim, runs)
+    learner    model, optimizer, schedule, EMA, batch augmentation, loss          (models, optim, augment, runs)
+    checkpoints  loop state, portable checkpoints, exact resume                   (runs)
+    batch_size throughput per batch size and the finder                           (models, optim, runtime, augment)
     predict    TTA logits of runs on test / OOF / OOD images                      (runs, loader, tta, adapt, runtime)
     score      local OOD suite and reports                                        (runs, metrics, corruptions, plots)
     ensemble   member weights and the submission CSV + JSON                       (runs, metrics, submit)
-    runs       a run folder's files (RunDir), run discovery, ensemble members     (models, folds, config, data)
+    runs       a run folder's files (RunDir), its claim/skip/resume rules, members (models, folds, config, data)
     submit     CSV format: write, check, send to Kaggle                           (data)
-    folds      the k-fold split CSV                                               (data)
+    folds      the k-fold split CSV; a run's train / held-out / check rows         (data)
     corruptions  the 19 x 5 CIFAR-C corruptions, in the OOD file format           (data, plots)
     models     architectures by name (+ mobilenets)       tta  TTA views and logits (augment)
     optim      optimizers and timm schedules             loader  uint8 arrays -> batches

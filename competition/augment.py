@@ -321,3 +321,15 @@ def corrupt_pipeline(p: float = 0.5):
         A.Downscale(scale_range=(0.5, 0.95)), A.ImageCompression(quality_range=(20, 85)),
     ]
     return A.Compose([A.OneOf(ops, p=p)])
+
+
+def train_input(images: torch.Tensor, cfg: dict, prep: dict, size: int) -> torch.Tensor:
+    """A uint8 (B, H, W, 3) training batch -> the model's float input at `size`: random flip and
+    shift (cfg flip, translate), AugMix when set, then to_input. The loop and step_throughput
+    both use this."""
+    x = flip_translate(images, cfg["flip"], cfg["translate"])
+    if cfg.get("augmix"):  # with jsd: clean + 2 AugMix views, stacked (JsdCrossEntropy splits them)
+        views = augmix_views(x, 2 if cfg.get("jsd") else 1, cfg.get("augmix_severity", 3))
+        x = torch.cat([x, *views]) if cfg.get("jsd") else views[0]
+    return to_input(x, prep["mean"], prep["std"], size, prep["channels_last"])
+

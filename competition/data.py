@@ -498,6 +498,11 @@ def fingerprint(array: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def data_id(ds) -> str:
+    """A short fingerprint of a data set's images and labels (fingerprint of each)."""
+    return fingerprint(ds.images)[:16] + fingerprint(ds.labels)[:8]
+
+
 # The competition's OOD files are CIFAR-100's test split, corrupted: that split's labels are the
 # leaderboard's answers, so nothing may be chosen on it and no local figure may rest on it.
 LEADERBOARD_SPLIT = ("cifar100", "test")

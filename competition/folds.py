@@ -121,6 +121,42 @@ def dataset_name(source: str, path=None) -> str:
     return source
 
 
+# ---------------------------------------------------------------- a run's rows
+
+
+def fold_rows(fold: np.ndarray, cfg: dict, path) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out rows for cfg['fold'], given every row's fold (from the folds file
+    `path`): exclude_folds and the measure reserve (fold value MEASURE) in neither; fold -1
+    trains on all the others and holds out none."""
+    k = int(fold.max()) + 1
+    # A reserve: neither trained on nor held out. The measure reserve always is: no run, whatever
+    # its config, learns from or is selected on the images the local estimate is measured on.
+    excluded = np.isin(fold, cfg.get("exclude_folds") or []) | (fold == MEASURE)
+    if cfg["fold"] in (cfg.get("exclude_folds") or []):
+        raise CompetitionError(f"fold={cfg['fold']} is also in exclude_folds {cfg['exclude_folds']}")
+    if cfg["fold"] == -1:
+        return np.flatnonzero(~excluded), np.arange(0)
+    if not 0 <= cfg["fold"] < k:
+        raise CompetitionError(f"fold={cfg['fold']} but {path} has folds 0..{k - 1} (or -1 to train on all)")
+    return np.flatnonzero((fold != cfg["fold"]) & ~excluded), np.flatnonzero(fold == cfg["fold"])
+
+
+def ood_check_seed(cfg: dict) -> int:
+    """The seed of a fold's corrupted check images: the fold's alone, so every run held out on
+    that fold (any seed, any preset) is checked, selected and ensembled on the same images."""
+    return 10_000 + int(cfg["fold"])
+
+
+def ood_check_cells(val_rows: np.ndarray, n: int, seed: int, cells: int) -> np.ndarray:
+    """(cells, n) held-out rows, sorted per row: each corruption and severity gets its own n
+    images (repeating only when the fold has fewer than cells * n). Why not the same n images in
+    every cell: the estimate's noise would then be that of n images, not of cells * n (with
+    n = 100, +-4 points), and weights fitted on it chase those few images. A larger n keeps a
+    smaller n's rows as the first of each cell, so runs with other ood_check sizes still share rows."""
+    order = np.random.default_rng(seed).permutation(np.asarray(val_rows))
+    return np.sort(np.resize(order, cells * n).reshape(n, cells).T, axis=1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=data.SOURCES)

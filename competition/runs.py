@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from competition import data, folds
-from competition.config import read_yaml, save_config
-from competition.files import CompetitionError, read_json, save_json, save_npy
+from competition.config import comparable, read_yaml, save_config
+from competition.files import CompetitionError, atomic_path, check_inside, check_writable, read_json, save_json, save_npy
 
 _FOLD_TAG = re.compile(r"-f\d+(?=-|$)")
 
@@ -140,6 +140,11 @@ class RunDir:
     @property
     def checkpoint_dir(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def broken_checkpoint_dir(self) -> Path:
+        """Where --resume moves checkpoints that do not load completely (kept for a look, never resumed)."""
+        return self.path / "broken-checkpoints"
 
     def checkpoints(self) -> list[Path]:
         """Accelerate checkpoint folders, oldest first."""
@@ -685,3 +690,97 @@ def file_hash(path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# ---------------------------------------------------------------- a training run's folder, start to end
+
+
+def changed_keys(old: dict, new: dict) -> list[str]:
+    """Keys whose value differs between two configs (comparable keys only)."""
+    a, b = comparable(old), comparable(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force: bool) -> Path | None | bool:
+    """Apply the run-folder rules before anything is written. Returns False to skip ("already
+    trained with this config"), else the old run's folder moved aside by --force (deleted once
+    the new run has finished its first epoch, put back if it fails before) or None.
+
+    A finished run (summary.json) with the same config is skipped; any other existing run is
+    refused unless --resume (continue from the last good checkpoint, same config only) or
+    --force. One process at a time: the folder's lock names the one training it."""
+    main = accelerator.is_main_process
+    if main:
+        check_writable(run.path.parent, "models_dir")
+        if run.path.exists():
+            run.check_unlocked("training it again")
+    exists, aside = (run / RunDir.CONFIG).exists(), None
+    if exists and not force:
+        changed = changed_keys(run.config(), cfg)
+        if run.finished and not changed:
+            accelerator.print(f"{run}: already trained with this config{' (nothing to resume)' if resume else ''}; "
+                              f"skipping (--force retrains)")
+            return False
+        if changed and (resume or run.finished):
+            raise CompetitionError(
+                f"{run} was trained with other values of {', '.join(changed)}"
+                f"{' (--resume continues a run with its own config)' if resume else ''}: drop those overrides, "
+                f"pass --force to retrain it, or name=NEW for a new run")
+        if not resume:
+            raise CompetitionError(f"{run} holds a partial run (no summary.json: interrupted or still running): pass "
+                                   f"--resume to continue it, --force to retrain it, or name=NEW for a new run")
+    if resume and not exists:
+        raise CompetitionError(f"--resume: {run} holds no run to resume; train it without --resume")
+    if resume and force and changed_keys(run.config(), cfg):  # it would rewrite the config as if it had always held
+        raise CompetitionError(f"--resume --force: {run} was trained with other values of "
+                               f"{', '.join(changed_keys(run.config(), cfg))}; --resume continues a run with its own "
+                               f"config only: drop those overrides, or --force alone to retrain it")
+    if resume and run.latest_checkpoint() is None:
+        raise CompetitionError(f"--resume: {run.checkpoint_dir} holds no checkpoint (interrupted in its first "
+                               f"epoch?); retrain with --force")
+    if force and not resume and main and run.path.exists():
+        check_inside(run.path, cfg["models_dir"], "--force (the run folder to replace)")
+        aside = run.move_aside("replaced")
+        accelerator.print(f"--force: {run} moved to {aside}; it is deleted once the new run has finished an epoch")
+    if main:
+        run.acquire_lock()
+    accelerator.wait_for_everyone()
+    return aside
+
+
+def check_same_data(run: RunDir, cfg: dict, current: str | None = None) -> None:
+    """Refuse to skip or resume a run whose data changed behind the same path since it trained
+    (its data_config records the fingerprint; runs from before it have none and pass)."""
+    if not (run / RunDir.DATA_CONFIG).exists():
+        return
+    recorded = run.data_config().get("data_sha1")
+    if recorded is None:
+        return
+    if current is None:
+        ds = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
+        current = data.data_id(ds)
+    if current != recorded:
+        raise CompetitionError(f"{run} was trained on other images than {cfg.get('data') or cfg['dataset']} holds now "
+                               f"(data fingerprint {recorded} then, {current} now): --force retrains it on these, "
+                               f"name=NEW trains a new run")
+
+
+class MetricsWriter:
+    """metrics.csv every epoch; curves.png at most once a minute and at the end (a matplotlib
+    figure costs ~1 s on a CPU)."""
+
+    def __init__(self, run: RunDir):
+        self.run, self.last_plot = run, time.time()
+
+    def write(self, history: list[dict], final: bool = False) -> None:
+        from competition import plots
+
+        import pandas as pd
+
+        frame = pd.DataFrame(history)
+        with atomic_path(self.run.metrics_csv, ".csv") as tmp:
+            frame.to_csv(tmp, index=False)
+        if final or time.time() - self.last_plot >= 60:
+            plots.plot_run(frame, self.run.curves_png, title=self.run.name)
+            self.last_plot = time.time()
+

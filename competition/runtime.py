@@ -5,8 +5,11 @@ and the benchmarks run with the same settings.
 """
 from __future__ import annotations
 
+import logging
 import os
+import signal
 import sys
+import threading
 
 import torch
 
@@ -61,6 +64,28 @@ def make_accelerator(precision: str = "auto", **kwargs):
     precision = mixed_precision(precision)
     _forget_other_precision(precision)
     return Accelerator(cpu=multi_cpu, mixed_precision=precision, **kwargs)
+
+
+def training_accelerator(cfg: dict, project_dir):
+    """A training run's Accelerator: precision, gradient accumulation, trackers, per-epoch
+    checkpoints in project_dir/checkpoints (the last two kept)."""
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    logging.getLogger("accelerate.accelerator").addFilter(_quiet_checkpoint_rotation)
+    if cfg["log_with"] == "wandb" and not os.environ.get("WANDB_API_KEY"):
+        os.environ.setdefault("WANDB_MODE", "offline")  # never block on a login prompt
+    return make_accelerator(
+        cfg["mixed_precision"], gradient_accumulation_steps=cfg["grad_accum"], log_with=cfg["log_with"],
+        project_config=ProjectConfiguration(project_dir=str(project_dir), automatic_checkpoint_naming=True,
+                                            total_limit=2),
+        # Frozen stages get no gradient while progressive unfreezing holds them; DDP must know.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(cfg["unfreeze"]))])
+
+
+def _quiet_checkpoint_rotation(record) -> bool:
+    """Drop Accelerate's "Deleting 1 checkpoints to make room" warning: keeping the last two
+    checkpoints is this loop's design (total_limit=2), not news every epoch."""
+    return "checkpoints to make room" not in record.getMessage()
 
 
 def _forget_other_precision(precision: str) -> None:
@@ -139,3 +164,38 @@ def provenance() -> dict:
         except importlib.metadata.PackageNotFoundError:
             versions[pkg] = None
     return {"commit": commit, "dirty": dirty, "versions": versions}
+
+
+class StopRequest:
+    """SIGINT / SIGTERM ask the loop to stop at the next step and checkpoint (a second Ctrl-C
+    stops at once). With several processes the request is shared every 25 steps, so every
+    rank stops at the same step."""
+
+    def __init__(self):
+        self.name, self._previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(f"\n{self.name}: stopping after this step and saving a checkpoint (again to stop at once)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def now(self, accelerator, step: int) -> bool:
+        if accelerator.num_processes == 1:
+            return self.name is not None
+        if step % 25:
+            return False
+        flag = torch.tensor(float(self.name is not None), device=accelerator.device)
+        return accelerator.reduce(flag, "sum").item() > 0
+

@@ -133,7 +133,7 @@ def labelled_images(run: RunDir) -> int:
     path = folds.folds_path(folds.dataset_name(cfg["dataset"], cfg.get("data")), cfg["folds_dir"])
     if not path.exists():
         raise CompetitionError(f"{path} (the folds {run} trained on) is missing: pass --max-images, or restore it")
-    rows, _ = train.fold_rows(folds.read_folds(path)["fold"].to_numpy(), cfg, path)
+    rows, _ = folds.fold_rows(folds.read_folds(path)["fold"].to_numpy(), cfg, path)
     return min(len(rows), cfg.get("train_subset") or len(rows))  # train samples train_subset of them
 
 

@@ -16,6 +16,7 @@ so the accuracy train.py reports is the one the submission gets.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -100,3 +101,29 @@ def tta_logits(model: nn.Module, images: torch.Tensor, prep: dict, views: list[V
         total = out if total is None else total + out
     total = total / len(views)
     return total.clamp_min(1e-12).log() if average == "prob" else total
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, data_cfg: dict, accelerator, views=None):
+    """(logits, labels, positions, TTA logits) of every sample in `loader`, as numpy, gathered
+    across processes (gather_for_metrics drops the samples padded onto the last shard). With
+    `views` (TTA views) the 4th array holds the logits averaged over them; the plain logits
+    come from the same pass (the identity view). Positions index the loader's rows."""
+    model.eval()
+    wanted = list(views or [])
+    passes = [IDENTITY] + [v for v in wanted if v != IDENTITY]
+    outs, ys, pos, ttas = [], [], [], []
+    for x, y, p in loader:
+        with accelerator.autocast():
+            per_view = view_logits(model, x, data_cfg, passes)
+        logits, y, p = accelerator.gather_for_metrics((per_view[0], y, p))
+        outs.append(logits.cpu()), ys.append(y.cpu()), pos.append(p.cpu())
+        if wanted:
+            avg = torch.stack([per_view[passes.index(v)] for v in wanted]).mean(0)
+            ttas.append(accelerator.gather_for_metrics(avg).cpu())
+    if not outs:
+        empty = np.zeros((0, data_cfg["num_classes"]), np.float32)
+        return empty, np.zeros(0, np.int64), np.zeros(0, np.int64), empty
+    cat = lambda ts: torch.cat(ts).numpy()  # noqa: E731
+    return cat(outs), cat(ys), cat(pos), cat(ttas) if ttas else np.zeros((0, data_cfg["num_classes"]), np.float32)
+

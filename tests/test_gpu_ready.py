@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from competition import augment, data, folds, models, optim, runtime, train
+from competition import augment, batch_size, data, folds, models, optim, runtime, train, train_data
 from competition.config import CONFIG_DIR, resolve
 from competition.files import CompetitionError
 
@@ -104,13 +104,13 @@ def test_presets_do_not_augment_twice():
 
 def test_batch_size_is_global_and_must_split():
     cfg = resolve(1, None, ["batch_size=256", "grad_accum=2"])
-    assert train.process_batch(cfg, 256, 1) == 128
-    assert train.process_batch(cfg, 256, 8) == 16
+    assert train_data.process_batch(cfg, 256, 1) == 128
+    assert train_data.process_batch(cfg, 256, 8) == 16
     with pytest.raises(CompetitionError, match="multiple of 6"):
-        train.process_batch(cfg, 256, 3)
+        train_data.process_batch(cfg, 256, 3)
     mixed = {**cfg, "mixup": 0.2, "grad_accum": 1}
     with pytest.raises(CompetitionError, match="odd"):
-        train.process_batch(mixed, 24, 8)
+        train_data.process_batch(mixed, 24, 8)
 
 
 def test_the_dataset_is_loaded_once_per_machine(monkeypatch):
@@ -129,7 +129,7 @@ def test_the_dataset_is_loaded_once_per_machine(monkeypatch):
 
     monkeypatch.setattr(acc, "main_process_first", lambda: Guard())
     monkeypatch.setattr(data, "load", lambda *a, **k: inside.append(state["in"]) or real_load(*a, **k))
-    train.TrainData(resolve(1, ["demo"], ["ood_check=0"]), acc)
+    train_data.TrainData(resolve(1, ["demo"], ["ood_check=0"]), acc)
     assert inside == [True]
 
 
@@ -141,7 +141,7 @@ def augmented_batches(seed: int, epochs: int = 2) -> list[list[np.ndarray]]:
     torch.manual_seed(seed)
     acc = runtime.make_accelerator("no")
     cfg = resolve(1, ["demo"], ["cpu_aug=basic", "workers=2", "batch_size=8", "ood_check=0", f"seed={seed}"])
-    td = train.TrainData(cfg, acc)
+    td = train_data.TrainData(cfg, acc)
     td.train_rows = np.zeros(32, np.int64)
     return [[x.numpy() for x, _, _ in td.loader(epoch, 32)[0]] for epoch in range(epochs)]
 
@@ -163,8 +163,8 @@ def test_each_process_seeds_its_workers_apart(monkeypatch):
         seed, dataset = 1234, type("D", (), {"transform": type("T", (), {"set_random_seed": lambda s, v: seen.append(v)})()})()
 
     monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: Info)
-    train.seed_worker(0, process=0)
-    train.seed_worker(0, process=1)
+    train_data.seed_worker(0, process=0)
+    train_data.seed_worker(0, process=1)
     assert len(set(seen)) == 2
 
 
@@ -195,7 +195,7 @@ def test_a_training_step_never_reads_a_device_value_back():
     cfg = resolve(3, None, ["noise_blur=0.5", "random_erasing=0.5", "mixup=0.2", "cutmix=1.0", "augmix=false"])
     x8 = torch.empty(16, 32, 32, 3, dtype=torch.uint8, device="meta")
     prep = {"mean": [0.5] * 3, "std": [0.25] * 3, "channels_last": True}
-    x = train.train_input(x8, cfg, prep, 64)
+    x = augment.train_input(x8, cfg, prep, 64)
     out, target = augment.BatchAugment(cfg, 10, prep["std"])(x, torch.zeros(16, dtype=torch.long, device="meta"))
     assert out.shape == (16, 3, 64, 64) and target.shape == (16, 10) and out.device.type == "meta"
 
@@ -253,7 +253,7 @@ def test_the_throughput_step_builds_its_optimizer_before_compile(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, **k: real(m, backend="eager"))
     cfg = resolve(2, None, ["compile=true", "layer_decay=0.7", "batch_size=4", "augmix=false", "jsd=0",
                             "model_args.channels=[8,8,8,8]"])
-    ips, _ = train.step_throughput(cfg, steps=1, warmup=1)
+    ips, _ = batch_size.step_throughput(cfg, steps=1, warmup=1)
     assert ips > 0
 
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from competition import augment, corruptions, ensemble, train
+from competition import augment, corruptions, ensemble, folds, train
 from competition.runs import RunDir
 
 TINY = ["--part", "1", "--preset", "demo", "epochs=1", "train_subset=128", "model_args.widths=[8,16,16]",
@@ -86,12 +86,12 @@ def test_ood_check_selects_and_writes_corrupted_oof(tmp_path):
 
 def test_each_corruption_and_severity_checks_its_own_held_out_images():
     val = np.arange(1000, 3000)
-    cells = train.ood_check_cells(val, 20, seed=7, cells=95)
+    cells = folds.ood_check_cells(val, 20, seed=7, cells=95)
     assert cells.shape == (95, 20) and len(np.unique(cells)) == 95 * 20  # 1,900 distinct of 2,000
     assert set(cells.ravel()) <= set(val) and (np.diff(cells, axis=1) > 0).all()
-    small = train.ood_check_cells(val, 10, seed=7, cells=95)  # a smaller ood_check: a subset of each cell
+    small = folds.ood_check_cells(val, 10, seed=7, cells=95)  # a smaller ood_check: a subset of each cell
     assert all(set(a) <= set(b) for a, b in zip(small, cells))
-    few = train.ood_check_cells(np.arange(50), 4, seed=7, cells=95)  # a small fold repeats images, across cells
+    few = folds.ood_check_cells(np.arange(50), 4, seed=7, cells=95)  # a small fold repeats images, across cells
     assert few.shape == (95, 4) and set(few.ravel()) == set(range(50))
     images = np.random.default_rng(0).integers(0, 256, (12, 8, 8, 3), dtype=np.uint8)
     rows = np.tile(np.arange(3), (95, 1)) + np.arange(95)[:, None] % 4 * 3  # cell k: images 3j..3j+2, j = k % 4

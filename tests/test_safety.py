@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from competition import data, ensemble, folds, predict, submit, train
+from competition import data, ensemble, folds, predict, runtime, submit, train
 from competition.files import CompetitionError, Interrupted, check_writable
 from competition.runs import RunDir, run_name
 
@@ -167,7 +167,7 @@ def test_stop_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
     dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
     args = TINY + dirs + ["epochs=3", "train_subset=256", "batch_size=64", "ema=0.9", "random_erasing=0.3", "mixup=0.2"]
     full = train.main(args + ["name=full"])
-    real, calls = train.StopRequest.now, {"n": 0}
+    real, calls = runtime.StopRequest.now, {"n": 0}
 
     def stop_in_epoch_2(self, accelerator, step):  # 4 steps an epoch (256 / 64): call 7 is epoch 2, step 2
         calls["n"] += 1
@@ -175,7 +175,7 @@ def test_stop_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
             self.name = "SIGINT"
         return real(self, accelerator, step)
 
-    monkeypatch.setattr(train.StopRequest, "now", stop_in_epoch_2)
+    monkeypatch.setattr(runtime.StopRequest, "now", stop_in_epoch_2)
     with pytest.raises(Interrupted, match=r"SIGINT in epoch 2 at step 2; checkpoint saved in .*checkpoint_1; "
                                           r"continue exactly with `python -m competition.train .* --resume`"):
         train.main(args + ["name=cut"])

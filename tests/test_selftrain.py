@@ -39,13 +39,13 @@ def test_measure_rows_are_in_no_training_row_choose_image_or_pool(world):
     reserve = set(folds.measure_rows(frame).tolist())
     info = data.OodSet(measure).info()
     assert len(reserve) == 100 and info["split"] == "measure" and set(info["source_rows"]) <= reserve
-    trained, held = train.fold_rows(frame["fold"].to_numpy(), RunDir(run).config(), "f")
+    trained, held = folds.fold_rows(frame["fold"].to_numpy(), RunDir(run).config(), "f")
     r = RunDir(run)
     assert not reserve & set(trained.tolist()) and not reserve & set(held.tolist())
     assert not reserve & set(r.oof_index().tolist()) and not reserve & set(r.oof_ood_index().ravel().tolist())
     assert not reserve & set(data.OodSet(pool).info()["source_rows"])
     for fold_all in ({**r.config(), "fold": -1}, {**r.config(), "fold": -1, "exclude_folds": []}):
-        assert not reserve & set(train.fold_rows(frame["fold"].to_numpy(), fold_all, "f")[0].tolist())
+        assert not reserve & set(folds.fold_rows(frame["fold"].to_numpy(), fold_all, "f")[0].tolist())
     assert r.data_config()["measure_reserve"] == info["reserve"]  # what score's leak check compares
     assert score._leaks([r.config()], info, [r]) == []
     assert score._leaks([r.config()], {**info, "reserve": "another"}, [r]) == [str(r)]
