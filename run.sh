@@ -191,6 +191,9 @@ fi
 if [[ -n $SUITE ]]; then
   step "local score on $SUITE"
   $PY -m competition.score "${RUNS[@]}" --ood-dir "$SUITE" --tta "$TTA"
+  for A in ${PADAPT[1]:+${PADAPT[1]//,/ }}; do  # the adapted copies too: the board's "local OOD adapted" column
+    $PY -m competition.score "${RUNS[@]}" --ood-dir "$SUITE" --tta "$TTA" --adapt "$A"
+  done
   $PY -m competition.score "submissions/$SUB.json" --ood-dir "$SUITE"
   $PY -m competition.board --stages "submissions/$SUB.json" --suite "$SUITE"
 fi

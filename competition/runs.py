@@ -781,6 +781,7 @@ class MetricsWriter:
         with atomic_path(self.run.metrics_csv, ".csv") as tmp:
             frame.to_csv(tmp, index=False)
         if final or time.time() - self.last_plot >= 60:
-            plots.plot_run(frame, self.run.curves_png, title=self.run.name)
+            plots.plot_run(frame, self.run.curves_png, title=self.run.name,
+                           **plots.curve_options(self.run.config(), self.run.data_config()))
             self.last_plot = time.time()
 

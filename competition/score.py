@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from competition import data, folds, plots
+from competition import data, folds, plots, tta
 from competition.corruptions import trained_on
 from competition.files import CompetitionError, cli, count, count0, read_json, save_json, save_text
 from competition.metrics import Calibration, accuracy, ece, file_right, image_standard_error, table_summary
@@ -260,7 +260,8 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
                                     else runs[0].score_prefix(members[0].setting, ood))
     save_text(Path(f"{prefix}.md"), markdown(result, ood.info()))
     plots.heatmap(np.asarray(result["table"]), result["corruptions"], Path(f"{prefix}.png"),
-                  f"{target.name}: OOD accuracy ({', '.join(result['settings'])})")
+                  f"{target.name}: OOD accuracy, {tta.setting_words(result['settings'])}", trained_on=seen,
+                  role=result["role"], n=result["images_per_severity"])
     save_json(Path(f"{prefix}.json"), {k: v for k, v in result.items() if k != PER_IMAGE})
     if is_json:
         spec = members_from_json(target)[2]

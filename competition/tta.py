@@ -103,6 +103,39 @@ def tta_logits(model: nn.Module, images: torch.Tensor, prep: dict, views: list[V
     return total.clamp_min(1e-12).log() if average == "prob" else total
 
 
+
+# ---------------------------------------------------------------------------- setting names in words
+
+# The presets above, by name, in words (their view counts are read from TTA_PRESETS).
+_TTA_WORDS = {"none": "no TTA", "flip": "mirror", "shift": "shifts, no mirror", "shift1": "mirror x shifts",
+              "shift2": "mirror x shifts of 1 and 2 px"}
+_ADAPT_WORDS = {"bn": "BN adaptation", "tent": "TENT adaptation", "shot": "SHOT adaptation",
+                "eata": "EATA adaptation"}
+
+
+def setting_words(setting) -> str:
+    """A prediction setting (runs.setting_name: `TTA[-prob][+ADAPT]`, e.g. 'shift1+bn') in words,
+    e.g. '6-view TTA (mirror x shifts) + BN adaptation'; a list of settings (a submission's
+    members) joined with '; '."""
+    if not isinstance(setting, str):
+        return "; ".join(setting_words(s) for s in setting)
+    base, _, adapt = setting.partition("+")
+    prob = base.endswith("-prob")
+    base = base[:-len("-prob")] if prob else base
+    if base == "none":
+        words = "no TTA"
+    elif base in TTA_PRESETS:
+        words = f"{len(TTA_PRESETS[base])}-view TTA ({_TTA_WORDS.get(base, base)})"
+    else:  # a view list, made file-safe by setting_name
+        words = f"TTA over the views {base}"
+    if prob:
+        words += ", probabilities averaged"
+    if adapt:
+        name = adapt.rstrip("0123456789.")
+        blend = adapt[len(name):]
+        words += " + " + _ADAPT_WORDS.get(name, f"{name} adaptation") + (f" (blend {blend})" if blend else "")
+    return words
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, data_cfg: dict, accelerator, views=None):
     """(logits, labels, positions, TTA logits) of every sample in `loader`, as numpy, gathered

@@ -1,15 +1,17 @@
 """The competitor's cockpit: the board lists runs with and without predictions and submissions
-with their Kaggle scores; an old submission re-scores to the same number after another TTA is
-predicted; provenance is recorded; trackers write real event files."""
+with their Kaggle scores, and adapted figures beside plain ones on the same suite; its chart draws
+only the figures that exist, on an honest axis; an old submission re-scores to the same number
+after another TTA is predicted; provenance is recorded; trackers write real event files."""
 from __future__ import annotations
 
 import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from competition import board, corruptions, data, ensemble, predict, score, submit, train, tta
+from competition import board, corruptions, data, ensemble, plots, predict, score, submit, train, tta
 from competition.files import CompetitionError
 from competition.runs import RunDir
 
@@ -137,3 +139,70 @@ def test_a_broken_run_or_sidecar_is_flagged_in_its_row(world, tmp_path):
     assert state["b"].startswith("broken:") and state["a"] == "finished"  # the others go on
     members = dict(zip(subs["submission"], subs["members"]))
     assert members["cut"].startswith("broken sidecar") and members["edited"].startswith("broken sidecar")
+
+
+def test_adapted_predictions_reach_the_board_once_scored(world, tmp_path):
+    """BN-adapted logits alone give no figure (score writes them): the board says which command
+    scores them, then shows the adapted estimate beside the plain one, on the same suite."""
+    tmp, a, b, suite = world
+    shutil.copytree(tmp / "models", tmp_path / "models")
+    run = tmp_path / "models" / "a"
+    predict.predict_run(run, [suite], tta.parse_tta("flip"), test=False, oof=False, adapts=["bn"])
+    args = ["--models-dir", str(tmp_path / "models"), "--submissions-dir", str(tmp_path / "subs")]
+    board.main(args)
+    notes = board.unscored(tmp_path / "models")
+    assert len(notes) == 1 and "flip+bn was predicted on suite but not scored" in notes[0]
+    assert f"competition.score {run} --ood-dir {suite} --tta flip --adapt bn" in notes[0]
+    adapted = score.score_target(run, suite, "flip", adapt="bn")
+    runs, _ = board.main(args + ["--sort", "ood_adapted"])
+    row = runs[runs["run"] == "a"].iloc[0]
+    assert row["local OOD adapted"] == pytest.approx(adapted["ood_accuracy"])
+    assert row["adapted setting"] == "flip+bn" and row["local OOD adapted s.e."] == pytest.approx(adapted["ood_se"])
+    assert row["local OOD s.e."] > 0 and not board.unscored(tmp_path / "models")
+
+
+def _frames(kaggle=None):
+    runs = pd.DataFrame([{"run": "a", "local OOD": 0.612, "local OOD s.e.": 0.012, "local OOD adapted": 0.641,
+                          "local OOD adapted s.e.": 0.011, "adapted setting": "flip+bn"},
+                         {"run": "b", "local OOD": None, "local OOD s.e.": None, "local OOD adapted": None,
+                          "local OOD adapted s.e.": None, "adapted setting": None}])
+    subs = pd.DataFrame([{"submission": "s1", "settings": "shift1+bn", "local OOD": 0.652, "local OOD s.e.": 0.01,
+                          "Kaggle public": kaggle}])
+    return runs, subs
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    kept = []
+    monkeypatch.setattr(plots, "save", lambda fig, path, title=None, **kw: kept.append(fig) or path)
+    yield kept
+    for fig in kept:
+        plots.pyplot().close(fig)
+
+
+def test_chart_draws_no_legend_entry_for_absent_kaggle_scores(figures, tmp_path):
+    board.chart(*_frames(kaggle=None), tmp_path / "b.png")
+    board.chart(*_frames(kaggle=0.6125), tmp_path / "b.png")
+    without, with_kaggle = ([t.get_text() for t in f.axes[0].get_legend().get_texts()] for f in figures)
+    assert not any("Kaggle" in t for t in without) and len(without) == 2  # plain and adapted local estimates
+    assert any("Kaggle" in t for t in with_kaggle)
+    ax = figures[0].axes[0]
+    # the unscored run b has no row; the submission's label speaks in words
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["s1\n6-view TTA (mirror x shifts) + BN adaptation",
+                                                            "a\n+ BN adaptation"]
+    # figures within a few points: the axis is zoomed, and its label says so
+    assert ax.get_xlim()[0] > 0 and "zoomed: the axis starts at" in ax.get_xlabel() and "%" in ax.get_xlabel()
+
+
+def test_chart_axis_starts_at_zero_when_figures_are_far_apart(figures, tmp_path):
+    runs, subs = _frames()
+    runs.loc[1, "local OOD"] = 0.05
+    board.chart(runs, subs, tmp_path / "b.png")
+    ax = figures[0].axes[0]
+    assert ax.get_xlim() == (0.0, 100.0) and "zoomed" not in ax.get_xlabel()
+
+
+def test_markdown_prints_standard_errors_in_the_figures_cells():
+    runs, _ = _frames()
+    text = board.markdown(runs)
+    assert "| a | 61.20 +- 1.20 | 64.10 +- 1.10 | flip+bn |" in text and "s.e." not in text
