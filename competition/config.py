@@ -102,12 +102,29 @@ def base_config() -> dict:
     return read_yaml(CONFIG_DIR / "base.yaml")
 
 
+# Settings of a later stage that once lived in the training config: a training config holds only
+# what changes the trained weights, and says where these belong instead of ignoring them.
+PREDICTION_KEYS = {"bn_adapt": "python -m competition.predict RUN --adapt bn (run.sh --tta-adapt bn)"}
+
+
 def check_keys(cfg: dict, where: str = "config") -> dict:
-    """`cfg` unchanged, or an error naming keys base.yaml does not have (a typo never trains)."""
-    unknown = sorted(set(cfg) - set(base_config()) - {"preset"})
+    """`cfg` unchanged, or an error naming keys base.yaml does not have, each with the closest
+    valid key (a typo never trains), or a prediction setting with the stage it belongs to."""
+    import difflib
+
+    valid = set(base_config()) | {"preset"}
+    misplaced = sorted(set(cfg) & set(PREDICTION_KEYS))
+    if misplaced:
+        raise CompetitionError(f"{where}: {', '.join(misplaced)} is a prediction setting, not a training one: "
+                               f"drop it and use {'; '.join(PREDICTION_KEYS[k] for k in misplaced)}")
+    unknown = sorted(set(cfg) - valid)
     if unknown:
-        raise CompetitionError(f"{where}: unknown config keys {unknown}; see competition/configs/base.yaml for "
-                               f"every key")
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+            hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
+        raise CompetitionError(f"{where}: unknown config key(s) {', '.join(hints)}; every key is in "
+                               f"competition/configs/base.yaml")
     return cfg
 
 
@@ -188,7 +205,7 @@ RULES: dict[str, tuple] = {
     "strong_aug_epoch": ("int", 0, None, True), "flip": ("bool",), "translate": ("int", 0, 16, False),
     "mixup": ("num", 0, None, False), "cutmix": ("num", 0, None, False), "mix_prob": ("num", 0, 1, False),
     "random_erasing": ("num", 0, 1, False), "workers": ("int", 0, None, False), "unfreeze": ("map", None, None, True),
-    "bn_adapt": ("bool",), "ema": ("num", "gt0", 0.999999, True), "patience": ("int", 1, None, True),
+    "ema": ("num", "gt0", 0.999999, True), "patience": ("int", 1, None, True),
     "log_with": ("str", ["tensorboard", "wandb"], None, True), "progress": ("bool",),
     "noise_blur": ("num", 0, 1, False), "noise_std": ("num", 0, 1, False), "blur_sigma": ("num", 0.3, 5, False),
     "augmix": ("bool",), "augmix_severity": ("int", 1, 10, False), "jsd": ("num", 0, None, False),
@@ -274,7 +291,8 @@ def comparable(cfg: dict) -> dict:
     """What decides whether two configs train the same run. Keys added to base.yaml after a run
     was made count as their default, so a new knob does not invalidate every finished run."""
     full = {**base_config(), **cfg}
-    return {k: v for k, v in full.items() if k not in NOT_COMPARED}
+    # PREDICTION_KEYS: runs saved when those keys were training keys still compare equal.
+    return {k: v for k, v in full.items() if k not in NOT_COMPARED and k not in PREDICTION_KEYS}
 
 
 def save_config(cfg: dict, path) -> None:

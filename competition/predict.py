@@ -285,8 +285,8 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
                 bn_adapt: bool | None = None, bn_blend: float = 1.0, batch_size: int = 512,
                 test: bool = True, oof: bool = True, force: bool = False, accelerator=None,
                 allow_partial: bool = False, adapts: list[str] | None = None, learn_args: dict | None = None) -> dict:
-    """Write the run's TTA logits (see the module docstring). views=None and bn_adapt=None follow
-    the run's config (oof_tta, or flip when that is none; bn_adapt). `adapts` lists the adapted
+    """Write the run's TTA logits (see the module docstring). views=None follows the run's config
+    (oof_tta, or flip when that is none). `adapts` lists the adapted
     settings to write besides the plain one (bn, and the learned adapt.OBJECTIVES: tent, shot,
     eata); bn_adapt=True is adapts=["bn"]. learn_args: steps, lr, batch, guard of the learned ones.
     Returns {output path: 'written' | 'skipped'}. A run trained on cifar100 needs the
@@ -303,8 +303,7 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
     if views is None:
         views = tta.parse_tta(cfg.get("oof_tta") or "none")
         views = views if tta.tta_name(views) != "none" else tta.TTA_PRESETS["flip"]
-    adapts = list(adapts if adapts is not None else (["bn"] if (cfg.get("bn_adapt") if bn_adapt is None
-                                                               else bn_adapt) else []))
+    adapts = list(adapts if adapts is not None else (["bn"] if bn_adapt else []))
     unknown = [a for a in adapts if a not in ADAPTATIONS]
     if unknown:
         raise CompetitionError(f"--adapt {','.join(unknown)}: adaptations are {', '.join(ADAPTATIONS)}")
@@ -353,7 +352,7 @@ def main(argv=None):
                    "run's oof_tta (the TTA its reported accuracy used), else flip")
     p.add_argument("--average", default="logits", choices=("logits", "prob"), help="how TTA views are averaged")
     p.add_argument("--bn-adapt", action="store_true", default=None,
-                   help="also write BN-adapted OOD logits (default: the run config's bn_adapt); = --adapt bn")
+                   help="also write BN-adapted OOD logits; = --adapt bn")
     p.add_argument("--adapt", default=None, help="adapted OOD logits to write besides the plain ones, comma-"
                    "separated: bn, and the learned tent, shot, eata (competition/adapt.py; episodic per OOD file "
                    "and severity)")

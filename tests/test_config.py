@@ -76,11 +76,22 @@ def test_unknown_keys_rejected(tmp_path):
         C.load_config([], ["lr"])
 
 
+def test_a_typo_names_the_closest_key_and_a_prediction_setting_where_it_belongs(tmp_path):
+    with pytest.raises(CompetitionError, match=r"weight_decy \(did you mean weight_decay\?\)"):
+        C.load_config([], ["weight_decy=0.1"])
+    with pytest.raises(CompetitionError, match=r"epoch \(did you mean epochs\?\)"):
+        C.load_config([write(tmp_path / "typo.yaml", "epoch: 5\n")])
+    with pytest.raises(CompetitionError, match=r"bn_adapt is a prediction setting.*competition.predict RUN --adapt bn"):
+        C.load_config([], ["bn_adapt=true"])
+    # A run saved when bn_adapt was a training key still counts as the same run.
+    assert C.comparable({**C.base_config(), "bn_adapt": False}) == C.comparable(C.base_config())
+
+
 def test_data_derived_keys_are_not_config_keys():
     # num_classes, mean/std... are decided by the data (train's data config, data_config.yaml), not
     # by the user: setting them would be silently ignored, so it is an error.
     for key in ("num_classes=10", "mean=[0.5,0.5,0.5]", "run_dir=models/x"):
-        with pytest.raises(CompetitionError, match="unknown config keys"):
+        with pytest.raises(CompetitionError, match="unknown config key"):
             C.load_config([], [key])
 
 
