@@ -4,15 +4,17 @@ Stages (each reads only what the previous one wrote to disk; every one runs as
 `python -m competition.<stage>`, and `--help` prints its commands):
 
     folds      python -m competition.folds --dataset digits --measure-n 200 -> folds/<dataset>.csv
-    train      python competition/train.py --part 1 --preset demo       -> models/<run>/
+    train      python -m competition.train --part 1 --preset demo       -> models/<run>/
     predict    python -m competition.predict models/<run> --ood-dir D   -> models/<run>/pred/<setting>/
     ensemble   python -m competition.ensemble 'models/*' --name N --ood-dir D -> submissions/N.csv, N.json
     score      python -m competition.score suite --out D ...; score models/<run> N.json --ood-dir D
     submit     python -m competition.submit --check N.csv; submit N.csv -m "message" --competition SLUG
     ablate     python -m competition.ablate weight_decay --budget       -> models/ablations/<study>/
+    pipeline   python -m competition.pipeline (= ./run.sh): all of the above, in order -> submissions/<name>.csv
 
 Modules, from the stages down to the leaves (each imports only modules below it):
 
+    pipeline   the stages in order, as subprocesses; names runs with config + runs   (folds, config, runs)
     ablate     studies: variants of one setting, trained by train, a report       (train, runs, config, plots)
     train      the training loop, top to bottom                                   (train_data, learner, checkpoints, runs, ...)
     train_data a run's images, rows and per-epoch loaders; what the data decides (folds, loader, augment, optim, runs)

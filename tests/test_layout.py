@@ -10,7 +10,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "competition"
 MODULES = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
-STAGES = ["folds", "train", "predict", "ensemble", "score", "submit", "ablate", "selftrain", "board"]
+STAGES = ["folds", "train", "predict", "ensemble", "score", "submit", "ablate", "selftrain", "board", "pipeline"]
 # Orchestrators drive other stages through their functions (the same code as their commands).
 DRIVES = {"ablate": {"train"}, "selftrain": {"train", "predict", "ensemble", "score"}}
 # Leaves: what the rest stands on; they import nothing of the package but files (and data).

@@ -1,5 +1,6 @@
-"""run.sh: parses, documents itself and refuses bad arguments before doing any work. (The whole
-pipeline takes minutes; it is run by hand: `./run.sh`, last line = the submission CSV.)"""
+"""run.sh = python -m competition.pipeline: parses, documents itself, refuses bad arguments before
+doing any work, and plans the stage commands with the package's own run names (--dry-run). (The
+whole pipeline takes minutes; it is run by hand: `./run.sh`, last line = the submission CSV.)"""
 import os
 import subprocess
 from pathlib import Path
@@ -22,8 +23,32 @@ def test_is_executable_strict_bash():
 def test_help_and_bad_arguments():
     r = sh("--help")
     assert r.returncode == 0 and "--dataset" in r.stdout and "--ood-dir" in r.stdout
-    for args, msg in [(("--bogus",), "unknown argument"), (("--parts", "4"), "--parts"),
+    for args, msg in [(("--bogus",), "unrecognized arguments: --bogus"), (("--parts", "4"), "--parts"),
                       (("--dataset", "imagefolder"), "needs --data"), (("--folds", "9"), "--folds"),
-                      (("--dataset",), "needs a value")]:
+                      (("--dataset",), "expected one argument"), (("epochs",), "unknown argument epochs"),
+                      (("name=x",), "use --name NAME")]:
         r = sh(*args)
         assert r.returncode == 2 and msg in r.stderr, (args, r.stderr)
+
+
+def test_the_plan_names_runs_as_train_does():
+    # The pipeline asks the package for run folders (config.resolve + runs.run_name): the folder
+    # it predicts from is the one train makes, whatever the preset and overrides.
+    from competition import pipeline
+    from competition.config import resolve
+    from competition.runs import RunDir
+
+    plan, dry = pipeline.parse(["--dataset", "cifar10", "--preset", "part1_cpu", "--parts", "1,2", "--folds", "2",
+                                "--dry-run", "epochs=3"])
+    todo, sub = pipeline.steps(plan)
+    assert dry and sub == "cifar10-part1_cpu-p12"
+    trains = [cmd for _, cmd in todo if cmd[0] == "competition.train"]
+    assert len(trains) == 4 and all("epochs=3" in cmd and "dataset=cifar10" in cmd for cmd in trains)
+    predict = next(cmd for _, cmd in todo if cmd[0] == "competition.predict")
+    for part in (1, 2):
+        for fold in (0, 1):
+            run = RunDir.for_config(resolve(part, ["part1_cpu"], ["dataset=cifar10", "epochs=3"], fold=fold, seed=0))
+            assert str(run.path) in predict
+    named, _ = pipeline.parse(["--name", "mine", "--parts", "1"])
+    assert str(named.run_dir(1, 0)) == "models/mine-part1-f0-s0"
+
