@@ -14,7 +14,7 @@ Stages (each reads only what the previous one wrote to disk; every one runs as
 
 Modules, from the stages down to the leaves (each imports only modules below it):
 
-    pipeline   the stages in order, as subprocesses; names runs with config + runs   (folds, config, runs)
+    pipeline   the stages in order, as subprocesses; names runs with config + runs   (folds, config, runs, models)
     ablate     studies: variants of one setting, trained by train, a report       (train, runs, config, plots)
     train      the training loop, top to bottom                                   (train_data, learner, checkpoints, runs, ...)
     train_data a run's images, rows and per-epoch loaders; what the data decides (folds, loader, augment, optim, runs)

@@ -303,7 +303,8 @@ def _flatten(cfg: dict, prefix: str = "") -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m competition.ablate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("study", nargs="?", help=f"{' | '.join(STUDIES)} | path/to/grid.yaml")
     p.add_argument("--budget", action="store_true", help="configs/ablation_budget.yaml: CPU-sized runs")
     p.add_argument("--preset", help="base preset instead of ablation / ablation_budget")

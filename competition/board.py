@@ -311,7 +311,8 @@ def stages(spec_path, suite_dir) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m competition.board", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default="models")
     p.add_argument("--submissions-dir", default="submissions")
     p.add_argument("--sort", default="ood", choices=sorted(set(RUN_SORTS) | set(SUB_SORTS)),

@@ -326,7 +326,8 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m competition.ensemble", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders or quoted glob patterns (runs differing only in fold "
                                            "form one member)")
     p.add_argument("--name", required=True, help="submission name: submissions/NAME.csv and NAME.json")

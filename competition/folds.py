@@ -158,7 +158,8 @@ def ood_check_cells(val_rows: np.ndarray, n: int, seed: int, cells: int) -> np.n
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m competition.folds", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="digits", choices=data.SOURCES)
     p.add_argument("--data", default=None, help="imagefolder: folder or .tar.gz")
     p.add_argument("--data-dir", default="data", help="where datasets and caches live")

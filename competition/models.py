@@ -83,7 +83,12 @@ def resnet18(num_classes: int, stem: str = "cifar", channels=(64, 128, 256, 512)
 def resnet50(num_classes: int, pretrained: bool = False, weights: str | None = None) -> nn.Module:
     """timm's ResNet-50; `weights` is a local file (timm or torchvision state dict, .pth or
     .safetensors) loaded through timm's own pretrained path, so offline machines use the same
-    code as the hub download. The 1000-class ImageNet head is dropped for a new one."""
+    code as the hub download. The 1000-class ImageNet head is dropped for a new one.
+
+    `pretrained` without `weights`: timm's ImageNet weights from the local Hugging Face cache
+    when they are there (no network at all), else from the hub, after one short look at whether
+    it can be reached (`hub_unreachable`): an offline machine gets the weights=PATH message in
+    seconds instead of after the hub client's minute of retries."""
     import timm
 
     if weights:
@@ -92,14 +97,108 @@ def resnet50(num_classes: int, pretrained: bool = False, weights: str | None = N
         return model
     if not pretrained:
         return timm.create_model("resnet50", pretrained=False, num_classes=num_classes)
+    cached = cached_hub_weights("resnet50")
+    if cached is not None:
+        model = timm.create_model("resnet50", pretrained=False, num_classes=num_classes)
+        load_backbone(model, cached)
+        return model
+    why = hub_unreachable()
+    if why:
+        raise CompetitionError(no_weights_message(why))
     try:
         return timm.create_model("resnet50", pretrained=True, num_classes=num_classes)
-    except Exception as e:  # offline, hub down, no disk: say how to run without the network
-        offline = " (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
-        raise CompetitionError(
-            f"could not fetch ImageNet ResNet-50 weights from the Hugging Face hub{offline}: "
-            f"{type(e).__name__}: {str(e)[:200]}. Offline? Save timm's resnet50 state dict to a file on a "
-            f"machine with internet and pass weights=PATH (--weights PATH)") from None
+    except Exception as e:  # the hub answered but the download failed (hub down, no disk): the same way out
+        raise CompetitionError(no_weights_message(f"the download failed: {type(e).__name__}: {str(e)[:200]}")) \
+            from None
+
+
+HUB_PROBE_S = 3.0  # the one look at the hub before a download: a connection there answers in well under a second
+
+
+def no_weights_message(why: str) -> str:
+    """The way out first (the project's option), then what happened."""
+    return ("Part 3 needs ImageNet ResNet-50 weights: pass weights=PATH (--weights PATH; run.sh --weights PATH), a "
+            "timm or torchvision resnet50 state dict saved on a machine with internet, e.g. `python -c \"import timm, "
+            "torch; torch.save(timm.create_model('resnet50', pretrained=True).state_dict(), 'resnet50.pth')\"` "
+            f"(README: The real competition). They are not in the Hugging Face cache, and {why}")
+
+
+def _is_true(value) -> bool:
+    return str(value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def cached_hub_weights(model_name: str) -> Path | None:
+    """The file of timm's default pretrained weights for `model_name` in the local Hugging Face
+    cache (HF_HOME / HF_HUB_CACHE), or None when it is not there (or cannot be told)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from timm.models import get_pretrained_cfg
+
+        hub_id = get_pretrained_cfg(model_name).hf_hub_id
+        if not hub_id:
+            return None
+        repo, _, revision = hub_id.partition("@")
+        for filename in ("model.safetensors", "pytorch_model.bin"):  # timm's order
+            found = try_to_load_from_cache(repo, filename, revision=revision or None)
+            if isinstance(found, str) and Path(found).is_file():
+                return Path(found)
+    except Exception:  # an older or newer hub client: treat as not cached, the download path decides
+        return None
+    return None
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_S) -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None when it can: HF_HUB_OFFLINE, else one
+    TCP connection (to the HTTPS proxy when one is set for it) within `timeout` seconds, DNS
+    included. One try, no retries: the hub client's own retries wait about a minute offline."""
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        constants = None
+    if _is_true(os.environ.get("HF_HUB_OFFLINE")) or getattr(constants, "HF_HUB_OFFLINE", False):
+        return "HF_HUB_OFFLINE is set, so the hub is not asked"
+    url = urlsplit(getattr(constants, "ENDPOINT", None) or os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    target = f"{host}:{port}"
+    proxy = urllib.request.getproxies().get(url.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = p.hostname, p.port or 8080
+        target = f"the proxy {host}:{port} (for {target})"
+    outcome: list = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as e:
+            outcome.append(e)
+
+    probe = threading.Thread(target=connect, daemon=True)  # a thread: name resolution ignores socket timeouts
+    probe.start()
+    probe.join(timeout)
+    if not outcome:
+        return f"{target} did not answer within {timeout:g} s (one try)"
+    if outcome[0] is not None:
+        e = outcome[0]
+        return f"{target} cannot be reached: {e.strerror or e} (one try)"
+    return None
+
+
+def check_weights_source(cfg: dict) -> None:
+    """Before a run folder is touched: the weights=PATH message now, when cfg's model wants hub
+    weights (resnet50, pretrained, no weights file) that are neither in the local cache nor
+    reachable. Cheap: a cache lookup, and at most one short connection attempt."""
+    if cfg.get("model") == "resnet50" and cfg.get("pretrained") and not cfg.get("weights") \
+            and cached_hub_weights("resnet50") is None:
+        why = hub_unreachable()
+        if why:
+            raise CompetitionError(no_weights_message(why))
 
 
 def load_backbone(model: nn.Module, path: Path) -> None:
@@ -238,7 +337,8 @@ if __name__ == "__main__":
     from competition.files import cli
 
     def main(argv=None):
-        p = argparse.ArgumentParser(description="python -m competition.models --random-resnet50 PATH: save a "
+        p = argparse.ArgumentParser(prog="python -m competition.models",
+                                    description="python -m competition.models --random-resnet50 PATH: save a "
                                                 "random-weight ImageNet ResNet-50 state dict (offline demo)")
         p.add_argument("--random-resnet50", required=True, metavar="PATH")
         print(save_random_resnet50(p.parse_args(argv).random_resnet50))

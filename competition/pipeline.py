@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from competition import folds
+from competition import folds, models
 from competition.config import resolve
 from competition.files import CompetitionError, cli
 from competition.runs import RunDir
@@ -247,6 +247,8 @@ def main(argv=None) -> int:
             print(f"# {title}\npython -m {' '.join(cmd)}", file=sys.stderr)
         print(csv)
         return 0
+    if 3 in plan.parts:  # offline without weights: say so now, not after Parts 1-2 have trained
+        models.check_weights_source(resolve(3, [plan.preset] if plan.preset else None, plan.train_overrides(3)))
     t0 = time.time()
     if plan.dataset == "cifar100" and not plan.suite:
         print("no measure reserve (--measure-n 0): no local estimate this time; the choices are made on "

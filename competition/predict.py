@@ -342,7 +342,8 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m competition.predict", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (models/<run>) or quoted glob patterns")
     p.add_argument("--ood-dir", action="append", default=[],
                    help="folder of distortionNN.npy (the competition's, or a local suite); repeatable")

@@ -199,7 +199,8 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m competition.selftrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("submission", help="submissions/<name>.json (competition.ensemble's sidecar)")
     p.add_argument("--rounds", type=count, default=1, help="self-training rounds (1-2 pay; each starts from the last)")
     p.add_argument("--threshold", type=float, default=0.8, help="keep OOD rows whose top probability is at least this")

@@ -325,7 +325,8 @@ def expected_shape(csv, ood_dir, allow_partial: bool, submitting: bool) -> tuple
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Check a submission CSV, or check and submit it to Kaggle.",
+    p = argparse.ArgumentParser(prog="python -m competition.submit",
+                                description="Check a submission CSV, or check and submit it to Kaggle.",
                                 epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", nargs="?", help="submission CSV to check and submit")
     p.add_argument("--check", metavar="FILE", help="only check FILE, do not submit")

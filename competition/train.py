@@ -76,6 +76,7 @@ def check_config(cfg: dict) -> None:
         raise CompetitionError(f"config pseudo={cfg['pseudo']}: no such file (competition.selftrain writes it)")
     if cfg.get("weights") and not Path(cfg["weights"]).is_file():
         raise CompetitionError(f"config weights={cfg['weights']}: no such file (an ImageNet ResNet-50 state dict)")
+    models.check_weights_source(cfg)  # offline without weights: the message now, before any folder
     check_model(cfg)
 
 
@@ -259,6 +260,7 @@ def train(cfg: dict, resume: bool = False, force: bool = False, command: str | N
     accelerator = runtime.training_accelerator(cfg, run.path)
     for epoch in range(cfg["epochs"]):  # the batch schedule must split over these processes: say so now
         process_batch(cfg, optim.batch_size_at(cfg, epoch), accelerator.num_processes)
+    fresh = not run.path.exists()
     aside = prepare_run_folder(run, cfg, accelerator, resume, force)
     if aside is False:
         check_same_data(run, cfg)
@@ -271,6 +273,8 @@ def train(cfg: dict, resume: bool = False, force: bool = False, command: str | N
             shutil.rmtree(run.path, ignore_errors=True)  # the new run did not finish an epoch: the old one is back
             aside.rename(run.path)
             print(f"the new run stopped before finishing an epoch; the previous {run} is restored", file=sys.stderr)
+        elif fresh and accelerator.is_main_process and run.latest_checkpoint() is None and not run.metrics_csv.exists():
+            shutil.rmtree(run.path, ignore_errors=True)  # never trained: the identical rerun starts afresh
         raise
     finally:
         if accelerator.is_main_process:
@@ -364,7 +368,8 @@ def _lr(optimizer) -> float:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m competition.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", type=int, choices=(1, 2, 3), help="1 simple CNN | 2 ResNet-18 | 3 pretrained ResNet-50")
     p.add_argument("--preset", action="append", help="competition/configs/NAME.yaml (or a path); repeatable")
     p.add_argument("--fold", type=int, help="held-out fold (-1: train on every image)")
