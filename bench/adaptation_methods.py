@@ -1,0 +1,159 @@
+"""Transductive adaptation per slice (competition/adapt.py: TENT over several passes, SHOT-IM,
+EATA), measured under the honest protocol on the repeats of bench/test_time.py.
+
+    # 1. choose the settings on the pool (fold 1's images under the 19 x 5 corruptions; the
+    #    unlabelled files' stand-in, never the measure), seed 0's model of one repeat:
+    python bench/adaptation_methods.py tune models/honest-fs1 --grid tent:1:1e-3 tent:3:1e-3 shot:3:1e-3 eata:3:1e-3
+    # 2. measure the chosen settings on each repeat's measure reserve, every member:
+    python bench/adaptation_methods.py measure models/honest-fs0 models/honest-fs1 models/honest-fs2 \\
+        --methods tent,shot,eata --steps 3 --lr 1e-3
+
+Each repeat folder is what `bench/test_time.py --out DIR` made: DIR/models/base, base-s1, ... (the
+members, trained with fold 0 held out, fold 1 excluded), DIR/measure-n<N> (the measure suite) and
+DIR/pool-f1-n<N> (the pool). Predictions go through `python -m competition.predict` (one view
+unless --tta), so they land in each run's pred/<setting>/ as the pipeline's do; accuracies are read here
+from those logits and the suites' labels, per slice (corruption x severity). The ensemble is
+the members' logits averaged with equal weights: with three near-equal seeds, Caruana weights fitted
+on the choose images stay near equal (bench/NOTES.md, "An honest local score").
+
+Printed, and written to DIR/adaptation-<mode>.json: per setting, accuracy mean and per severity,
+the slices where it falls below BN (count, worst), and the wall time of its prediction.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+TTA = "none"  # --tta: the methods are compared on one view (6-view TTA costs 6x; checked for the best)
+
+
+def suite(repeat: Path, kind: str) -> Path:
+    found = sorted(repeat.glob(f"{kind}-*"))
+    found = [f for f in found if f.is_dir() and (f / "labels.npy").exists()]
+    if not found:
+        raise SystemExit(f"{repeat}: no {kind}-* suite with labels (made by bench/test_time.py)")
+    return found[0]
+
+
+def members(repeat: Path, only: list[str] | None) -> list[Path]:
+    runs = sorted(p for p in (repeat / "models").iterdir() if (p / "summary.json").exists() and "-st" not in p.name)
+    return [r for r in runs if not only or r.name in only]
+
+
+def predict(run: Path, ood: Path, methods: str, steps: int, lr: float, log) -> float:
+    """Plain and `methods` (comma list) logits of `run` on `ood`; outputs already current are kept,
+    ones made with other settings redone. Returns the wall time."""
+    args = [sys.executable, "-m", "competition.predict", str(run), "--ood-dir", str(ood), "--tta", TTA, "--no-test",
+            "--no-oof"]
+    if methods:
+        args += ["--adapt", methods, "--learn-steps", str(steps), "--learn-lr", str(lr)]
+    t0 = time.time()
+    print("$", " ".join(args), file=log, flush=True)
+    subprocess.run(args, cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return time.time() - t0
+
+
+def logits(run: Path, method: str, ood: Path) -> np.ndarray:
+    """(19, 5, N, C) float32 logits of `run` under `method` on the suite `ood`."""
+    setting = TTA if method == "none" else f"{TTA}+{method}"
+    folders = sorted((run / "pred" / setting / "ood").glob(f"{ood.name}-*"), key=lambda f: f.stat().st_mtime)
+    if not folders:
+        raise SystemExit(f"{run}: no {setting} logits on {ood.name}")
+    names = sorted(json.loads((ood / "corruptions.json").read_text())["names"])
+    arrays = [np.load(folders[-1] / n).astype(np.float32) for n in names]
+    n = len(np.load(ood / "labels.npy"))
+    return np.stack([a.reshape(5, n, -1) for a in arrays])
+
+
+def slice_accuracy(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(19, 5) accuracy per corruption and severity."""
+    return (z.argmax(-1) == labels[None, None]).mean(-1)
+
+
+def summary(acc: np.ndarray, bn: np.ndarray | None) -> dict:
+    out = {"mean": round(100 * float(acc.mean()), 2),
+           "per_severity": [round(100 * float(a), 2) for a in acc.mean(0)]}
+    if bn is not None:
+        diff = acc - bn
+        out.update(slices_below_bn=int((diff < 0).sum()), worst_vs_bn=round(100 * float(diff.min()), 2),
+                   gain_over_bn=round(100 * float(diff.mean()), 2))
+    return out
+
+
+def tune(args, log) -> dict:
+    repeat = Path(args.repeats[0])
+    ood = suite(repeat, "pool")
+    labels = np.load(ood / "labels.npy")
+    run = members(repeat, args.members or ["base"])[0]
+    results = {"images": f"pool {ood} (choose role: fold 1, never the measure)", "run": str(run), "settings": {}}
+    bn = slice_accuracy(logits(run, "bn", ood), labels) if (run / "pred" / f"{TTA}+bn").exists() else None
+    for spec in args.grid:
+        method, steps, lr = spec.split(":")
+        secs = predict(run, ood, method, int(steps), float(lr), log)
+        acc = slice_accuracy(logits(run, method, ood), labels)
+        results["settings"][spec] = {**summary(acc, bn), "wall_s": round(secs, 1)}
+        print(f"{spec:18s} {results['settings'][spec]}", flush=True)
+    if bn is not None:
+        results["settings"]["bn"] = summary(bn, None)
+        print(f"{'bn':18s} {results['settings']['bn']}")
+    return results
+
+
+def measure(args, log) -> dict:
+    methods = ["none", "bn"] + [m for m in args.methods.split(",") if m]
+    out = {"settings": {"steps": args.steps, "lr": args.lr, "tta": TTA}, "repeats": {}}
+    for repeat in map(Path, args.repeats):
+        ood = suite(repeat, "measure")
+        labels = np.load(ood / "labels.npy")
+        runs = members(repeat, args.members)
+        rec = {"images": f"measure {ood} (no member trained on them, no choice saw them)",
+               "members": [r.name for r in runs], "single": {}, "ensemble": {}, "wall_s": {}}
+        # One predict per member: plain, BN and every method (the wall time is all of them together;
+        # bench/adaptation_cost.py has the cost per method at the real size).
+        secs = [predict(r, ood, ",".join(methods[1:]), args.steps, args.lr, log) for r in runs]
+        rec["wall_s"] = {"all settings, per member": round(float(np.mean(secs)), 1)}
+        per = {m: [logits(r, m, ood) for r in runs] for m in methods}
+        bn_single = slice_accuracy(per["bn"][0], labels)
+        bn_ens = slice_accuracy(np.mean(per["bn"], 0), labels)
+        for m in methods:
+            rec["single"][m] = summary(slice_accuracy(per[m][0], labels), None if m == "bn" else bn_single)
+            if len(runs) > 1:
+                rec["ensemble"][m] = summary(slice_accuracy(np.mean(per[m], 0), labels), None if m == "bn" else bn_ens)
+            print(f"{repeat.name} {m:6s} one model {rec['single'][m]}  ensemble {rec['ensemble'].get(m)}", flush=True)
+        out["repeats"][repeat.name] = rec
+    return out
+
+
+def main(argv=None):
+    global TTA
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("tune", "measure"))
+    p.add_argument("repeats", nargs="+", type=lambda s: str(Path(s).resolve()),
+                   help="bench/test_time.py output folders")
+    p.add_argument("--grid", nargs="*", default=["tent:1:1e-3", "tent:3:1e-3", "shot:3:1e-3", "eata:3:1e-3"],
+                   help="tune: METHOD:STEPS:LR settings")
+    p.add_argument("--methods", default="tent,shot,eata")
+    p.add_argument("--steps", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--members", nargs="*", help="run names to use (default: every finished member)")
+    p.add_argument("--tta", default="none", help="predict's TTA (default none: one view)")
+    args = p.parse_args(argv)
+    TTA = args.tta
+    first = Path(args.repeats[0])
+    tag = f"{args.mode}-{TTA}"
+    with open(first / f"adaptation-{tag}.log", "a") as log:
+        result = tune(args, log) if args.mode == "tune" else measure(args, log)
+    out = first / f"adaptation-{tag}.json"
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
