@@ -57,13 +57,13 @@ def unscored(models_dir) -> list[str]:
     out = []
     for run in _run_dirs(models_dir):
         pred = run.path / RunDir.PRED
-        for score_json in sorted(pred.glob("*/ood/*/score.json")) if pred.is_dir() else []:
+        for score_json in sorted(pred.glob(f"*/ood/*/{RunDir.SCORE_JSON}")) if pred.is_dir() else []:
             setting, suite = score_json.parts[-4], score_json.parts[-2]
             if adaptation(setting) != "none":
                 continue
             for other in sorted(pred.glob(f"*/ood/{suite}")):
                 name = other.parts[-3]
-                if base_setting(name) != setting or adaptation(name) == "none" or (other / "score.json").exists():
+                if base_setting(name) != setting or adaptation(name) == "none" or (other / RunDir.SCORE_JSON).exists():
                     continue
                 ood_dir = (read_json(score_json) or {}).get("ood_dir", "SUITE")
                 how = (f"python -m competition.score {run.path} --ood-dir {ood_dir} --tta {setting} --adapt "
@@ -86,7 +86,7 @@ def _role(score: dict) -> str:
 def _run_dirs(models_dir) -> list[RunDir]:
     """Every run folder under models_dir (ablation studies included), hidden and set-aside ones not."""
     runs = [RunDir(p.parent) for p in sorted(Path(models_dir).rglob(RunDir.CONFIG))]
-    return [r for r in runs if not r.path.name.startswith(".") and "broken-checkpoints" not in r.path.parts]
+    return [r for r in runs if not r.path.name.startswith(".") and r.broken_checkpoint_dir.name not in r.path.parts]
 
 
 def run_rows(models_dir) -> list[dict]:

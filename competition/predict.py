@@ -211,12 +211,12 @@ def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data
             say(f"{run}: {cfg.get('data')} has no test/ split; no clean test logits")
         else:
             source = ["test", cfg["dataset"], str(cfg.get("data")), len(ds.labels)]
-            add(Job(base, "test.npy", {**record, "source": source}, "test", ds, len(ds.labels) * n_views))
+            add(Job(base, RunDir.PRED_TEST, {**record, "source": source}, "test", ds, len(ds.labels) * n_views))
     rows, ood_rows = run.oof_index(), run.oof_ood_index()
     if oof and rows is None:
         say(f"{run}: no {RunDir.OOF_INDEX} (trained with fold=-1?); no out-of-fold logits")
     elif oof:
-        add(Job(base, "oof.npy", {**record, "source": ["oof", len(rows), int(rows.sum())]}, "oof", rows,
+        add(Job(base, RunDir.PRED_OOF, {**record, "source": ["oof", len(rows), int(rows.sum())]}, "oof", rows,
                 len(rows) * n_views))
     for setting, a in settings:
         extra = {"adapt": a, **({"bn_blend": bn_blend} if a == "bn" else {}),
@@ -224,7 +224,7 @@ def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data
             if a != "none" else {}
         if oof and ood_rows is not None:
             source = ["oof_ood", list(ood_rows.shape), int(ood_rows.sum()), run.data_config().get("ood_check_seed")]
-            add(Job(setting, "oof_ood.npy", {**record, **extra, "source": source}, "oof_ood", ood_rows,
+            add(Job(setting, RunDir.PRED_OOF_OOD, {**record, **extra, "source": source}, "oof_ood", ood_rows,
                     ood_rows.size * (n_views + _extra_passes(a, learn_args))))
         for ood in ood_sets:
             for src, n in zip(ood.files, ood.rows):

@@ -349,6 +349,9 @@ class RunDir:
     # predicting with another setting never changes what an earlier submission was made from.
     PRED = "pred"
     OOF_OOD, OOF_OOD_INDEX = "oof_ood_logits.npy", "oof_ood_index.npy"
+    # Inside pred/<setting>/: the held-out fold, its corrupted copies, the clean test split; and a
+    # local score's report inside pred/<setting>/ood/<suite>/.
+    PRED_OOF, PRED_OOF_OOD, PRED_TEST, SCORE_JSON = "oof.npy", "oof_ood.npy", "test.npy", "score.json"
 
     def pred_dir(self, setting: str) -> Path:
         return self.path / self.PRED / setting
@@ -423,7 +426,7 @@ class RunDir:
             raise CompetitionError(f"{self.path} has no {self.OOF_INDEX} (trained with fold=-1?): without "
                                    f"out-of-fold logits it cannot be weighted; leave it out of the ensemble")
         base = base_setting(setting)
-        path, _ = self._checked(base, "oof.npy", self.how(base))
+        path, _ = self._checked(base, self.PRED_OOF, self.how(base))
         logits = np.load(path)
         if len(index) != len(logits):
             raise CompetitionError(f"{path}: {len(logits)} rows but {self.OOF_INDEX} has {len(index)}; "
@@ -446,7 +449,7 @@ class RunDir:
         if index is None:
             raise CompetitionError(f"{self.path} has no {self.OOF_OOD_INDEX}: it was trained with ood_check=0, so "
                                    f"there are no corrupted out-of-fold images to fit on; use --fit-on clean")
-        path, _ = self._checked(setting, "oof_ood.npy", self.how(setting))
+        path, _ = self._checked(setting, self.PRED_OOF_OOD, self.how(setting))
         logits = np.load(path).astype(np.float32)
         return index, logits.reshape(index.shape + logits.shape[-1:])
 
@@ -456,7 +459,7 @@ class RunDir:
         if self.oof_ood_index() is None:
             return False
         try:
-            self._checked(setting, "oof_ood.npy", self.how(setting))  # present, and from today's best.pt
+            self._checked(setting, self.PRED_OOF_OOD, self.how(setting))  # present, and from today's best.pt
         except CompetitionError:
             return False
         return True
@@ -464,14 +467,14 @@ class RunDir:
     def test_logits(self, setting: str) -> tuple[np.ndarray, np.ndarray] | None:
         """(clean test logits, labels) when predict wrote them from today's best.pt, else None."""
         base = base_setting(setting)
-        path = self.pred_dir(base) / "test.npy"
-        if not path.exists() or self.manifest(base).get("test.npy", {}).get("weights") != self.weights_hash():
+        path = self.pred_dir(base) / self.PRED_TEST
+        if not path.exists() or self.manifest(base).get(self.PRED_TEST, {}).get("weights") != self.weights_hash():
             return None
         return np.load(path), np.load(self.path / self.TEST_LABELS)
 
     def save_test(self, setting: str, logits: np.ndarray, labels: np.ndarray, record: dict) -> None:
         save_npy(self.path / self.TEST_LABELS, labels.astype(np.int64))
-        self.write_output(setting, "test.npy", logits, record)
+        self.write_output(setting, self.PRED_TEST, logits, record)
 
     def score_prefix(self, setting: str, ood: data.OodSet) -> Path:
         """Where score writes a run's report on a suite: pred/<setting>/ood/<suite>/score(.md/.png/.json)."""
@@ -479,7 +482,7 @@ class RunDir:
 
     def scores(self) -> list[dict]:
         """Every local score written for this run (score.json files), newest first."""
-        found = [read_json(p) for p in (self.path / self.PRED).glob("*/ood/*/score.json")]
+        found = [read_json(p) for p in (self.path / self.PRED).glob(f"*/ood/*/{self.SCORE_JSON}")]
         return sorted((f for f in found if f), key=lambda r: r.get("scored", ""), reverse=True)
 
     def save_oof_ood(self, index: np.ndarray, logits: np.ndarray) -> None:

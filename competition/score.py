@@ -217,7 +217,7 @@ def run_target(run: RunDir, setting: str):
     """The same for one run folder under `setting`."""
     member = Member(run.name, [run], setting, cfgs=[run.config()])
     oof_acc = None
-    if (run.pred_dir(base_setting(setting)) / "oof.npy").exists():
+    if (run.pred_dir(base_setting(setting)) / RunDir.PRED_OOF).exists():
         idx, logits = run.oof_tta(setting)
         oof_acc = accuracy(logits, oof_labels([member])[idx])
     return [member], np.ones(1), test_logits([member], np.ones(1)), oof_acc

@@ -79,7 +79,10 @@ def test_run_folder_file_names_have_one_owner():
         text = (PKG / f"{m}.py").read_text()
         code = "\n".join(line for line in text.splitlines() if not line.strip().startswith("#"))
         for name in ('"oof_index.npy"', '"oof_tta_logits.npy"', '"config.yaml"', '"predict.json"',
-                     '"test_logits.npy"', '"summary.json"', '"best.pt"'):
+                     '"test_logits.npy"', '"summary.json"', '"best.pt"', '"last.pt"', '"data_config.yaml"',
+                     '"metrics.csv"', '"oof_logits.npy"', '"oof_ood_logits.npy"', '"oof_ood_index.npy"',
+                     '"oof.npy"', '"oof_ood.npy"', '"test.npy"', '"score.json"', '"broken-checkpoints"',
+                     '"test_labels.npy"', '"checkpoints"'):
             assert name not in code, (m, name)
 
 
