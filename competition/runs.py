@@ -3,7 +3,8 @@
     models/<run>/                  written by
         config.yaml                train    the resolved config (what the user asked for)
         data_config.yaml           train    what the data decided: classes, mean/std, image size
-        best.pt, last.pt           train    {"model", "config", "data_config", "metrics"}
+        best.safetensors, last.safetensors  train  the weights; config, data_config, metrics as JSON metadata
+                                   (best.pt / last.pt in runs saved before: read with weights_only=True)
         checkpoints/checkpoint_K/  train    Accelerate state per epoch (for --resume), last two
         metrics.csv, curves.png    train    one row per epoch, and its plot
         oof_logits.npy             train    float32 (n_fold, C), best weights, no TTA
@@ -135,7 +136,12 @@ class RunDir:
 
     # ---- training's files
     def weights(self, which: str = "best") -> Path:
-        return self.path / f"{which}.pt"
+        """best / last weights: `<which>.safetensors` (tensors, and the configs and metrics as JSON
+        metadata: nothing in it can run code), or `<which>.pt` in a run saved before that format
+        (read with weights_only=True)."""
+        new = self.path / f"{which}.safetensors"
+        old = self.path / f"{which}.pt"
+        return old if old.exists() and not new.exists() else new
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -239,12 +245,18 @@ class RunDir:
         return load_weights(self.weights(which))
 
     def save_weights(self, which: str, state_dict: dict, cfg: dict, data_cfg: dict, metrics: dict) -> None:
-        import torch
+        """`<which>.safetensors`: the state dict's tensors, and config, data config and metrics as
+        JSON in its metadata. A legacy `<which>.pt` beside it is removed (it would be stale)."""
+        from safetensors.torch import save_file
 
-        from competition.files import atomic_path
-
-        with atomic_path(self.weights(which), ".pt") as tmp:
-            torch.save({"model": state_dict, "config": cfg, "data_config": data_cfg, "metrics": metrics}, tmp)
+        path = self.path / f"{which}.safetensors"
+        meta = {k: json.dumps(v, default=_plain) for k, v in
+                (("config", cfg), ("data_config", data_cfg), ("metrics", metrics))}
+        # safetensors refuses tensors that share memory or are not contiguous (channels-last).
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+        with atomic_path(path, ".safetensors") as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        (self.path / f"{which}.pt").unlink(missing_ok=True)
 
     def load_model(self, which: str = "best", map_location="cpu"):
         """(model in eval mode, config, data config) of `best.pt` or `last.pt`. The architecture is
@@ -334,7 +346,7 @@ class RunDir:
             path.unlink(missing_ok=True)
 
     def weights_hash(self) -> str:
-        """sha1 of best.pt: what predict records, so logits of replaced weights are never reused."""
+        """sha1 of the best weights file: what predict records, so logits of replaced weights are never reused."""
         path = self.weights("best")
         st = path.stat()
         key = (st.st_size, st.st_mtime_ns)
@@ -497,14 +509,36 @@ class RunDir:
         return path, folds.read_folds(path)["label"].to_numpy()
 
 
+def _plain(value):
+    """JSON for the few non-JSON values a config or metrics row holds (numpy scalars, paths)."""
+    return value.item() if hasattr(value, "item") else str(value)
+
+
 def load_weights(path, map_location="cpu") -> dict:
-    """A best.pt/last.pt read with weights_only=True: tensors, dicts, lists, strings and numbers
-    only, so a weights file planted in a run folder (a teammate's, a download) cannot run code.
-    A file that needs more is refused with the reason."""
+    """Run weights as {"model": state dict, "config", "data_config", "metrics"}, read without
+    running code: a .safetensors file (tensors and JSON), or a legacy .pt read with
+    weights_only=True (tensors, dicts, lists, strings and numbers only), so a weights file planted
+    in a run folder (a teammate's, a download) cannot run code. A file that needs more, or is
+    cut or damaged, is refused with the reason."""
     import pickle
 
     import torch
 
+    if Path(path).suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            model = load_file(str(path), device=str(map_location) if map_location else "cpu")
+            return {"model": model, **{k: json.loads(v) for k, v in meta.items()
+                                       if k in ("config", "data_config", "metrics")}}
+        except FileNotFoundError:
+            raise CompetitionError(f"{path} is missing: train the run first (or check the run folder)") from None
+        except (SafetensorError, OSError, ValueError) as e:  # a cut or damaged file, bad JSON metadata
+            raise CompetitionError(f"{path} could not be read ({type(e).__name__}: {str(e)[:150]}); it may be "
+                                   f"truncated: restore it or retrain the run") from None
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

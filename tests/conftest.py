@@ -1,10 +1,127 @@
 """Every test process and the processes it starts compute in fp32 on any CPU: `auto` would pick
 bf16 on CPUs with native bf16 (runtime.cpu_has_bf16), and the tests' tolerances are fp32's.
-Tests of the bf16 paths ask for bf16 by name."""
+Tests of the bf16 paths ask for bf16 by name.
+
+Shared here, built once per session (never written by a test: checked when the session ends):
+`tiny_run`, one finished tiny Part 1 run for the tests that read a trained run or work on a copy
+of it (`tiny_run_copy`), and `random_resnet50`, a weights file. And the `start_early` marker
+(tests/background.py): a test's long subprocess starts when the session starts, not when the
+test comes up, so it runs beside the in-process tests.
+
+Tests start Python as sys.executable, never `python` from PATH (run.sh: PYTHON=; scripts that
+call `python` themselves: background.python_on_path)."""
 import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
 
 os.environ["COMPETITION_CPU_BF16"] = "0"
 
 # The cores' share, decided once for the session (competition/__init__.py): beside another job the
 # tests and every process they start compute on the free cores only, and say so once, here.
 import competition  # noqa: E402,F401
+
+import background  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative imports)
+
+# A finished Part 1 run in seconds: the demo preset (digits, ood_check, noise/blur) on 128 images,
+# 2 epochs (two checkpoints: resume can fall back), a narrow CNN.
+TINY_RUN = ["--part", "1", "--preset", "demo", "epochs=2", "train_subset=128", "model_args.widths=[8,16,16]",
+            "model_args.hidden=16"]
+
+
+def _files(root: Path) -> dict:
+    """Every file under root with its size and modification time: what a test that wrote into a
+    shared fixture would change."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """(run folder, its train arguments without the folders): a finished TINY_RUN under
+    <root>/models, its folds under <root>/folds. Shared by every test of the session: read it,
+    or work on `tiny_run_copy` before changing anything in it (checked when the session ends)."""
+    from competition import train
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    run_dir = train.main(TINY_RUN + [f"folds_dir={root / 'folds'}", f"models_dir={root / 'models'}"])
+    before = _files(root)
+    yield run_dir, list(TINY_RUN)
+    assert _files(root) == before, "a test wrote into the session's tiny run: work on tiny_run_copy"
+
+
+@pytest.fixture
+def tiny_run_copy(tiny_run, tmp_path):
+    """A private copy of the shared run in tmp_path / "w": (run folder, train arguments that address it)."""
+    src, args = tiny_run
+    shutil.copytree(src.parent.parent, tmp_path / "w")
+    return tmp_path / "w" / "models" / src.name, args + [f"folds_dir={tmp_path / 'w' / 'folds'}",
+                                                        f"models_dir={tmp_path / 'w' / 'models'}"]
+
+
+@pytest.fixture(scope="session")
+def random_resnet50(tmp_path_factory) -> Path:
+    """models.save_random_resnet50's file: a randomly initialised ResNet-50 with the 1000-class
+    ImageNet head saved as a plain state dict, the form of a real weights file
+    (`torch.save(timm.create_model("resnet50", pretrained=True).state_dict(), path)`). Saved once
+    per session: read it, never write it (checked when the session ends)."""
+    from competition import models
+
+    path = models.save_random_resnet50(tmp_path_factory.mktemp("weights") / "resnet50.pth")
+    before = _files(path.parent)
+    yield path
+    assert _files(path.parent) == before, "a test wrote beside or into the session's random_resnet50 file"
+
+
+# ---------------------------------------------------------------------------- start_early
+
+EARLY = pytest.StashKey[object]()  # the Started, or what the launcher raised (the test reports it)
+_EARLY_ROOT: list[Path] = []
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "start_early(launch): launch(folder) -> background.Started starts the "
+                                       "test's long subprocess when the session starts; the test gets it from "
+                                       "the `early` fixture (tests/background.py). Write it "
+                                       "@pytest.mark.start_early.with_args(launch): a lone function argument "
+                                       "would be taken for the decorated test")
+
+
+def _launch(item, folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return item.get_closest_marker("start_early").args[0](folder)
+    except Exception as e:  # raised in the test, not as a session error
+        return e
+
+
+def pytest_collection_finish(session):
+    """Start the long subprocess of every selected test marked start_early, now."""
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        if item.get_closest_marker("start_early") is None:
+            continue
+        if not _EARLY_ROOT:
+            _EARLY_ROOT.append(Path(tempfile.mkdtemp(prefix="pytest-early-")))
+        item.stash[EARLY] = _launch(item, _EARLY_ROOT[0] / item.name)
+
+
+@pytest.fixture
+def early(request, tmp_path):
+    """The test's background.Started: the one started with the session, else (no collection hook
+    ran for this item, e.g. a plugin re-running it) one started now."""
+    started = request.node.stash.get(EARLY, None) or _launch(request.node, tmp_path / "early")
+    if isinstance(started, Exception):
+        raise started
+    yield started
+    started.kill()
+
+
+def pytest_sessionfinish(session):
+    for started in background.LIVE:
+        started.kill()
+    for root in _EARLY_ROOT:
+        shutil.rmtree(root, ignore_errors=True)

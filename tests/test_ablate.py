@@ -50,11 +50,12 @@ def test_every_study_expands_to_its_variants(study):
     name, configs = A.plan(study)  # the full setting: 300 epochs, batch 128
     assert name == study and list(configs) == list(EXPECTED[study])
     shared = load_config(["ablation"])
+    overrides = A.variant_overrides(study)  # once: each call reads the presets' YAML again
     for variant, cfg in configs.items():
         assert _contains(cfg, EXPECTED[study][variant]), (variant, EXPECTED[study][variant])
         assert cfg["name"] == f"ablations/{study}/{variant}"
         # everything a variant does not set is the shared setting (model_args merge key by key)
-        assert all(cfg[k] == v for k, v in shared.items() if k not in A.variant_overrides(study)[variant] and k != "name")
+        assert all(cfg[k] == v for k, v in shared.items() if k not in overrides[variant] and k != "name")
         assert cfg["model_args"]["width"] == 1.0
 
 

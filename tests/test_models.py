@@ -73,16 +73,11 @@ def test_model_from_config():
 
 # ---------------------------------------------------------------------------- pretrained weights
 @pytest.fixture(scope="module")
-def imagenet_file(tmp_path_factory):
+def imagenet_file(random_resnet50):
     """A random ResNet-50 with the 1000-class ImageNet head, saved as a plain state dict: what
-    `torch.save(timm.create_model('resnet50', pretrained=True).state_dict(), path)` writes."""
-    import timm
-
-    torch.manual_seed(1)
-    sd = timm.create_model("resnet50", pretrained=False, num_classes=1000).state_dict()
-    path = tmp_path_factory.mktemp("weights") / "resnet50-imagenet.pth"
-    torch.save(sd, path)
-    return path, sd
+    `torch.save(timm.create_model('resnet50', pretrained=True).state_dict(), path)` writes
+    (conftest.py: the session's file, and the state dict read back from it)."""
+    return random_resnet50, torch.load(random_resnet50)
 
 
 def test_resnet50_loads_local_weights_with_a_new_head(imagenet_file):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,8 @@ import pytest
 
 from competition import folds, models, train
 from competition.files import CompetitionError
+
+import background  # tests/background.py
 
 ROOT = Path(__file__).resolve().parent.parent
 PART3 = ["--part", "3", "--preset", "demo", "epochs=1", "train_subset=32"]
@@ -104,8 +105,8 @@ def test_resnet50_failed_download_is_the_same_message(offline, monkeypatch):
     assert [a[0] for a in offline][:1] == ["download"]
 
 
-def test_cached_hub_weights_need_no_network(offline, monkeypatch, tmp_path):
-    weights = models.save_random_resnet50(tmp_path / "resnet50.pth")
+def test_cached_hub_weights_need_no_network(offline, monkeypatch, random_resnet50):
+    weights = random_resnet50  # models.save_random_resnet50's file (conftest.py), read only
     monkeypatch.setattr(models, "cached_hub_weights", lambda name: weights)
     model = models.resnet50(7, pretrained=True)
     assert model.fc.out_features == 7 and offline == []
@@ -152,21 +153,26 @@ def test_part3_offline_start_leaves_no_run_folder(offline, dirs):
         assert not models_dir.exists() or not any(models_dir.iterdir())
 
 
-def test_part3_offline_command_line(tmp_path):
-    """The entry point: the message on one line, no traceback, no hub retries (HF_HUB_OFFLINE
-    keeps this test off the network; an empty cache keeps it from finding real weights)."""
+def launch_part3_offline(folder: Path) -> background.Started:
+    """`python -m competition.train --part 3` offline with an empty hub cache; started with the
+    session (conftest.py: start_early)."""
     from competition import data
 
-    folds.write_folds(folds.folds_frame(np.asarray(data.load_digits().labels), k=5), tmp_path / "folds" / "digits.csv")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf"),
+    folds.write_folds(folds.folds_frame(np.asarray(data.load_digits().labels), k=5), folder / "folds" / "digits.csv")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(folder / "hf"), "HF_HUB_CACHE": str(folder / "hf"),
            "OMP_NUM_THREADS": "1"}
-    t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-m", "competition.train", *PART3, f"folds_dir={tmp_path / 'folds'}",
-                          f"models_dir={tmp_path / 'models'}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=180)
+    return background.Started([sys.executable, "-m", "competition.train", *PART3, f"folds_dir={folder / 'folds'}",
+                               f"models_dir={folder / 'models'}"], folder, timeout=180, cwd=ROOT, env=env)
+
+
+@pytest.mark.start_early.with_args(launch_part3_offline)  # with_args: a lone function argument would be decorated
+def test_part3_offline_command_line(early):
+    """The entry point: the message on one line, no traceback, no hub retries (HF_HUB_OFFLINE
+    keeps this test off the network; an empty cache keeps it from finding real weights)."""
+    out = early.result()
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and "Retrying" not in out.stderr, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: Part 3 needs ImageNet ResNet-50 weights: pass weights=PATH")
     assert "HF_HUB_OFFLINE" in errors[0]
-    assert time.monotonic() - t0 < 60
+    assert early.elapsed < 60  # the process's own wall time, start to exit

@@ -20,6 +20,8 @@ from competition import data, ensemble, folds, predict, runtime, submit, train
 from competition.files import CompetitionError, Interrupted, check_writable
 from competition.runs import RunDir, run_name
 
+import background  # tests/background.py
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--part", "1", "--preset", "demo", "epochs=2", "train_subset=128", "model_args.widths=[8,16,16]",
         "model_args.hidden=16"]
@@ -30,24 +32,11 @@ def hashes(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished tiny run (module-wide: tests that change it work on a copy)."""
-    tmp = tmp_path_factory.mktemp("safety")
-    dirs = [f"folds_dir={tmp / 'folds'}", f"models_dir={tmp / 'models'}"]
-    run_dir = train.main(TINY + dirs)
-    return run_dir, dirs
-
-
 @pytest.fixture
-def copy(finished, tmp_path):
-    """A private copy of the finished run: (run dir, train args that address it)."""
-    import shutil
-
-    src, dirs = finished
-    shutil.copytree(src.parent.parent, tmp_path / "w")
-    new_dirs = [f"folds_dir={tmp_path / 'w' / 'folds'}", f"models_dir={tmp_path / 'w' / 'models'}"]
-    return tmp_path / "w" / "models" / src.name, TINY + new_dirs
+def copy(tiny_run_copy):
+    """A private copy of the session's finished tiny run (conftest.py: TINY_RUN, the same as TINY):
+    (run dir, train args that address it)."""
+    return tiny_run_copy
 
 
 # ---------------------------------------------------------------------------- configs: checked before anything is written
@@ -190,20 +179,28 @@ def test_stop_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.load(full / "oof_logits.npy"), np.load(cut.path / "oof_logits.npy"))
 
 
-def test_sigint_mid_epoch_exits_130_with_the_resume_command(tmp_path):
-    dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
+def interrupt_after_epoch_1(line, proc):
+    if line.startswith("epoch 1/50"):
+        proc.send_signal(signal.SIGINT)
+
+
+def launch_sigint(folder: Path) -> background.Started:
+    """`python -m competition.train` on every training image for 50 epochs, sent SIGINT as soon as it
+    prints epoch 1's line (so in epoch 2). Started with the session (conftest.py: start_early)."""
+    dirs = [f"folds_dir={folder / 'folds'}", f"models_dir={folder / 'models'}"]
     cmd = [sys.executable, "-m", "competition.train", *TINY, *dirs, "epochs=50", "train_subset=null", "name=s"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for line in proc.stdout:
-        if line.startswith("epoch 1/50"):
-            proc.send_signal(signal.SIGINT)
-            break
-    out, err = proc.communicate(timeout=120)
+    return background.Started(cmd, folder, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              on_line=interrupt_after_epoch_1)
+
+
+@pytest.mark.start_early.with_args(launch_sigint)  # with_args: a lone function argument would be decorated
+def test_sigint_mid_epoch_exits_130_with_the_resume_command(early):
+    proc = early.result()
+    err = proc.stderr
     assert proc.returncode == 130, err[-2000:]
     assert "Traceback" not in err and "continue exactly with `python -m competition.train" in err
     assert "--resume`" in err
-    run = RunDir(tmp_path / "models" / "s")
+    run = RunDir(early.folder / "models" / "s")
     assert run.latest_checkpoint() is not None and not run.finished and not (run.path / ".lock").exists()
 
 
@@ -263,10 +260,10 @@ def test_cifar100_runs_need_the_competitions_shape(predicted, tmp_path, monkeypa
 
 def test_ensemble_refuses_logits_of_replaced_weights(predicted, tmp_path):
     run_dir, suite = predicted
-    best = run_dir / "best.pt"
-    last = (run_dir / "last.pt").read_bytes()
+    best = RunDir(run_dir).weights("best")
+    last = RunDir(run_dir).weights("last").read_bytes()
     best.write_bytes(last)  # e.g. copied over from another run, or retrained by hand
-    with pytest.raises(CompetitionError, match="predicted with another best.pt .*competition.predict"):
+    with pytest.raises(CompetitionError, match=r"predicted with another best\.safetensors .*competition.predict"):
         ensemble.build([run_dir], "stale", suite, tmp_path / "subs")
     assert not (tmp_path / "subs" / "stale.csv").exists()
     predict.predict_run(run_dir, [suite], test=False)  # predict notices the new weights and redoes its outputs
@@ -337,17 +334,32 @@ def test_run_names_carry_the_dataset():
     assert run_name({**base, "dataset": "digits", "name": "mine"}) == "mine"
 
 
-def test_run_sh_resolves_paths_from_the_caller_and_prints_an_absolute_csv(tmp_path):
-    (tmp_path / "my data").mkdir()
-    out = subprocess.run([str(ROOT / "run.sh"), "--dry-run", "--dataset", "imagefolder", "--data",
-                          "my data/digits set.tar.gz", "--ood-dir", "ood/x", "--parts", "1", "epochs=2"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
+def launch_run_sh_dry_run(folder: Path) -> background.Started:
+    """./run.sh --dry-run from another folder, relative paths (PYTHON: the interpreter run.sh execs,
+    default `python` from PATH, is the one running the tests). Started with the session."""
+    (folder / "my data").mkdir(parents=True)
+    return background.Started([str(ROOT / "run.sh"), "--dry-run", "--dataset", "imagefolder", "--data",
+                               "my data/digits set.tar.gz", "--ood-dir", "ood/x", "--parts", "1", "epochs=2"], folder,
+                              timeout=120, cwd=folder, env={**os.environ, "PYTHON": sys.executable})
+
+
+@pytest.mark.start_early.with_args(launch_run_sh_dry_run)
+def test_run_sh_resolves_paths_from_the_caller_and_prints_an_absolute_csv(early, tmp_path, monkeypatch, capsys):
+    out = early.result()
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(ROOT / "submissions" / "digits-set-full-p1.csv")
     calls = out.stderr
-    assert f"data={tmp_path}/my data/digits set.tar.gz" in calls and f"--ood-dir {tmp_path}/ood/x" in calls
+    assert f"data={early.folder}/my data/digits set.tar.gz" in calls and f"--ood-dir {early.folder}/ood/x" in calls
     assert "epochs=2" in calls and "models/part1-digits-set-f0-s0" in calls
-    bad = subprocess.run([str(ROOT / "run.sh"), "--name", "my sub"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60)
-    assert bad.returncode == 2 and "--name 'my sub' must be letters" in bad.stderr
-    assert "====" not in bad.stderr  # refused before any stage ran
+    # A bad name is refused by the parser run.sh hands its arguments to: checked in this process
+    # (the shell's pass-through of arguments and exit status is the call above and test_run_sh.py).
+    from competition import pipeline
+    from competition.files import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda *a, **k: pytest.fail(f"a stage ran: {a}"))
+    with pytest.raises(SystemExit) as bad:
+        cli(pipeline.main)(["--name", "my sub"])
+    err = capsys.readouterr().err
+    assert bad.value.code == 2 and "--name 'my sub' must be letters" in err
+    assert "====" not in err  # refused before any stage ran

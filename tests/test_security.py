@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,30 +29,43 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sec")
-    return train.main(TINY + [f"folds_dir={tmp / 'folds'}", f"models_dir={tmp / 'models'}"]), tmp
-
-
 @pytest.fixture
-def run_copy(trained, tmp_path):
-    src, tmp = trained
-    shutil.copytree(tmp, tmp_path / "w")
-    return tmp_path / "w" / "models" / src.name, [f"folds_dir={tmp_path / 'w' / 'folds'}",
-                                                   f"models_dir={tmp_path / 'w' / 'models'}"]
+def run_copy(tiny_run_copy):
+    """A private copy of the session's finished tiny run (conftest.py: TINY_RUN, the same as TINY):
+    (run dir, [folds_dir=..., models_dir=...] that address the copy)."""
+    run_dir, args = tiny_run_copy
+    return run_dir, [a for a in args if a.startswith(("folds_dir=", "models_dir="))]
 
 
 def test_a_planted_best_pt_is_refused_unrun(run_copy, tmp_path):
     run_dir, _ = run_copy
     marker = tmp_path / "pwned"
-    good = torch.load(run_dir / "best.pt", weights_only=True)
+    good = RunDir(run_dir).load_weights("best")
     torch.save({**good, "metrics": Payload(marker)}, run_dir / "best.pt")
+    assert RunDir(run_dir).weights("best").name == "best.safetensors"  # the run's own weights, not a planted .pt
+    RunDir(run_dir).load_model()
+    (run_dir / "best.safetensors").unlink()  # a run saved before safetensors: its best.pt is read weights-only
     with pytest.raises(CompetitionError, match="holds more than weights"):
         RunDir(run_dir).load_model()
     with pytest.raises(CompetitionError, match="holds more than weights"):  # what init_from / selftrain reads
         RunDir(run_dir).load_weights("best")
     assert not marker.exists()
+
+
+def test_weights_round_trip_exactly_and_old_runs_still_load(run_copy):
+    run_dir, _ = run_copy
+    rd = RunDir(run_dir)
+    w = rd.load_weights("best")
+    torch.save(w, run_dir / "best.pt")  # the format of runs saved before safetensors
+    (run_dir / "best.safetensors").unlink()
+    old = rd.load_weights("best")
+    assert rd.weights("best").name == "best.pt" and old["config"] == w["config"]
+    assert all(torch.equal(old["model"][k], v) for k, v in w["model"].items())
+    rd.save_weights("best", old["model"], old["config"], old["data_config"], old["metrics"])
+    assert rd.weights("best").name == "best.safetensors" and not (run_dir / "best.pt").exists()  # no stale copy
+    new = rd.load_weights("best")
+    assert new["model"].keys() == w["model"].keys() and all(torch.equal(new["model"][k], v) for k, v in w["model"].items())
+    assert (new["config"], new["data_config"], new["metrics"]) == (w["config"], w["data_config"], w["metrics"])
 
 
 @pytest.mark.parametrize("planted", ["random_states_0.pkl", "custom_checkpoint_0.pkl"])
@@ -177,18 +189,25 @@ def test_other_images_behind_the_same_path_are_never_called_already_trained(tmp_
     assert RunDir(run).finished
 
 
-def test_ood_files_of_another_size_than_the_run_trained_on_are_refused(trained, tmp_path):
+def test_ood_files_of_another_size_than_the_run_trained_on_are_refused(run_copy, tmp_path):
     from competition import predict
 
-    run, _ = trained
+    run, _ = run_copy
     for i in range(2):
         np.save(tmp_path / f"distortion{i:02d}.npy", np.zeros((10, 28, 28, 3), np.uint8))
     with pytest.raises(CompetitionError, match="holds 28x28 images, but .* trained on 32x32"):
         predict.predict_run(run, [tmp_path], test=False)
 
 
-def test_a_cut_best_pt_is_one_error(run_copy):
+def test_a_cut_weights_file_is_one_error(run_copy):
     run_dir, _ = run_copy
+    best = run_dir / "best.safetensors"
+    whole = best.read_bytes()
+    best.write_bytes(whole[:200])
+    with pytest.raises(CompetitionError, match="could not be read .* truncated"):
+        RunDir(run_dir).load_weights("best")
+    best.unlink()
+    torch.save(RunDir(run_dir).load_weights("last"), run_dir / "best.pt")  # a run saved before safetensors
     (run_dir / "best.pt").write_bytes((run_dir / "best.pt").read_bytes()[:200])
     with pytest.raises(CompetitionError, match="could not be read .* truncated"):
         RunDir(run_dir).load_weights("best")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,21 +11,26 @@ import pandas as pd
 import pytest
 import torch
 
-from competition import data, folds, models, train, tta
+from competition import data, folds, train, tta
 from competition.files import CompetitionError
 from competition.runs import RunDir
+
+import background  # tests/background.py
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CNN = ["model_args.widths=[8,16,16]", "model_args.hidden=16", "batch_size=64"]
 
 
-@pytest.fixture()
-def dirs(tmp_path):
+def seven_folds(root: Path) -> list[str]:
     # 7 folds: the held-out fold (206 images) is not a multiple of the batch or of 2 processes,
     # so padding of the last shard is exercised.
-    folds.write_folds(folds.folds_frame(np.asarray(__import__("competition.data", fromlist=["x"]).load_digits().labels),
-                                        k=7), tmp_path / "folds" / "digits.csv")
-    return [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
+    folds.write_folds(folds.folds_frame(np.asarray(data.load_digits().labels), k=7), root / "folds" / "digits.csv")
+    return [f"folds_dir={root / 'folds'}", f"models_dir={root / 'models'}"]
+
+
+@pytest.fixture()
+def dirs(tmp_path):
+    return seven_folds(tmp_path)
 
 
 def run(args, dirs):
@@ -35,7 +39,7 @@ def run(args, dirs):
 
 def test_part1_writes_every_artifact(dirs):
     run_dir = run(["--part", "1", "--preset", "demo", "epochs=2", "train_subset=256", "oof_tta=flip", *TINY_CNN], dirs)
-    for name in ("config.yaml", "best.pt", "last.pt", "metrics.csv", "curves.png", "oof_logits.npy", "oof_index.npy",
+    for name in ("config.yaml", "best.safetensors", "last.safetensors", "metrics.csv", "curves.png", "oof_logits.npy", "oof_index.npy",
                  "summary.json"):
         assert (run_dir / name).exists(), name
     metrics = pd.read_csv(run_dir / "metrics.csv")
@@ -69,26 +73,31 @@ def test_part1_writes_every_artifact(dirs):
 def test_rerun_is_skipped_and_a_changed_config_refused(dirs):
     args = ["--part", "1", "--preset", "demo", "epochs=1", "train_subset=128", *TINY_CNN]
     run_dir = run(args, dirs)
-    stamp = (run_dir / "last.pt").stat().st_mtime_ns
-    assert run(args, dirs) == run_dir and (run_dir / "last.pt").stat().st_mtime_ns == stamp
+    stamp = (run_dir / "last.safetensors").stat().st_mtime_ns
+    assert run(args, dirs) == run_dir and (run_dir / "last.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(CompetitionError, match="trained with other values of lr: "):
         run(args + ["lr=0.01"], dirs)
 
 
 def test_part2_both_stems(dirs):
-    run_dir = run(["--part", "2", "--preset", "demo", "epochs=1", "train_subset=64", "batch_size=32"], dirs)
+    # ood_check=1: 95 corrupted held-out images through each ResNet-18 instead of the demo's 950
+    run_dir = run(["--part", "2", "--preset", "demo", "epochs=1", "train_subset=64", "batch_size=32", "ood_check=1"],
+                  dirs)
     assert np.load(run_dir / "oof_logits.npy").shape[1] == 10
-    run_dir = run(["--part", "2", "--preset", "demo", "epochs=1", "train_subset=64", "batch_size=32",
+    run_dir = run(["--part", "2", "--preset", "demo", "epochs=1", "train_subset=64", "batch_size=32", "ood_check=1",
                    "model_args.stem=imagenet", "image_size=48", "name=imagenet-stem"], dirs)
     assert RunDir(run_dir).load_model()[2]["image_size"] == 48
 
 
-def test_part3_local_weights_and_progressive_unfreezing(dirs, tmp_path):
-    weights = models.save_random_resnet50(tmp_path / "r50.pth")
+def test_part3_local_weights_and_progressive_unfreezing(dirs, random_resnet50):
+    weights = random_resnet50  # models.save_random_resnet50's file (conftest.py), read only
     saved = torch.load(weights)
+    # ood_check=1 and no OOF TTA: 95 corrupted held-out images per epoch through the ResNet-50 instead of the
+    # demo's 950, and one view of the held-out fold at the end instead of 3 (TTA: test_part1_writes_every_artifact)
     run_dir = run(["--part", "3", "--preset", "demo", "epochs=2", "train_subset=64", "batch_size=32", "mixup=0.0",
-                   "unfreeze={0: [head], 1: [layer4]}", "ema=null", f"weights={weights}", "lr=0.05"], dirs)
-    trained = torch.load(run_dir / "last.pt", weights_only=False)["model"]
+                   "unfreeze={0: [head], 1: [layer4]}", "ema=null", f"weights={weights}", "lr=0.05", "ood_check=1",
+                   "oof_tta=none"], dirs)
+    trained = RunDir(run_dir).load_weights("last")["model"]
     # Epoch 1 trained the head, epoch 2 head + layer4; the stem and layers 1-3 never moved.
     for name in ("conv1.weight", "layer1.0.conv1.weight", "layer3.5.conv3.weight", "bn1.weight"):
         assert torch.equal(trained[name], saved[name]), name
@@ -129,28 +138,47 @@ def test_nan_loss_is_one_clear_error(dirs):
              *TINY_CNN], dirs)
 
 
-def test_two_processes_bf16_channels_last_cover_the_fold_once_and_resume_on_one(dirs, tmp_path):
-    """The GPU code paths on a CPU: 2 DDP processes (gloo), bf16 autocast, channels-last, the
-    global batch split in two; then the checkpoint they wrote resumes in one process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = ["--part", "1", "--preset", "demo", "epochs=2", "mixed_precision=bf16", "channels_last=true", *TINY_CNN]
+# The 2-process run trains 256 images (4 updates an epoch): what it checks is the launch, the
+# split of each batch and the held-out fold's coverage, none of which the training set's size
+# changes. ood_check=3: 285 corrupted held-out images, an odd number, so their gather pads too.
+DDP_ARGS = ["--part", "1", "--preset", "demo", "epochs=2", "mixed_precision=bf16", "channels_last=true",
+            "train_subset=256", "ood_check=3", *TINY_CNN]
+
+
+def launch_ddp(folder: Path) -> background.Started:
+    """2 DDP processes (torchrun, gloo) train epoch 1 of DDP_ARGS and stop; started when the
+    session starts (conftest.py: start_early), as it spends most of its time importing torch."""
+    dirs = seven_folds(folder)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           str(ROOT / "competition" / "train.py"), *args, "stop_after=1", *dirs]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+           str(ROOT / "competition" / "train.py"), *DDP_ARGS, "stop_after=1", *dirs]
+    return background.Started(cmd, folder, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.start_early.with_args(launch_ddp)  # with_args: a lone function argument would be decorated
+def test_two_processes_bf16_channels_last_cover_the_fold_once_and_resume_on_one(early, capsys):
+    """The GPU code paths on a CPU: 2 DDP processes (gloo), bf16 autocast, channels-last, the
+    global batch split in two; then the checkpoint they wrote resumes in one process (this one:
+    a 1-process run is the same code in or out of a subprocess)."""
+    out = early.result()
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "2 process(es) on cpu:0, bf16 autocast" in out.stdout
     assert "batch 64 per update (global) = 2 process(es) x 32 images" in out.stdout
-    run_dir = tmp_path / "models" / "part1-demo-digits-f0-s0"
+    dirs = [f"folds_dir={early.folder / 'folds'}", f"models_dir={early.folder / 'models'}"]
+    run_dir = early.folder / "models" / "part1-demo-digits-f0-s0"
     from safetensors.torch import load_file
     ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
     assert not [k for k in load_file(ckpt / "model.safetensors") if k.startswith(("module.", "_orig_mod."))]
+    assert not (run_dir / "oof_index.npy").exists()  # stopped after epoch 1: the OOF files come from the resume
 
-    resumed = subprocess.run([sys.executable, str(ROOT / "competition" / "train.py"), *args, "--resume", *dirs],
-                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    assert "written by 2 process(es), this run has 1" in resumed.stdout
+    try:
+        train.main(DDP_ARGS + ["--resume", *dirs])
+    finally:
+        from competition import runtime
+
+        runtime.make_accelerator("no")  # Accelerate's process-wide precision back to fp32 for the next tests
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
     index = np.load(run_dir / "oof_index.npy")
-    frame = pd.read_csv(tmp_path / "folds" / "digits.csv")
+    frame = pd.read_csv(early.folder / "folds" / "digits.csv")
     assert len(index) == len(np.unique(index))
     assert np.array_equal(index, np.flatnonzero(frame["fold"] == 0))
     assert np.load(run_dir / "oof_logits.npy").shape == (len(index), 10)
@@ -164,6 +192,6 @@ def test_compile_keeps_parameter_names(dirs, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, **k: real(m, backend="eager"))
     run_dir = run(["--part", "1", "--preset", "demo", "epochs=2", "train_subset=128", "compile=true",
                    "unfreeze={0: ['1'], 1: [all]}", *TINY_CNN], dirs)
-    best = torch.load(run_dir / "best.pt", weights_only=False)["model"]
+    best = RunDir(run_dir).load_weights("best")["model"]
     assert not [k for k in best if "_orig_mod" in k]
     assert (run_dir / "summary.json").exists()

@@ -1,0 +1,85 @@
+"""Subprocesses started when the test session starts (conftest.py, marker `start_early`).
+
+A test whose time is a subprocess it waits on (bench/gpu_check.sh --dry-run, the 2-process DDP
+launch, `--help` of every stage, ...) names a launcher: `@pytest.mark.start_early.with_args(launch)`.
+conftest calls `launch(folder)` for every selected test that carries the marker as soon as
+collection ends, so the process runs on the core that the in-process tests (one thread each)
+leave idle; the test receives that `Started` from the `early` fixture and checks its result when
+it comes up. The command and what the test asserts are what they would be if the test started it
+itself; only the start is earlier. Output goes to files, so nothing blocks while no one reads."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+LIVE: list["Started"] = []  # killed at the end of the session if still running (pytest -x, Ctrl-C)
+
+
+def python_on_path(folder: Path) -> str:
+    """A PATH whose `python` is this interpreter (sys.executable), for scripts that call `python`
+    themselves (bench/gpu_check.sh): a wrapper that execs it, so a virtual environment stays one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wrapper = folder / "python"
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+class Started:
+    """One subprocess in a session of its own, stdout and stderr in files under `folder`; it and
+    whatever it started are killed if it outlives `timeout` seconds from its start. `on_line(line,
+    proc)`, if given, sees each stdout line as it is printed (e.g. to send a signal at a point).
+    `elapsed`: its wall time from start to exit, whenever the test looks."""
+
+    def __init__(self, cmd: list[str], folder: Path, timeout: float, env: dict | None = None,
+                 cwd: Path | None = None, on_line: Callable[[str, subprocess.Popen], None] | None = None):
+        self.cmd, self.timeout, self.folder, self.on_line = cmd, timeout, folder, on_line
+        folder.mkdir(parents=True, exist_ok=True)
+        self.out, self.err = folder / "stdout.txt", folder / "stderr.txt"
+        self.elapsed: float | None = None
+        self.error: BaseException | None = None
+        with open(self.err, "w") as err:
+            self.t0 = time.monotonic()
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env,
+                                         cwd=cwd or folder, text=True, start_new_session=True)
+        self.watcher = threading.Thread(target=self._watch, daemon=True)
+        self.watcher.start()
+        LIVE.append(self)
+
+    def _watch(self) -> None:
+        with open(self.out, "w") as out:
+            for line in self.proc.stdout:
+                out.write(line)
+                out.flush()
+                if self.on_line is not None and self.error is None:
+                    try:
+                        self.on_line(line, self.proc)
+                    except BaseException as e:  # reported by result()
+                        self.error = e
+        self.proc.wait()
+        self.elapsed = time.monotonic() - self.t0
+
+    def result(self) -> subprocess.CompletedProcess:
+        """Wait for the exit (the rest of `timeout`), then its return code and output."""
+        self.watcher.join(max(1.0, self.timeout - (time.monotonic() - self.t0)))
+        if self.watcher.is_alive():
+            self.kill()
+            raise subprocess.TimeoutExpired(self.cmd, self.timeout)
+        if self.error is not None:
+            raise self.error
+        return subprocess.CompletedProcess(self.cmd, self.proc.returncode, self.out.read_text(), self.err.read_text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: this process and its children only
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        self.watcher.join(5)
