@@ -9,7 +9,7 @@ where the schedule puts the learning rate (warmup end, restarts, the last update
 2. Drift: trains the part3 preset for 2 epochs on 512 digits images at 64 px from a saved
    random ResNet-50 state dict (the local-weights path real weights take), with unfreezing
    {0: [head], 1: [layer4]}, so stem..layer3 are frozen throughout; reports the largest change
-   of any running_mean / running_var in each stage between the weights file and last.pt.
+   of any running_mean / running_var in each stage between the weights file and the run's last weights.
 3. Schedule: walks the preset's scheduler over its whole run (390 updates per epoch, CIFAR's
    50,000 images at batch 128) and reports the LR of the update after warmup, the epochs where
    the LR jumps back up, and the LR the last update used, next to min_lr.
@@ -30,6 +30,7 @@ import torch
 
 from competition import models, optim, train
 from competition.config import resolve
+from competition.runs import RunDir
 
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
 
@@ -58,7 +59,7 @@ def frozen_drift(cfg_args: list[str], work: Path) -> dict:
                           f"weights={weights}", f"models_dir={work / 'models'}", f"folds_dir={work / 'folds'}",
                           "name=mechanics", *cfg_args])
     before = torch.load(weights, map_location="cpu", weights_only=True)
-    after = torch.load(Path(run_dir) / "last.pt", map_location="cpu", weights_only=True)["model"]
+    after = RunDir(run_dir).load_weights("last")["model"]  # last.safetensors (or a legacy last.pt)
     drift = {s: 0.0 for s in STAGES[:-1]}
     for k, v in after.items():
         if k.endswith(("running_mean", "running_var")) and k in before:

@@ -94,7 +94,7 @@ def plot_run(frame: pd.DataFrame, path, title: str = "", *, select_on: str | Non
             chosen = col == select
             axes[1].plot(frame["epoch"], 100 * frame[col], style, marker=dots, ms=4 if chosen else 3,
                          color=_COLOURS[col[:-4]], lw=2.6 if chosen else 1.2, zorder=3 if chosen else 2,
-                         label=_CURVES[col[:-4]] + (": picks best.pt" if chosen else ""))
+                         label=_CURVES[col[:-4]] + (": picks the best weights" if chosen else ""))
     if num_classes:
         chance = chance_level(num_classes)
         axes[1].axhline(100 * chance, color="0.3", ls="--", lw=1,
@@ -113,7 +113,7 @@ def plot_run(frame: pd.DataFrame, path, title: str = "", *, select_on: str | Non
     if best is not None:
         row = frame[frame["epoch"] == best]
         for ax in axes:
-            ax.axvline(best, color="tab:red", ls="--", lw=1.2, label="best epoch (best.pt)" if ax is axes[1] else None)
+            ax.axvline(best, color="tab:red", ls="--", lw=1.2, label="best epoch (the best weights)" if ax is axes[1] else None)
         if len(row) and select in row and pd.notna(row[select].iloc[0]):
             v = 100 * row[select].iloc[0]
             axes[1].plot([best], [v], "*", color="tab:red", ms=13, zorder=4)

@@ -47,7 +47,7 @@ def test_curves_mark_best_epoch_chance_and_stages(figures, tmp_path):
     chance = next(ln for label, ln in lines.items() if label.startswith("chance"))
     assert list(chance.get_ydata()) == [10.0, 10.0]  # 1/10, in percent
     assert acc.get_ylim() == (0.0, 100.0)
-    assert list(lines["best epoch (best.pt)"].get_xdata()) == [4, 4]
+    assert list(lines["best epoch (the best weights)"].get_xdata()) == [4, 4]
     bold = max(acc.lines, key=lambda ln: ln.get_linewidth())
     assert bold.get_label().startswith("held-out fold, corrupted") and list(bold.get_ydata()) == [10, 30, 40, 40, 35]
     # the stage starting at 0-based epoch 2 first trains epoch 3: its line lies between 2 and 3
