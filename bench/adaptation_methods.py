@@ -31,6 +31,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # as the other bench scripts: runs from a checkout without the package installed
+
+from competition.metrics import file_accuracy  # noqa: E402
+
 TTA = "none"  # --tta: the methods are compared on one view (6-view TTA costs 6x; checked for the best)
 
 
@@ -61,20 +65,18 @@ def predict(run: Path, ood: Path, methods: str, steps: int, lr: float, log) -> f
 
 
 def logits(run: Path, method: str, ood: Path) -> np.ndarray:
-    """(19, 5, N, C) float32 logits of `run` under `method` on the suite `ood`."""
+    """(19, 5 * N, C) float32 logits of `run` under `method` on the suite `ood`, one row per OOD file."""
     setting = TTA if method == "none" else f"{TTA}+{method}"
     folders = sorted((run / "pred" / setting / "ood").glob(f"{ood.name}-*"), key=lambda f: f.stat().st_mtime)
     if not folders:
         raise SystemExit(f"{run}: no {setting} logits on {ood.name}")
     names = sorted(json.loads((ood / "corruptions.json").read_text())["names"])
-    arrays = [np.load(folders[-1] / n).astype(np.float32) for n in names]
-    n = len(np.load(ood / "labels.npy"))
-    return np.stack([a.reshape(5, n, -1) for a in arrays])
+    return np.stack([np.load(folders[-1] / n).astype(np.float32) for n in names])
 
 
 def slice_accuracy(z: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(19, 5) accuracy per corruption and severity."""
-    return (z.argmax(-1) == labels[None, None]).mean(-1)
+    """(19, 5) accuracy per corruption and severity (metrics.file_accuracy of each file)."""
+    return np.stack([file_accuracy(f, labels) for f in z])
 
 
 def summary(acc: np.ndarray, bn: np.ndarray | None) -> dict:

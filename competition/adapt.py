@@ -113,6 +113,9 @@ def source_weights(model: nn.Module):
 
 
 OBJECTIVES = ("tent", "shot", "eata")
+# Every adaptation a prediction setting can carry (pred/<TTA>+<name>): the one list predict, ensemble,
+# board and the pipeline accept.
+ADAPTATIONS = ("bn", *OBJECTIVES)
 
 
 def slice_loss(logits: torch.Tensor, objective: str) -> torch.Tensor:

@@ -42,15 +42,12 @@ from pathlib import Path
 import numpy as np
 
 from competition import data, runtime, submit
+from competition.adapt import ADAPTATIONS  # the adaptations predict can write
 from competition.files import CompetitionError, check_name, cli, count, read_json, save_json
 from competition.metrics import accuracy, file_accuracy, log_loss, table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, combine, expand_runs, file_hash, \
     group_members, load_oof, member_oof_ood, member_test, num_classes, ood_logits, oof_labels, setting_name, \
     test_logits
-
-# Test-time adaptations predict can write (competition/adapt.py); named here, not imported from
-# predict, which sits above this module.
-ADAPTATIONS = ("bn", "tent", "shot", "eata")
 
 # ---------------------------------------------------------------------------- weights
 

@@ -27,12 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from competition import folds, models
+from competition.adapt import ADAPTATIONS
 from competition.config import resolve
-from competition.files import CompetitionError, cli
+from competition.files import NAME_RULE, CompetitionError, cli
 from competition.runs import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
-ADAPTS = ("none", "bn", "tent", "shot", "eata", "auto")
+ADAPTS = ("none", *ADAPTATIONS, "auto")
 # Per data set: (preset, local-suite images per cell, TTA, measure reserve). digits runs the demo
 # preset and no mirror (digits are not mirror-symmetric); cifar100 reserves 5,000 training images
 # to measure on (its test split is the leaderboard's); digits and cifar10 measure on their own
@@ -169,7 +170,7 @@ def plan_from(args) -> Plan:
         raise bad(f"--folds must be 1..{args.k}")
     preset = preset if args.preset is None else args.preset
     name = args.name or f"{dsname}-{preset or 'full'}-p{parts.replace(',', '')}"
-    if not re.fullmatch(r"[A-Za-z0-9._+-]+", name):
+    if not NAME_RULE.fullmatch(name) or name in (".", ".."):  # files.check_name's rule
         raise bad(f"--name '{name}' must be letters, digits and . _ + - (it names files)")
     return Plan(dataset=args.dataset, data=data, dsname=dsname, parts=[int(x) for x in parts.split(",")],
                 folds=args.folds, k=args.k, preset=preset, weights=_absolute(args.weights),

@@ -176,7 +176,7 @@ class Predictor:
 # ---------------------------------------------------------------------------- one run
 
 
-ADAPTATIONS = ("bn", *adapt.OBJECTIVES)
+ADAPTATIONS = adapt.ADAPTATIONS  # re-exported: predict --adapt's choices
 LEARN_KEYS = ("steps", "lr", "batch", "guard")
 # One pass of TENT's own settings; the collapse guard on (0.1 nats of class-histogram entropy).
 LEARN_DEFAULTS = {"steps": 1, "lr": 1e-3, "batch": 128, "guard": 0.1}
