@@ -1,17 +1,22 @@
-"""Robust-training recipes side by side: train each variant of a preset on one fold, predict the
-local CIFAR-C suite built from that fold's held-out images, and print one table of clean and
-corrupted accuracy (plain and with BN adaptation), the mean over the corruption families the
-recipe did not train on, and the training time.
+"""Robust-training recipes side by side, under the honest protocol (README, "An honest local
+score"): train each variant of a preset with fold 0 held out, predict the *measure* suite (the
+folds file's reserve, which no member trains on and no choice sees), and print one table of clean
+held-out and corrupted accuracy (plain and with BN adaptation), the mean over the corruption
+families the recipe did not train on, and the training time.
 
     python bench/robustness.py --data PATH/cifar10-jpg-train.tar.gz               # the default variants
     python bench/robustness.py --data PATH --variant base: --variant "nb:noise_blur=0.5 epochs=10"
-    python bench/robustness.py --data PATH --suite-n 500 --variant base:   # the same runs on a quicker, noisier suite
+    python bench/robustness.py --data PATH --folds-seed 1 --measure-n 1000 --out models/honest-fs1   # another repeat
 
-A variant is NAME:KEY=VALUE KEY=VALUE ... (overrides on the preset). Runs land in
-models/bench-robustness/<name>/ and are reused when their config is unchanged (train.py's
-rule), so the table can be rebuilt without retraining; `--retrain` forces them. Times are the
-training loop of each run as it was trained: run the variants in one sitting on an otherwise
-idle machine for a fair comparison (the table says when each was trained).
+Roles: *train* = folds 2..k-1 (fold 1 is excluded, as in bench/test_time.py, so that a variant
+with no overrides is that bench's `base` member and is reused); *choose* = fold 0 (its corrupted
+copies pick each run's best epoch under select_on: ood); *measure* = the reserve of --measure-n
+images, corrupted 19 x 5. An independent repeat is another --folds-seed (other images in every
+role). A variant is NAME:KEY=VALUE KEY=VALUE ... (overrides on the preset). Runs land in
+OUT/models/<name>/ and are reused when their config is unchanged (train.py's rule), so the table
+can be rebuilt without retraining; `--retrain` forces them. Times are the training loop of each run
+as it was trained: run the variants in one sitting on an otherwise idle machine for a fair
+comparison.
 """
 from __future__ import annotations
 
@@ -28,12 +33,12 @@ from competition import corruptions, folds, predict, score, train
 from competition.config import resolve
 from competition.runs import RunDir
 
-DEFAULT_VARIANTS = [
+DEFAULT_VARIANTS = [  # overrides on part1_cpu, whose own recipe is noise_blur 0.5
     "base:",
-    "noise_blur:noise_blur=0.5",
-    "augmix:augmix=true",
-    "augmix_jsd:augmix=true jsd=12",
-    "corrupt:cpu_aug=corrupt workers=0",
+    "clean_only:noise_blur=0",
+    "augmix:noise_blur=0 augmix=true",
+    "augmix_jsd:noise_blur=0 augmix=true jsd=12",
+    "corrupt:noise_blur=0 cpu_aug=corrupt workers=0",
 ]
 
 
@@ -46,28 +51,29 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpg-train.tar.gz"))
     p.add_argument("--preset", default="part1_cpu")
-    p.add_argument("--fold", type=int, default=0)
     p.add_argument("--variant", action="append", help="NAME:KEY=VALUE ... (repeatable; default: the five recipes)")
-    p.add_argument("--suite-n", type=int, default=2000, help="held-out images of the suite, the same ones under every "
-                   "corruption and severity (as in CIFAR-C), so every figure carries their sampling noise: +-1.6 "
-                   "points (one s.e., measured at 78%%) with 500, +-0.8 with 2,000")
-    p.add_argument("--suite-seed", type=int, default=0)
+    p.add_argument("--measure-n", type=int, default=2000, help="the measure reserve, corrupted 19 x 5: the same images "
+                   "under every corruption and severity (as in CIFAR-C), so every figure carries their sampling "
+                   "noise: +-1.6 points (one s.e., measured at 78%%) with 500, +-0.8 with 2,000")
+    p.add_argument("--k", type=int, default=10, help="folds besides the reserve (0: choose, 1: excluded)")
+    p.add_argument("--folds-seed", type=int, default=0, help="another seed: an independent repeat (other images)")
+    p.add_argument("--seed", type=int, default=0, help="every variant's training seed")
     p.add_argument("--tta", default="shift1")
     p.add_argument("--retrain", action="store_true")
     p.add_argument("--out", default=str(ROOT / "models" / "bench-robustness"))
     args = p.parse_args(argv)
 
     out = Path(args.out)
-    suite = out / f"suite-f{args.fold}-n{args.suite_n}-s{args.suite_seed}"
-    base = ["dataset=imagefolder", f"data={args.data}", f"models_dir={out}"]
-    cfg0 = resolve(None, [args.preset], base, fold=args.fold)
-    folds.main(["--dataset", "imagefolder", "--data", args.data, "--data-dir", cfg0["data_dir"],  # train's default split
-                "--folds-dir", cfg0["folds_dir"]])
-    score.build_suite(suite, "imagefolder", args.data, cfg0["data_dir"], cfg0["folds_dir"], args.suite_n,
-                      args.suite_seed)
+    fdir, suite = out / "folds", out / f"measure-n{args.measure_n}"
+    folds.main(["--dataset", "imagefolder", "--data", args.data, "--k", str(args.k), "--seed", str(args.folds_seed),
+                "--folds-dir", str(fdir), "--measure-n", str(args.measure_n)])
+    base = ["dataset=imagefolder", f"data={args.data}", "exclude_folds=[1]", f"folds_dir={fdir}",
+            f"models_dir={out / 'models'}"]
+    cfg0 = resolve(None, [args.preset], base, fold=0)
+    score.build_suite(suite, "imagefolder", args.data, cfg0["data_dir"], str(fdir), args.measure_n)
     rows = []
     for name, overrides in map(parse_variant, args.variant or DEFAULT_VARIANTS):
-        cfg = resolve(None, [args.preset], base + overrides, fold=args.fold, name=name)
+        cfg = resolve(None, [args.preset], base + [f"seed={args.seed}"] + overrides, fold=0, name=name)
         run = RunDir(train.train(cfg, force=args.retrain))
         predict.predict_run(run, [suite], predict.tta.parse_tta(args.tta), bn_adapt=True, test=False)
         seen = corruptions.trained_on(cfg)
@@ -81,8 +87,9 @@ def main(argv=None):
                      "train_s": summary.get("training_loop_s"), "trained": summary.get("finished")})
         print(json.dumps(rows[-1]), flush=True)
     fmt = lambda v: "n/a" if v is None else f"{100 * v:.2f}"  # noqa: E731
-    print(f"\n{args.preset} variants, fold {args.fold} held out; suite {suite.name} ({args.suite_n} images x 19 x 5); "
-          f"TTA {args.tta}\n")
+    print(f"\n{args.preset} variants (seed {args.seed}); train: folds 2-{args.k - 1} of {args.k} (folds seed "
+          f"{args.folds_seed}); choose: fold 0 (best epoch); measure: {suite} ({args.measure_n} reserve images x 19 x "
+          f"5, seen by no run and no choice); clean: fold 0 held out; TTA {args.tta}\n")
     print("| variant | overrides | clean | clean TTA | OOD | OOD +BN | unseen OOD | unseen OOD +BN | families seen "
           "| train loop s |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

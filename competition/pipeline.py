@@ -8,6 +8,7 @@ one only decides which stage runs with which arguments.
                                                         # files when online; parts 1-3 with their full presets
     python -m competition.pipeline --dataset imagefolder --data PATH/cifar10-train.tar.gz \\
         --ood-dir DIR --parts 1,2 --folds 2 --preset demo
+    python -m competition.pipeline --dataset imagefolder --data PATH --parts 1,2 --preset cpu   # part1_cpu + part2_cpu
     python -m competition.pipeline --dry-run ...        # print the stage commands, run nothing
 
 Paths are relative to the folder you call it from; the stages run in the project's root (where
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from competition import folds, models
 from competition.adapt import ADAPTATIONS
-from competition.config import resolve
+from competition.config import CONFIG_DIR, resolve
 from competition.files import NAME_RULE, CompetitionError, cli
 from competition.runs import RunDir
 
@@ -78,9 +79,16 @@ class Plan:
     def run_dir(self, part: int, fold: int) -> Path:
         """The folder `competition.train` makes for this part and fold (the package names it)."""
         name = f"{self.run_prefix}-part{part}-f{fold}-s0" if self.run_prefix else None
-        cfg = resolve(part, [self.preset] if self.preset else None, self.train_overrides(part), fold=fold, seed=0,
-                      name=name)
+        cfg = resolve(part, self.presets(part), self.train_overrides(part), fold=fold, seed=0, name=name)
         return RunDir.for_config(cfg).path
+
+    def presets(self, part: int) -> list[str]:
+        """The preset added after part<N>: `part<N>_<preset>` when that exists (`--preset cpu`: part1_cpu,
+        part2_cpu), else the preset itself (`--preset demo`: every part)."""
+        if not self.preset:
+            return []
+        own = f"part{part}_{self.preset}"
+        return [own] if (CONFIG_DIR / f"{own}.yaml").exists() else [self.preset]
 
     def train_overrides(self, part: int) -> list[str]:
         out = [f"dataset={self.dataset}"] + ([f"data={self.data}"] if self.data else []) + self.overrides
@@ -111,7 +119,8 @@ def parse(argv=None) -> tuple[Plan, bool]:
     p.add_argument("--parts", default="", help="comma list of 1,2,3 [digits: 1,2; else 1,2,3]")
     p.add_argument("--folds", type=int, default=1, help="train folds 0..FOLDS-1 [1]")
     p.add_argument("--k", type=int, default=5, help="split size [5]")
-    p.add_argument("--preset", default=None, help="added after part<N> [digits: demo; else none]")
+    p.add_argument("--preset", default=None, help="added after part<N>: part<N>_PRESET where that exists (cpu: part1_cpu, part2_cpu), else PRESET for "
+                   "every part [digits: demo; else none]")
     p.add_argument("--weights", default="", help="Part 3 ImageNet ResNet-50 weights file (offline machines)")
     p.add_argument("--measure-n", default=None, help="training images reserved to measure the local estimate on "
                    "(folds --measure-n; N or a share below 1) [cifar100 5000, imagefolder 0.1; digits, cifar10: 0, "
@@ -201,7 +210,7 @@ def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
             name = [f"name={plan.run_prefix}-part{part}-f{fold}-s0"] if plan.run_prefix else []
             # train itself skips a finished run with the same config (and refuses a changed one).
             out.append((f"train part {part} fold {fold} -> {run}",
-                        ["competition.train", "--part", str(part), *(["--preset", plan.preset] if plan.preset else []),
+                        ["competition.train", "--part", str(part), *(f"--preset={p}" for p in plan.presets(part)),
                          "--fold", str(fold), *(["--force"] if plan.retrain else []), *plan.train_overrides(part),
                          *name]))
     suite = plan.suite
@@ -249,7 +258,7 @@ def main(argv=None) -> int:
         print(csv)
         return 0
     if 3 in plan.parts:  # offline without weights: say so now, not after Parts 1-2 have trained
-        models.check_weights_source(resolve(3, [plan.preset] if plan.preset else None, plan.train_overrides(3)))
+        models.check_weights_source(resolve(3, plan.presets(3), plan.train_overrides(3)))
     t0 = time.time()
     if plan.dataset == "cifar100" and not plan.suite:
         print("no measure reserve (--measure-n 0): no local estimate this time; the choices are made on "

@@ -76,3 +76,23 @@ def test_the_plan_names_runs_as_train_does():
     named, _ = pipeline.parse(["--name", "mine", "--parts", "1"])
     assert str(named.run_dir(1, 0)) == "models/mine-part1-f0-s0"
 
+
+
+def test_a_preset_per_part():
+    # `--preset cpu` trains each part with its own CPU preset (part1_cpu, part2_cpu): the folders the
+    # pipeline predicts from are those train makes from them; a preset without per-part versions
+    # (demo) applies to every part.
+    from competition import pipeline
+    from competition.config import resolve
+    from competition.runs import RunDir
+
+    plan, _ = pipeline.parse(["--dataset", "cifar10", "--preset", "cpu", "--parts", "1,2", "--dry-run"])
+    assert plan.presets(1) == ["part1_cpu"] and plan.presets(2) == ["part2_cpu"]
+    todo, _ = pipeline.steps(plan)
+    trains = [cmd for _, cmd in todo if cmd[0] == "competition.train"]
+    assert [c[c.index("--part") + 1:c.index("--part") + 3] for c in trains] == [["1", "--preset=part1_cpu"],
+                                                                                 ["2", "--preset=part2_cpu"]]
+    predict = next(cmd for _, cmd in todo if cmd[0] == "competition.predict")
+    assert str(RunDir.for_config(resolve(2, ["part2_cpu"], ["dataset=cifar10"], fold=0, seed=0)).path) in predict
+    demo, _ = pipeline.parse(["--preset", "demo", "--parts", "1,2"])
+    assert demo.presets(1) == demo.presets(2) == ["demo"]
