@@ -11,6 +11,7 @@ decodes files per training step.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -80,6 +81,18 @@ def load_digits(split: str = "train") -> ImageSet:
     must read the shape, and flips and shifts at test time matter, as in CIFAR), and small
     models land clearly below 100%, so the demo's ensemble, TTA and adaptation have something to
     show. Deterministic (seed 0). The 'test' split is a fixed stratified 20%."""
+    images, labels, splits = _digits()
+    idx = splits.get(split)
+    if idx is None:
+        raise CompetitionError(f"digits has splits 'train' and 'test', not {split!r}")
+    return ImageSet(images[idx], labels[idx], [str(i) for i in range(10)])  # indexing copies: the cache stays
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray, dict]:
+    """load_digits' images, labels and split rows, made once per process: an ablation study or a
+    test session loads them dozens of times, a few tenths of a second each (read-only: callers get
+    copies)."""
     from sklearn.datasets import load_digits as sk_digits
     from sklearn.model_selection import train_test_split
 
@@ -99,10 +112,9 @@ def load_digits(split: str = "train") -> ImageSet:
     images = np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
     labels = d.target.astype(np.int64)
     idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0)
-    idx = {"train": idx_train, "test": idx_test}.get(split)
-    if idx is None:
-        raise CompetitionError(f"digits has splits 'train' and 'test', not {split!r}")
-    return ImageSet(images[idx], labels[idx], [str(i) for i in range(10)])
+    for shared in (images, labels, idx_train, idx_test):
+        shared.flags.writeable = False
+    return images, labels, {"train": idx_train, "test": idx_test}
 
 
 # ---------------------------------------------------------------------------- cifar100

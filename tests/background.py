@@ -5,8 +5,12 @@ launch, `--help` of every stage, ...) names a launcher: `@pytest.mark.start_earl
 conftest calls `launch(folder)` for every selected test that carries the marker as soon as
 collection ends, so the process runs on the core that the in-process tests (one thread each)
 leave idle; the test receives that `Started` from the `early` fixture and checks its result when
-it comes up. The command and what the test asserts are what they would be if the test started it
-itself; only the start is earlier. Output goes to files, so nothing blocks while no one reads."""
+it comes up, after the tests without one. The command and what the test asserts are what they would
+be if the test started it itself; only the start is earlier. When several tests each check a part
+of one piece of work (the smoke run of every ablation study), one process does it for all of them
+and pays for its imports once: `with_args(launch, shared=True)`, and conftest calls
+`launch(folder, items)` once, with the selected tests. Output goes to files, so nothing blocks
+while no one reads."""
 from __future__ import annotations
 
 import os

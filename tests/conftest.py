@@ -6,7 +6,7 @@ Shared here, built once per session (never written by a test: checked when the s
 `tiny_run`, one finished tiny Part 1 run for the tests that read a trained run or work on a copy
 of it (`tiny_run_copy`), and `random_resnet50`, a weights file. And the `start_early` marker
 (tests/background.py): a test's long subprocess starts when the session starts, not when the
-test comes up, so it runs beside the in-process tests.
+test comes up, so it runs beside the in-process tests; the tests that wait on one run last.
 
 Tests start Python as sys.executable, never `python` from PATH (run.sh: PYTHON=; scripts that
 call `python` themselves: background.python_on_path)."""
@@ -82,42 +82,66 @@ _EARLY_ROOT: list[Path] = []
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "start_early(launch): launch(folder) -> background.Started starts the "
-                                       "test's long subprocess when the session starts; the test gets it from "
-                                       "the `early` fixture (tests/background.py). Write it "
+    config.addinivalue_line("markers", "start_early(launch, shared=False): launch(folder) -> background.Started "
+                                       "starts the test's long subprocess when the session starts; the test gets "
+                                       "it from the `early` fixture (tests/background.py) and runs after the tests "
+                                       "without one. shared=True: one process for every selected test with that "
+                                       "launcher, launch(folder, items). Write it "
                                        "@pytest.mark.start_early.with_args(launch): a lone function argument "
                                        "would be taken for the decorated test")
 
 
-def _launch(item, folder: Path):
+def _launch(launch, folder: Path, items=None):
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return item.get_closest_marker("start_early").args[0](folder)
+        return launch(folder) if items is None else launch(folder, items)
     except Exception as e:  # raised in the test, not as a session error
         return e
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that wait on a start_early process run after the others, in their own order: their
+    processes then have the whole session to finish beside the in-process tests, instead of the
+    session stopping for them halfway (the GPU check's dry run alone takes most of a minute)."""
+    items.sort(key=lambda item: item.get_closest_marker("start_early") is not None)
+
+
 def pytest_collection_finish(session):
-    """Start the long subprocess of every selected test marked start_early, now."""
+    """Start the long subprocess of every selected test marked start_early, now: one per test, or
+    one per shared launcher for all its tests."""
     if session.config.option.collectonly:
         return
+    shared = {}
     for item in session.items:
-        if item.get_closest_marker("start_early") is None:
+        marker = item.get_closest_marker("start_early")
+        if marker is None:
             continue
         if not _EARLY_ROOT:
             _EARLY_ROOT.append(Path(tempfile.mkdtemp(prefix="pytest-early-")))
-        item.stash[EARLY] = _launch(item, _EARLY_ROOT[0] / item.name)
+        if marker.kwargs.get("shared"):
+            shared.setdefault(marker.args[0], []).append(item)
+        else:
+            item.stash[EARLY] = _launch(marker.args[0], _EARLY_ROOT[0] / item.name)
+    for launch, items in shared.items():
+        started = _launch(launch, _EARLY_ROOT[0] / launch.__name__, items)
+        for item in items:
+            item.stash[EARLY] = started
 
 
 @pytest.fixture
 def early(request, tmp_path):
     """The test's background.Started: the one started with the session, else (no collection hook
-    ran for this item, e.g. a plugin re-running it) one started now."""
-    started = request.node.stash.get(EARLY, None) or _launch(request.node, tmp_path / "early")
+    ran for this item, e.g. a plugin re-running it) one started now. Killed after the test if still
+    running; a shared one at the end of the session (its other tests may still need it)."""
+    marker = request.node.get_closest_marker("start_early")
+    shared = bool(marker.kwargs.get("shared"))
+    started = request.node.stash.get(EARLY, None) or _launch(marker.args[0], tmp_path / "early",
+                                                             [request.node] if shared else None)
     if isinstance(started, Exception):
         raise started
     yield started
-    started.kill()
+    if not shared:
+        started.kill()
 
 
 def pytest_sessionfinish(session):

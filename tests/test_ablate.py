@@ -1,14 +1,24 @@
 """Ablation studies: every study expands to its variants (names and overrides) on one shared
 config; a grid YAML does the same; a one-epoch smoke version of every study (one representative
-variant each) trains on tiny digits through competition.train; the batch-size schedule makes
-fewer updates than the LR schedule over the same epochs; report.md holds the table and the
-overlay PNG; a variant identical to another study's run is copied, not retrained."""
+variant each) trains on tiny digits through the command line and competition.train (one process
+for them all, started with the session); the batch-size schedule makes fewer updates than the LR
+schedule over the same epochs; report.md holds the table and the overlay PNG; a variant identical
+to another study's run is copied, not retrained."""
+import json
+import os
+import sys
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
 from competition import ablate as A
 from competition.config import load_config
 from competition.files import CompetitionError
+
+import background  # tests/background.py
+
+ROOT = Path(__file__).resolve().parent.parent
 
 EXPECTED = {
     "lr": {"lr0.01": {"lr": 0.01}, "lr0.05": {"lr": 0.05}, "lr0.2": {"lr": 0.2}, "lr0.5": {"lr": 0.5}},
@@ -89,26 +99,70 @@ TINY = ["dataset=digits", "channels_last=false", "epochs=1", "train_subset=64", 
         "batch_size=32"]
 ONE_EACH = {"lr": "lr0.2", "schedule": "constant", "weight_decay": "wd0", "mixup": "mixup0.2", "activation": "sigmoid",
             "optimizer": "adam_warmup", "batchnorm": "ghost", "architecture": "mobilenet_v2"}
+BATCH_SIZE_SCHEDULE = [*TINY, "epochs=3", "train_subset=128", "batch_size=16"]
+
+
+def dirs(root: Path) -> list[str]:
+    return [f"models_dir={root / 'models'}", f"folds_dir={root / 'folds'}"]
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ablations")
-    return [f"models_dir={root / 'models'}", f"folds_dir={root / 'folds'}"]
+    return dirs(tmp_path_factory.mktemp("ablations"))
+
+
+# The studies the tests below check, trained one after another in one process through the command
+# line's entry point (ablate.main = run_study); the last stdout line maps each to its report.md,
+# or to the traceback that stopped it (the other studies go on).
+STUDIES = """
+import json, sys, traceback
+from competition import ablate
+reports = {}
+for key, argv in json.loads(sys.argv[1]).items():
+    try:
+        reports[key] = str(ablate.main(argv))
+    except Exception:
+        reports[key] = "FAILED " + traceback.format_exc()
+print(json.dumps(reports))
+"""
+
+
+def launch_studies(folder: Path, items) -> background.Started:
+    """The smoke variant of each selected study and the batch-size schedule study, in one process
+    started with the session (conftest.py: start_early, shared): its imports (torch, timm,
+    matplotlib) are paid once, and a dozen trainings run beside the in-process tests."""
+    jobs = {}
+    for item in items:
+        if item.originalname == "test_smoke_every_study":
+            study = item.callspec.params["study"]
+            jobs[study] = [study, "--budget", "--variant", ONE_EACH[study], *TINY, *dirs(folder)]
+        else:
+            jobs["batch_size_schedule"] = ["batch_size_schedule", "--budget", *BATCH_SIZE_SCHEDULE, *dirs(folder)]
+    return background.Started([sys.executable, "-c", STUDIES, json.dumps(jobs)], folder, timeout=600, cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def report_of(early, key: str) -> Path:
+    proc = early.result()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])[key]
+    assert not report.startswith("FAILED"), report
+    return Path(report)
 
 
 @pytest.mark.parametrize("study", ONE_EACH)
-def test_smoke_every_study(study, out):
-    report = A.run_study(study, budget=True, overrides=TINY + out, variants=[ONE_EACH[study]], echo=False)
+@pytest.mark.start_early.with_args(launch_studies, shared=True)
+def test_smoke_every_study(study, early):
+    report = report_of(early, study)
     run = report.parent / ONE_EACH[study]
     frame = pd.read_csv(run / "metrics.csv")
     assert len(frame) == 1 and frame["updates"].iloc[0] == 2 and frame["train_eval_acc"].notna().all()
     assert (report.parent / "curves.png").stat().st_size > 1000
 
 
-def test_batch_size_schedule_fewer_updates_and_report(out):
-    over = [*TINY, "epochs=3", "train_subset=128", "batch_size=16"] + out
-    report = A.run_study("batch_size_schedule", budget=True, overrides=over, echo=False)
+@pytest.mark.start_early.with_args(launch_studies, shared=True)
+def test_batch_size_schedule_fewer_updates_and_report(early):
+    report = report_of(early, "batch_size_schedule")
     runs = {v: pd.read_csv(report.parent / v / "metrics.csv") for v in ("decay_lr", "grow_batch")}
     assert runs["decay_lr"]["updates"].tolist() == [8, 16, 24]  # 128 / 16 per epoch
     assert runs["grow_batch"]["batch_size"].tolist() == [16, 16, 80]  # x5 at epoch 2 (= round(3 * 0.5))
@@ -121,7 +175,8 @@ def test_batch_size_schedule_fewer_updates_and_report(out):
         assert col in header
     rows = [line for line in text.splitlines() if line.startswith("| decay_lr") or line.startswith("| grow_batch")]
     assert len(rows) == 2 and "| 24 |" in rows[0] and "![curves](curves.png)" in text
-    again = A.run_study("batch_size_schedule", budget=True, overrides=over, echo=False)  # finished: skipped
+    again = A.run_study("batch_size_schedule", budget=True, overrides=BATCH_SIZE_SCHEDULE + dirs(early.folder),
+                        echo=False)  # finished: skipped
     assert pd.read_csv(again.parent / "decay_lr" / "metrics.csv").equals(runs["decay_lr"])
 
 
