@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from competition import adapt, augment, models, runtime, selftrain, tta
-from competition.config import load_config
+from competition.config import complete, load_config
 from competition.runs import RunDir
 from competition.batch_size import step_throughput
+from competition.specs import train_spec
 
 LABELLED = 40_000  # a k=5 member's training images of CIFAR-100's 50,000
 
@@ -88,7 +89,7 @@ def main(argv=None):
             adapt.tent(model, lambda: batches(), steps=args.tent_steps, lr=1e-3)
 
     t_plain, t_bn, t_tent = per_image(plain, n), per_image(bn, n), per_image(tent, n)
-    train_ips, _ = step_throughput({**cfg, "batch_size": 256}, steps=max(2, n // 256 // 2))
+    train_ips, _ = step_throughput(train_spec(complete(cfg)).replace(batch_size=256), steps=max(2, n // 256 // 2))
     total = 950_000
     st_images = (LABELLED + args.selftrain_images) * args.selftrain_epochs
     rows = [("predict, TTA " + tta.tta_name(views) + f" ({len(views)} views)", t_plain, t_plain * total),

@@ -13,8 +13,9 @@ where the schedule puts the learning rate (warmup end, restarts, the last update
 3. Schedule: walks the preset's scheduler over its whole run (390 updates per epoch, CIFAR's
    50,000 images at batch 128) and reports the LR of the update after warmup, the epochs where
    the LR jumps back up, and the LR the last update used, next to min_lr.
-Uses only make_optimizer / make_scheduler / train.main, so it runs on older commits too (the
-before/after table of the issue "GPU-ready").
+Uses only make_optimizer / make_scheduler (with a config dict, or its typed spec where the commit
+has competition/specs.py) / train.main, so it runs on older commits too (the before/after table
+of the issue "GPU-ready").
 """
 from __future__ import annotations
 
@@ -40,10 +41,29 @@ def stage_of(name: str) -> str:  # not models.stage_of: older commits, which thi
     return {"conv1": "stem", "bn1": "stem", "fc": "head"}.get(top, top)
 
 
+def make_optimizer(model, cfg: dict):
+    """optim.make_optimizer on this commit: given the typed spec (competition/specs.py) where the
+    commit has one, the config dict on older ones."""
+    try:
+        from competition.specs import train_spec
+    except ImportError:
+        return optim.make_optimizer(model, cfg)
+    return optim.make_optimizer(model, train_spec(cfg).optim)
+
+
+def make_scheduler(opt, cfg: dict):
+    """optim.make_scheduler on this commit (spec and epochs, or the dict of older commits)."""
+    try:
+        from competition.specs import train_spec
+    except ImportError:
+        return optim.make_scheduler(opt, cfg)
+    return optim.make_scheduler(opt, train_spec(cfg).schedule, cfg["epochs"])
+
+
 def lr_per_stage(cfg: dict) -> dict:
     model = models.build_model("resnet50", 100)
-    opt = optim.make_optimizer(model, cfg)
-    optim.make_scheduler(opt, {**cfg, "warmup_epochs": 0})  # sets the groups' lr from lr_scale
+    opt = make_optimizer(model, cfg)
+    make_scheduler(opt, {**cfg, "warmup_epochs": 0})  # sets the groups' lr from lr_scale
     names = {id(p): n for n, p in model.named_parameters()}
     out: dict[str, set] = {s: set() for s in STAGES}
     for g in opt.param_groups:
@@ -71,7 +91,7 @@ def frozen_drift(cfg_args: list[str], work: Path) -> dict:
 def schedule_walk(cfg: dict, steps_per_epoch: int = 390) -> dict:
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"])
-    sched = optim.make_scheduler(opt, cfg)
+    sched = make_scheduler(opt, cfg)
     lrs = []
     for epoch in range(cfg["epochs"]):
         for i in range(steps_per_epoch):

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from competition import corruptions, folds, predict, score, train
 from competition.config import resolve
 from competition.runs import RunDir
+from competition.specs import PredictSpec
 
 DEFAULT_VARIANTS = [  # overrides on part1_cpu, whose own recipe is noise_blur 0.5
     "base:",
@@ -75,7 +76,7 @@ def main(argv=None):
     for name, overrides in map(parse_variant, args.variant or DEFAULT_VARIANTS):
         cfg = resolve(None, [args.preset], base + [f"seed={args.seed}"] + overrides, fold=0, name=name)
         run = RunDir(train.train(cfg, force=args.retrain))
-        predict.predict_run(run, [suite], predict.tta.parse_tta(args.tta), bn_adapt=True, test=False)
+        predict.predict_run(run, [suite], PredictSpec(args.tta, adapts=["bn"]), test=False)
         seen = corruptions.trained_on(cfg)
         plain = score.score_target(run.path, suite, args.tta, say=lambda *_: None)
         adapted = score.score_target(run.path, suite, args.tta, adapt="bn", say=lambda *_: None)

@@ -30,6 +30,7 @@ import torch
 from competition.config import load_config
 from competition.runtime import keep_freed_memory
 from competition.batch_size import step_throughput
+from competition.specs import train_spec
 
 
 def main(argv=None):
@@ -47,7 +48,7 @@ def main(argv=None):
     print("| preset | model | image size | batch | images/s | peak GiB |\n|---|---|---|---|---|---|")
     for preset in args.preset or ["part1_cpu", "part1", "part2", "part3"]:
         cfg = load_config([preset], args.overrides)
-        ips, mem = step_throughput(cfg, steps)
+        ips, mem = step_throughput(train_spec(cfg), steps)
         print(f"| {preset} | {cfg['model']} | {cfg['image_size']} | {cfg['batch_size']} | {ips:.0f} | {mem:.1f} |",
               flush=True)
 

@@ -32,7 +32,8 @@ Modules, from the stages down to the leaves (each imports only modules below it)
     optim      optimizers and timm schedules             loader  uint8 arrays -> batches
     augment    to_input, batched flips, CPU pipelines    adapt  test-time BN adaptation
     metrics    accuracy, log-loss, ECE, OOD tables       runtime  Accelerator, precision
-    config     YAML presets and overrides                plots  every figure
+    config     YAML presets and overrides (specs)        plots  every figure
+    specs      a training config typed: one frozen dataclass per part of the run (TrainSpec), what each key accepts
     data       data sources and OOD files                files  errors, atomic writes
 """
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from competition.files import CompetitionError
+from competition.specs import AugmentSpec
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -230,25 +231,24 @@ class RandomErase:
 
 
 class BatchAugment:
-    """Device-side float-batch augmentation from the config: corruption-style noise/blur
-    (NoiseBlur), random erasing (RandomErase), then timm Mixup/CutMix (which returns soft targets, label
-    smoothing folded in)."""
+    """Device-side float-batch augmentation from the AugmentSpec: corruption-style noise/blur
+    (NoiseBlur), random erasing (RandomErase), then timm Mixup/CutMix (which returns soft targets,
+    the loss's label smoothing folded in)."""
 
-    def __init__(self, cfg: dict, num_classes: int, std: list[float] | None = None):
+    def __init__(self, spec: AugmentSpec, num_classes: int, std: list[float] | None = None,
+                 label_smoothing: float = 0.0):
         from timm.data import Mixup
 
         self.noise_blur = None
-        if cfg.get("noise_blur"):
-            self.noise_blur = NoiseBlur(cfg["noise_blur"], std or [1.0, 1.0, 1.0], cfg.get("noise_std", 0.1),
-                                        cfg.get("blur_sigma", 1.0))
+        if spec.noise_blur:
+            self.noise_blur = NoiseBlur(spec.noise_blur, std or [1.0, 1.0, 1.0], spec.noise_std, spec.blur_sigma)
         self.erase = None
-        if cfg.get("random_erasing"):
-            self.erase = RandomErase(cfg["random_erasing"])
+        if spec.random_erasing:
+            self.erase = RandomErase(spec.random_erasing)
         self.mix = None
-        if cfg.get("mixup") or cfg.get("cutmix"):
-            self.mix = Mixup(mixup_alpha=cfg.get("mixup") or 0.0, cutmix_alpha=cfg.get("cutmix") or 0.0,
-                             prob=cfg.get("mix_prob", 1.0), label_smoothing=cfg.get("label_smoothing") or 0.0,
-                             num_classes=num_classes)
+        if spec.mixup or spec.cutmix:
+            self.mix = Mixup(mixup_alpha=spec.mixup, cutmix_alpha=spec.cutmix, prob=spec.mix_prob,
+                             label_smoothing=label_smoothing, num_classes=num_classes)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         if self.noise_blur is not None:
@@ -323,13 +323,12 @@ def corrupt_pipeline(p: float = 0.5):
     return A.Compose([A.OneOf(ops, p=p)])
 
 
-def train_input(images: torch.Tensor, cfg: dict, prep: dict, size: int) -> torch.Tensor:
+def train_input(images: torch.Tensor, spec: AugmentSpec, prep: dict, size: int) -> torch.Tensor:
     """A uint8 (B, H, W, 3) training batch -> the model's float input at `size`: random flip and
-    shift (cfg flip, translate), AugMix when set, then to_input. The loop and step_throughput
+    shift (spec flip, translate), AugMix when set, then to_input. The loop and step_throughput
     both use this."""
-    x = flip_translate(images, cfg["flip"], cfg["translate"])
-    if cfg.get("augmix"):  # with jsd: clean + 2 AugMix views, stacked (JsdCrossEntropy splits them)
-        views = augmix_views(x, 2 if cfg.get("jsd") else 1, cfg.get("augmix_severity", 3))
-        x = torch.cat([x, *views]) if cfg.get("jsd") else views[0]
+    x = flip_translate(images, spec.flip, spec.translate)
+    if spec.augmix:  # with jsd: clean + 2 AugMix views, stacked (JsdCrossEntropy splits them)
+        views = augmix_views(x, 2 if spec.jsd else 1, spec.augmix_severity)
+        x = torch.cat([x, *views]) if spec.jsd else views[0]
     return to_input(x, prep["mean"], prep["std"], size, prep["channels_last"])
-

@@ -1,18 +1,41 @@
 """What lets a run stop and continue exactly: the loop's state (`LoopState`), the checkpoint
-hooks that keep parameter names portable across process counts and torch.compile, resuming from
-the newest checkpoint that loads completely (`restore`), mid-epoch batch skipping
-(`epoch_batches`), and the plain state dict that best.pt / last.pt hold (`state_dict`).
+folders (`save_checkpoint`, `load_checkpoint`), resuming from the newest checkpoint that loads
+completely (`restore`), mid-epoch batch skipping (`epoch_batches`), and the plain state dict that
+best / last weights hold (`state_dict`).
 
-Accelerate writes the checkpoints (run/checkpoints/checkpoint_K, see competition/train.py's
-make_accelerator); timm schedulers and the EMA are registered here rather than prepared
-(Accelerate would step a prepared scheduler once per process).
+A checkpoint (run/checkpoints/checkpoint_K/, the newest two kept; competition/runs.py names the
+files) holds no pickle: tensors are safetensors and everything else JSON, so resuming from a
+folder someone sent runs no code:
+
+    model.safetensors                  the weights, bare parameter names (no DDP `module.` or
+                                       torch.compile `_orig_mod.`: loads with any process count)
+    optimizer.safetensors              per-parameter state tensors ("<param index>.<name>")
+    optimizer.json                     param_groups, and per-parameter state that is not a tensor
+    ema.safetensors                    the EMA's weights (runs with ema)
+    state.json                         LoopState, scheduler state_dict, Accelerate's step, grad scaler
+    random_states_<rank>.safetensors   each process's torch and CUDA RNG states (uint8 tensors), its
+                                       Python and numpy ones as JSON metadata
+
+Why not Accelerate's save_state / load_state: only the model is safetensors there; the optimizer,
+the registered objects (scheduler, LoopState, EMA) and the RNG states are pickles, and load_state
+reads custom_checkpoint_*.pkl with weights_only=False (a planted file would run). What it saves
+for this loop is all here: the model, the prepared optimizer's state_dict, the RNG states of every
+process and `accelerator.step` (gradient accumulation's counter); the data loaders need nothing
+(map-style, reshuffled from a per-epoch seed), nor does the scheduler (timm's, stepped by the loop).
+A folder is written as checkpoint_K.tmp and renamed when complete, so a crash leaves no half
+checkpoint under a checkpoint's name. Checkpoints Accelerate wrote (runs saved before) still
+resume: each of their pickles is read with weights_only=True first (runs.RunDir.checkpoint_problem),
+then Accelerate loads them as it did; the next save writes this format.
 """
 from __future__ import annotations
 
+import json
+import random
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -22,9 +45,11 @@ from competition.runs import RunDir
 if TYPE_CHECKING:
     from competition.learner import Learner
 
+FORMAT = 1  # state.json's "format": bump when the layout changes, and read the old one too
+
 
 class LoopState:
-    """Everything of the loop that must survive a resume, checkpointed with Accelerate."""
+    """Everything of the loop that must survive a resume (state.json of a checkpoint: plain JSON values)."""
 
     def __init__(self):
         self.epoch, self.updates, self.best_acc, self.best_epoch, self.bad_epochs = 0, 0, -1.0, -1, 0
@@ -42,26 +67,22 @@ class LoopState:
 
 
 def restore(run: RunDir, learner: Learner, accelerator, resume: bool) -> LoopState:
-    """The loop state, registered for checkpointing with the schedule and EMA (timm schedulers
-    stay out of prepare: Accelerate would step them once per process); loaded from the latest
-    checkpoint when resuming."""
+    """The loop state: a fresh one, or, when resuming, the newest checkpoint that loads completely
+    loaded into it and into the learner (model, optimizer, schedule, EMA) and the RNGs."""
     state = LoopState()
-    portable_checkpoints(accelerator, learner.net)
-    accelerator.register_for_checkpointing(learner.scheduler, state)
-    if learner.ema is not None:
-        accelerator.register_for_checkpointing(learner.ema)
     if resume:
-        ckpt = newest_complete_checkpoint(run, 2 + (learner.ema is not None), accelerator)
+        ckpt = newest_complete_checkpoint(run, learner.ema is not None, accelerator)
         try:
-            accelerator.load_state(str(ckpt))
+            if RunDir.is_legacy_checkpoint(ckpt):
+                load_legacy_checkpoint(ckpt, learner, state, accelerator)
+            else:
+                load_checkpoint(ckpt, learner, state, accelerator)
         except ValueError as e:
             if "parameter group" not in str(e):
                 raise
             raise CompetitionError(f"--resume: {ckpt} holds optimizer state for other parameter groups than this "
                                    f"code makes (saved before one-lr-per-stage layer_decay?): it cannot continue "
                                    f"exactly; retrain with --force") from None
-        # With automatic naming the next save would otherwise reuse checkpoint_0 and collide.
-        accelerator.project_configuration.iteration = int(ckpt.name.split("_")[-1]) + 1
         where = f"epoch {state.epoch + 1} step {state.step}" if state.step else f"the end of epoch {state.epoch}"
         accelerator.print(f"resumed from {ckpt} at {where}")
         if state.processes not in (None, accelerator.num_processes):
@@ -72,6 +93,81 @@ def restore(run: RunDir, learner: Learner, accelerator, resume: bool) -> LoopSta
     return state
 
 
+def save_checkpoint(run: RunDir, learner: Learner, state: LoopState, accelerator) -> Path:
+    """Write the next checkpoint_K (see the module docstring) and drop all but the newest two.
+    Every process writes its RNG states; the main process writes the rest."""
+    from safetensors.torch import save_file
+
+    final, tmp = run.next_checkpoint()  # every process names it before the main one renames anything
+    if accelerator.is_main_process:
+        for stale in run.stale_checkpoint_tmps():  # a save a crash cut short
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    _save_rng(RunDir.checkpoint_rng(tmp, accelerator.process_index))
+    if accelerator.is_main_process:
+        save_file(_tensors(learner.net.state_dict(), bare=True), str(tmp / RunDir.CKPT_MODEL))
+        # The prepared optimizer's state_dict is the wrapped optimizer's (what save_state wrote).
+        tensors, rest = _split_optimizer(learner.optimizer.state_dict())
+        save_file(tensors, str(tmp / RunDir.CKPT_OPTIMIZER))
+        _write_json(tmp / RunDir.CKPT_OPTIMIZER_JSON, rest)
+        if learner.ema is not None:
+            save_file(_tensors(learner.ema.state_dict()), str(tmp / RunDir.CKPT_EMA))
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None  # fp16 only
+        _write_json(tmp / RunDir.CKPT_STATE, {"format": FORMAT, "loop": state.state_dict(),
+                                              "scheduler": learner.scheduler.state_dict(),
+                                              "accelerator_step": accelerator.step, "scaler": scaler})
+    accelerator.wait_for_everyone()  # every process's RNG states are in
+    if accelerator.is_main_process:
+        tmp.rename(final)
+        for old in run.checkpoints()[:-RunDir.KEEP_CHECKPOINTS]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(ckpt: Path, learner: Learner, state: LoopState, accelerator) -> None:
+    """A checkpoint save_checkpoint wrote, into the learner, the loop state, Accelerate's step and
+    this process's RNGs (a process that did not write one, in a run with more processes than the
+    checkpoint's, keeps its seeded RNGs, as Accelerate's load_state did)."""
+    from safetensors.torch import load_file
+
+    saved = _read_json(ckpt / RunDir.CKPT_STATE)
+    if saved.get("format") != FORMAT:
+        raise CompetitionError(f"--resume: {ckpt / RunDir.CKPT_STATE} is format {saved.get('format')!r}, this code "
+                               f"reads format {FORMAT}: resume with the code that wrote it, or retrain with --force")
+    learner.net.load_state_dict({bare_name(k): v for k, v in load_file(ckpt / RunDir.CKPT_MODEL).items()})
+    learner.optimizer.load_state_dict(_join_optimizer(load_file(ckpt / RunDir.CKPT_OPTIMIZER),
+                                                      _read_json(ckpt / RunDir.CKPT_OPTIMIZER_JSON)))
+    learner.scheduler.load_state_dict(saved["scheduler"])
+    if learner.ema is not None:
+        learner.ema.load_state_dict(load_file(ckpt / RunDir.CKPT_EMA))
+    state.load_state_dict(saved["loop"])
+    accelerator.step = saved["accelerator_step"]
+    if accelerator.scaler is not None and saved.get("scaler"):
+        accelerator.scaler.load_state_dict(saved["scaler"])
+    rng = RunDir.checkpoint_rng(ckpt, accelerator.process_index)
+    if rng.exists():
+        _load_rng(rng)
+
+
+def load_legacy_checkpoint(ckpt: Path, learner: Learner, state: LoopState, accelerator) -> None:
+    """A checkpoint Accelerate's save_state wrote (runs saved before this format), loaded by its
+    load_state as it always was, once newest_complete_checkpoint has read every pickle in it with
+    weights_only=True (load_state itself reads custom_checkpoint_*.pkl with weights_only=False).
+    The model is loaded here under bare names, so a checkpoint written by N processes (DDP's
+    `module.`) or with compile (`_orig_mod.`) loads into this run's bare module."""
+    def load_model(models_, input_dir):
+        learner.net.load_state_dict({bare_name(k): v for k, v in RunDir.checkpoint_weights(Path(input_dir)).items()})
+        models_.clear()  # loaded: Accelerate must not load them again into the wrapped model
+
+    accelerator.register_load_state_pre_hook(load_model)
+    # The registration order of the runs that wrote them: custom_checkpoint_0, 1, 2.
+    accelerator.register_for_checkpointing(learner.scheduler, state, *([learner.ema] if learner.ema is not None
+                                                                        else []))
+    accelerator.load_state(str(ckpt))
+
+
 def bare_name(key: str) -> str:
     """A parameter name without the wrappers' prefixes (DDP's `module.`, torch.compile's `_orig_mod.`)."""
     while key.startswith(("module.", "_orig_mod.")):
@@ -79,30 +175,99 @@ def bare_name(key: str) -> str:
     return key
 
 
-def portable_checkpoints(accelerator, net: nn.Module) -> None:
-    """Checkpoints hold the bare module's parameter names and load into the bare module.
-    Accelerate saves the *wrapped* model's state dict, so a checkpoint written by N processes
-    (DDP: `module.` prefixes) or with compile (`_orig_mod.`) would not load into a run with
-    another process count or compile setting; these hooks make it load into any (and still
-    read checkpoints saved before them)."""
-    def save(models_, weights, output_dir):
-        for i, w in enumerate(weights):
-            weights[i] = {bare_name(k): v.contiguous() for k, v in w.items()}  # channels-last: safetensors wants contiguous
-
-    def load(models_, input_dir):
-        net.load_state_dict({bare_name(k): v for k, v in RunDir.checkpoint_weights(Path(input_dir)).items()})
-        models_.clear()  # loaded here: Accelerate must not load them again into the wrapped model
-
-    accelerator.register_save_state_pre_hook(save)
-    accelerator.register_load_state_pre_hook(load)
+def _tensors(sd: dict, bare: bool = False) -> dict:
+    """A state dict as safetensors takes it: CPU copies (no shared memory), contiguous (channels-last is not)."""
+    return {(bare_name(k) if bare else k): v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
 
-def newest_complete_checkpoint(run: RunDir, custom: int, accelerator) -> Path:
+def _split_optimizer(sd: dict) -> tuple[dict, dict]:
+    """An optimizer state_dict as (tensors "<param index>.<name>", the JSON rest: param_groups and
+    per-parameter values that are not tensors)."""
+    tensors, rest = {}, {}
+    for index, per_param in sd["state"].items():
+        rest[str(index)] = {}
+        for name, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().to("cpu", copy=True).contiguous()
+            else:
+                rest[str(index)][name] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": rest}
+
+
+def _join_optimizer(tensors: dict, saved: dict) -> dict:
+    """_split_optimizer undone: the optimizer state_dict (its tensors on the CPU: load_state_dict
+    moves them to each parameter's device)."""
+    state = {int(index): dict(values) for index, values in saved["state"].items()}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def _save_rng(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {"python": json.dumps(_jsonable(random.getstate())),
+            "numpy": json.dumps([name, keys.tolist(), int(pos), int(has_gauss), float(cached)])}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _load_rng(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    random.setstate(json.loads(meta["python"], object_hook=_untag))
+    name, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        cuda = [tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in tensors]
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _jsonable(obj):
+    """obj as JSON takes it, exactly: tuples tagged (JSON has only lists, and a scheduler or
+    optimizer given a list back where it saved a tuple, Adam's betas, would not be the state it
+    saved), numpy scalars as Python numbers. Floats round-trip exactly (repr), NaN included."""
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_jsonable(v) for v in obj]}
+    if isinstance(obj, list):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"checkpoint state: a dict with keys {list(obj)[:5]} (JSON keys are strings)")
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"checkpoint state: a {type(obj).__name__} cannot be written as JSON")
+
+
+def _untag(d: dict):
+    return tuple(d["__tuple__"]) if d.keys() == {"__tuple__"} else d
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(_jsonable(obj)))
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text(), object_hook=_untag)
+
+
+def newest_complete_checkpoint(run: RunDir, ema: bool, accelerator) -> Path:
     """The newest checkpoint whose every file loads; newer broken ones (a crash mid-save, a
     truncated copy) are moved to broken-checkpoints/ with a message, so the next save cannot
     collide with them and nothing is silently resumed inexactly."""
     found = run.checkpoints()
-    problems = {c: RunDir.checkpoint_problem(c, custom) for c in reversed(found)}
+    problems = {c: RunDir.checkpoint_problem(c, ema) for c in reversed(found)}
     good = next((c for c, why in problems.items() if why is None), None)
     broken = [c for c, why in problems.items() if why is not None and (good is None or c.name > good.name)]
     for c in broken:

@@ -1,7 +1,8 @@
 """Configs as plain data: base.yaml <- presets (YAML files in configs/) <- `key=value` overrides.
 
-A preset may name `extends: other_preset`. Unknown keys are errors, so a typo never
-silently trains with a default.
+A preset may name `extends: other_preset`. Unknown keys and values of the wrong type are errors
+at load, so a typo never silently trains with a default. The dict stays the stored form (a run
+folder's config.yaml, what `comparable` compares); competition/specs.py types it for the stages.
 """
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from pathlib import Path
 
 import yaml
 
+from competition import specs
 from competition.files import CompetitionError, check_name, save_text
+# What each key accepts (RULES: {key: (kind, low, high, None allowed)}) comes from the typed fields
+# of competition/specs.py, the one table of types; check_value raises the clear error.
+from competition.specs import RULES, bad_value, check_value  # noqa: F401 (config.RULES: re-exported)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -110,21 +115,14 @@ PREDICTION_KEYS = {"bn_adapt": "python -m competition.predict RUN --adapt bn (ru
 def check_keys(cfg: dict, where: str = "config") -> dict:
     """`cfg` unchanged, or an error naming keys base.yaml does not have, each with the closest
     valid key (a typo never trains), or a prediction setting with the stage it belongs to."""
-    import difflib
-
-    valid = set(base_config()) | {"preset"}
+    valid = set(base_config()) | specs.DERIVED_KEYS
     misplaced = sorted(set(cfg) & set(PREDICTION_KEYS))
     if misplaced:
         raise CompetitionError(f"{where}: {', '.join(misplaced)} is a prediction setting, not a training one: "
                                f"drop it and use {'; '.join(PREDICTION_KEYS[k] for k in misplaced)}")
     unknown = sorted(set(cfg) - valid)
     if unknown:
-        hints = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
-            hints.append(f"{key} (did you mean {close[0]}?)" if close else key)
-        raise CompetitionError(f"{where}: unknown config key(s) {', '.join(hints)}; every key is in "
-                               f"competition/configs/base.yaml")
+        raise specs.unknown_keys_error(unknown, valid, where)
     return cfg
 
 
@@ -156,7 +154,10 @@ def load_config(presets: list[str] = (), overrides: list[str] = ()) -> dict:
     for table in by_part:
         part_cfg = table.get(cfg.get("part")) or table.get(str(cfg.get("part"))) or {}
         cfg = merge(cfg, part_cfg)
-    return check_keys(apply_overrides(cfg, overrides))
+    cfg = check_keys(apply_overrides(cfg, overrides))
+    for key, value in cfg.items():  # a mistyped value fails here, at load, naming its key
+        check_value(key, value)
+    return cfg
 
 
 def resolve(part: int | None = None, presets: list[str] | None = None, overrides: list[str] = (),
@@ -177,84 +178,6 @@ def resolve(part: int | None = None, presets: list[str] | None = None, overrides
 
 # ---------------------------------------------------------------------------- value checks
 
-# What each key accepts: (kind, low, high, None allowed). kind: int | num (int or float) | bool |
-# str | ints (a list of ints >= low) | map; for str, `low` is the list of choices (None: any).
-# Ranges are inclusive; ("num", 0, None) with "gt" means strictly above. Checked before a run
-# writes or deletes anything, so a typo costs one message, never a run folder.
-RULES: dict[str, tuple] = {
-    "part": ("int", 0, 3, False), "name": ("str", None, None, True), "seed": ("int", 0, None, False),
-    "fold": ("int", -1, None, False), "dataset": ("str", None, None, False), "data": ("str", None, None, True),
-    "data_dir": ("str", None, None, False), "folds_dir": ("str", None, None, False),
-    "models_dir": ("str", None, None, False), "train_subset": ("int", 1, None, True),
-    "val_subset": ("int", 1, None, True), "oof_tta": ("str", None, None, False), "eval_train": ("int", 0, None, True),
-    "model": ("str", None, None, False), "model_args": ("map", None, None, True), "pretrained": ("bool",),
-    "weights": ("str", None, None, True), "image_size": ("int", 8, 512, True), "train_sizes": ("map", None, None, True),
-    "norm": ("str", ["data", "imagenet", "none"], None, False), "channels_last": ("bool",), "compile": ("bool",),
-    "epochs": ("int", 1, None, False), "stop_after": ("int", 1, None, True), "batch_size": ("int", 1, None, False),
-    "optimizer": ("str", ["sgd", "adamw", "adam", "radam"], None, False), "lr": ("num", "gt0", None, False),
-    "momentum": ("num", 0, 1, False), "nesterov": ("bool",), "weight_decay": ("num", 0, None, False),
-    "no_decay_norm_bias": ("bool",), "layer_decay": ("num", "gt0", 1, True), "grad_clip": ("num", "gt0", None, True),
-    "grad_accum": ("int", 1, None, False), "label_smoothing": ("num", 0, 0.999, False),
-    "mixed_precision": ("str", ["auto", "no", "bf16", "fp16"], None, False),
-    "sched": ("str", ["cosine", "const", "step"], None, False), "warmup_epochs": ("num", 0, None, False),
-    "warmup_lr": ("num", 0, None, False), "min_lr": ("num", 0, None, False),
-    "cycle_epochs": ("num", "gt0", None, True), "cycle_mul": ("num", "gt0", None, False),
-    "cycle_decay": ("num", "gt0", None, False), "step_milestones": ("ints", 0, None, True),
-    "step_gamma": ("num", "gt0", None, False), "batch_size_milestones": ("ints", 0, None, True),
-    "batch_size_factor": ("int", 1, None, False), "cpu_aug": ("str", None, None, False),
-    "strong_aug_epoch": ("int", 0, None, True), "flip": ("bool",), "translate": ("int", 0, 16, False),
-    "mixup": ("num", 0, None, False), "cutmix": ("num", 0, None, False), "mix_prob": ("num", 0, 1, False),
-    "random_erasing": ("num", 0, 1, False), "workers": ("int", 0, None, False), "unfreeze": ("map", None, None, True),
-    "ema": ("num", "gt0", 0.999999, True), "patience": ("int", 1, None, True),
-    "log_with": ("str", ["tensorboard", "wandb"], None, True), "progress": ("bool",),
-    "noise_blur": ("num", 0, 1, False), "noise_std": ("num", 0, 1, False), "blur_sigma": ("num", 0.3, 5, False),
-    "augmix": ("bool",), "augmix_severity": ("int", 1, 10, False), "jsd": ("num", 0, None, False),
-    "ood_check": ("int", 0, None, False), "select_on": ("str", ["clean", "ood"], None, False),
-    "exclude_folds": ("ints", 0, None, True), "init_from": ("str", None, None, True), "pseudo": ("str", None, None, True),
-}
-
-
-def _bad(key: str, value, want: str) -> CompetitionError:
-    return CompetitionError(f"config {key}={value!r}: {want} (set it in a preset or as {key}=VALUE; "
-                            f"competition/configs/base.yaml documents every key)")
-
-
-def check_value(key: str, value) -> None:
-    """Raise a clear error unless `value` is what `key` accepts (RULES)."""
-    rule = RULES.get(key)
-    if rule is None:
-        return
-    kind, *rest = rule
-    nullable = rest[2] if rest else False
-    if value is None:
-        if kind == "bool" or not nullable:
-            raise _bad(key, value, "a value is required")
-        return
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise _bad(key, value, "must be true or false")
-        return
-    low, high = rest[0], rest[1]
-    if kind in ("int", "num"):
-        ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok or (kind == "num" and value != value):
-            raise _bad(key, value, "must be a whole number" if kind == "int" else "must be a number")
-        if (low == "gt0" and not value > 0) or (isinstance(low, (int, float)) and value < low) or \
-                (high is not None and value > high):
-            lo = "above 0" if low == "gt0" else f">= {low}" if low is not None else ""
-            hi = f"<= {high}" if high is not None else ""
-            raise _bad(key, value, f"must be {' and '.join(x for x in (lo, hi) if x)}")
-    elif kind == "str":
-        if not isinstance(value, str) or not value:
-            raise _bad(key, value, "must be a text")
-        if low is not None and value not in low:
-            raise _bad(key, value, f"must be one of {', '.join(low)}")
-    elif kind == "ints":
-        if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < low for v in value):
-            raise _bad(key, value, f"must be a list of whole numbers >= {low}, e.g. [10, 20]")
-    elif kind == "map" and not isinstance(value, dict):
-        raise _bad(key, value, "must be a mapping, e.g. {key: value}")
-
 
 def validate(cfg: dict) -> dict:
     """`cfg` unchanged when every key holds an acceptable value, else one clear error."""
@@ -265,19 +188,19 @@ def validate(cfg: dict) -> dict:
         check_name(cfg["name"], "config name (the run folder under models_dir)", nested=True)
     for epoch, size in (cfg.get("train_sizes") or {}).items():
         if not str(epoch).isdigit() or isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 512:
-            raise _bad("train_sizes", cfg["train_sizes"], "must map epochs (whole numbers >= 0) to image sizes "
-                                                          "8..512, e.g. {0: 24, 6: 32}")
+            raise bad_value("train_sizes", cfg["train_sizes"], "must map epochs (whole numbers >= 0) to image sizes "
+                                                               "8..512, e.g. {0: 24, 6: 32}")
     if cfg.get("select_on") == "ood" and not cfg.get("ood_check"):
-        raise _bad("select_on", "ood", "needs ood_check > 0 (the corrupted held-out images it selects on)")
+        raise bad_value("select_on", "ood", "needs ood_check > 0 (the corrupted held-out images it selects on)")
     if cfg.get("pseudo") and (cfg.get("mixup") or cfg.get("cutmix") or cfg.get("jsd")):
-        raise _bad("pseudo", cfg["pseudo"], "takes its own soft targets: set mixup=0 cutmix=0 jsd=0")
+        raise bad_value("pseudo", cfg["pseudo"], "takes its own soft targets: set mixup=0 cutmix=0 jsd=0")
     if cfg.get("jsd") and not cfg.get("augmix"):
-        raise _bad("jsd", cfg["jsd"], "needs augmix=true (the consistency is between AugMix views)")
+        raise bad_value("jsd", cfg["jsd"], "needs augmix=true (the consistency is between AugMix views)")
     if cfg.get("jsd") and (cfg.get("mixup") or cfg.get("cutmix")):
-        raise _bad("jsd", cfg["jsd"], "cannot be combined with mixup/cutmix (soft targets); set mixup=0 cutmix=0")
+        raise bad_value("jsd", cfg["jsd"], "cannot be combined with mixup/cutmix (soft targets); set mixup=0 cutmix=0")
     if (cfg.get("mixup") or cfg.get("cutmix")) and cfg["batch_size"] % 2:
-        raise _bad("batch_size", cfg["batch_size"], "must be even with mixup/cutmix (timm pairs each image "
-                                                     "with its mirror in the batch)")
+        raise bad_value("batch_size", cfg["batch_size"], "must be even with mixup/cutmix (timm pairs each image "
+                                                          "with its mirror in the batch)")
     return cfg
 
 
@@ -287,10 +210,16 @@ def validate(cfg: dict) -> dict:
 NOT_COMPARED = frozenset({"progress", "log_with", "workers", "stop_after", "data_dir", "folds_dir", "models_dir"})
 
 
+def complete(cfg: dict) -> dict:
+    """A copy of cfg with base.yaml's default for every key it lacks: a config saved before the
+    key existed, as specs.train_spec (which takes every key) needs it."""
+    return {**base_config(), **cfg}
+
+
 def comparable(cfg: dict) -> dict:
     """What decides whether two configs train the same run. Keys added to base.yaml after a run
     was made count as their default, so a new knob does not invalidate every finished run."""
-    full = {**base_config(), **cfg}
+    full = complete(cfg)
     # PREDICTION_KEYS: runs saved when those keys were training keys still compare equal.
     return {k: v for k, v in full.items() if k not in NOT_COMPARED and k not in PREDICTION_KEYS}
 

@@ -48,6 +48,7 @@ from competition.metrics import accuracy, file_accuracy, log_loss, table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, combine, expand_runs, file_hash, \
     group_members, load_oof, member_oof_ood, member_test, num_classes, ood_logits, oof_labels, setting_name, \
     test_logits
+from competition.specs import EnsembleSpec
 
 # ---------------------------------------------------------------------------- weights
 
@@ -278,20 +279,19 @@ def fit(members: list[Member], labels_all: np.ndarray, method: str, rounds: int,
     return weights, oof_fit, ood_figures
 
 
-def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "caruana", rounds: int = 40,
-          tta_name: str | None = None, adapt: str = "none", fit_on: str = "auto",
+def build(runs: list, name: str, ood_dir, out_dir="submissions", spec: EnsembleSpec | None = None,
           overwrite: bool = False, say=print, allow_partial: bool = False) -> Path:
-    """Fit the weights, write submissions/<name>.csv and .json, validate the CSV; returns the CSV.
-    An existing CSV is never overwritten by a different submission (a new --name, or overwrite)."""
+    """Fit the weights as `spec` says (default EnsembleSpec(): caruana, each run's own TTA, no
+    adaptation, fit_on auto), write submissions/<name>.csv and .json, validate the CSV; returns
+    the CSV. An existing CSV is never overwritten by a different submission (a new --name, or overwrite)."""
+    spec = spec or EnsembleSpec()
+    method, rounds, adapt, fit_on = spec.method, spec.rounds, spec.adapt, spec.fit_on
     t0 = time.time()
     check_name(name, "--name")
-    for key, value, allowed in (("method", method, ("caruana", "equal")),
-                                ("adapt", adapt, ("none", *ADAPTATIONS, "auto")),
-                                ("fit-on", fit_on, ("auto", "clean", "ood"))):
-        if value not in allowed:
-            raise CompetitionError(f"--{key} must be one of {', '.join(allowed)}, not {value!r}")
+    if adapt not in ("none", *ADAPTATIONS, "auto"):
+        raise CompetitionError(f"--adapt must be one of {', '.join(('none', *ADAPTATIONS, 'auto'))}, not {adapt!r}")
     members = group_members([r if isinstance(r, RunDir) else RunDir(r) for r in runs],
-                            setting_name(tta_name) if tta_name else None)
+                            setting_name(spec.tta) if spec.tta else None)
     datasets = [c.get("dataset") for m in members for c in m.cfgs]
     ood = data.OodSet(ood_dir, data.OodSet.required_shape(ood_dir, datasets, allow_partial))
     labels_all, n_classes = oof_labels(members), num_classes(members)
@@ -323,6 +323,7 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", method: str = "
 
 
 def main(argv=None):
+    default = EnsembleSpec()  # the flags' defaults are the spec's
     p = argparse.ArgumentParser(prog="python -m competition.ensemble", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders or quoted glob patterns (runs differing only in fold "
@@ -330,23 +331,25 @@ def main(argv=None):
     p.add_argument("--name", required=True, help="submission name: submissions/NAME.csv and NAME.json")
     p.add_argument("--ood-dir", default="data/ood-test", help="the distortionNN.npy files the CSV is for")
     p.add_argument("--tta", default=None, help="the TTA setting to use (default: each run's own, as predict's)")
-    p.add_argument("--adapt", default="none", choices=("none", *ADAPTATIONS, "auto"),
+    p.add_argument("--adapt", default=default.adapt, choices=("none", *ADAPTATIONS, "auto"),
                    help="adapted OOD logits (predict --adapt): none, bn, tent, shot, eata, or auto: per member, what "
                         "pays on its "
                         "corrupted out-of-fold images (the choose images; never a local suite, which measures)")
     p.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
-    p.add_argument("--fit-on", default="auto", choices=("auto", "clean", "ood"),
+    p.add_argument("--fit-on", default=default.fit_on, choices=("auto", "clean", "ood"),
                    help="weights fitted on clean or corrupted out-of-fold images (auto: corrupted when every run "
                         "has them, i.e. was trained with ood_check)")
-    p.add_argument("--method", default="caruana", choices=("caruana", "equal"))
-    p.add_argument("--rounds", type=count, default=40, help="greedy selection rounds (weights are multiples of 1/k)")
+    p.add_argument("--method", default=default.method, choices=("caruana", "equal"))
+    p.add_argument("--rounds", type=count, default=default.rounds,
+                   help="greedy selection rounds (weights are multiples of 1/k)")
     p.add_argument("--out-dir", default="submissions")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission of this name")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept fewer OOD files or rows than the competition's 19 x 50,000 (cifar100 runs)")
     args = p.parse_args(argv)
-    return build(expand_runs(args.runs), args.name, args.ood_dir, args.out_dir, args.method, args.rounds, args.tta,
-                 args.adapt, args.fit_on, args.overwrite, allow_partial=args.allow_partial)
+    spec = EnsembleSpec(method=args.method, rounds=args.rounds, tta=args.tta, adapt=args.adapt, fit_on=args.fit_on)
+    return build(expand_runs(args.runs), args.name, args.ood_dir, args.out_dir, spec, args.overwrite,
+                 allow_partial=args.allow_partial)
 
 
 if __name__ == "__main__":

@@ -124,27 +124,29 @@ def dataset_name(source: str, path=None) -> str:
 # ---------------------------------------------------------------- a run's rows
 
 
-def fold_rows(fold: np.ndarray, cfg: dict, path) -> tuple[np.ndarray, np.ndarray]:
-    """Training and held-out rows for cfg['fold'], given every row's fold (from the folds file
-    `path`): exclude_folds and the measure reserve (fold value MEASURE) in neither; fold -1
-    trains on all the others and holds out none."""
+def fold_rows(fold: np.ndarray, held_out: int, path, exclude_folds: list[int] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out rows of a run held out on fold `held_out`, given every row's fold
+    (from the folds file `path`): exclude_folds and the measure reserve (fold value MEASURE) in
+    neither; fold -1 trains on all the others and holds out none."""
     k = int(fold.max()) + 1
+    excluded_folds = list(exclude_folds or [])
     # A reserve: neither trained on nor held out. The measure reserve always is: no run, whatever
     # its config, learns from or is selected on the images the local estimate is measured on.
-    excluded = np.isin(fold, cfg.get("exclude_folds") or []) | (fold == MEASURE)
-    if cfg["fold"] in (cfg.get("exclude_folds") or []):
-        raise CompetitionError(f"fold={cfg['fold']} is also in exclude_folds {cfg['exclude_folds']}")
-    if cfg["fold"] == -1:
+    excluded = np.isin(fold, excluded_folds) | (fold == MEASURE)
+    if held_out in excluded_folds:
+        raise CompetitionError(f"fold={held_out} is also in exclude_folds {excluded_folds}")
+    if held_out == -1:
         return np.flatnonzero(~excluded), np.arange(0)
-    if not 0 <= cfg["fold"] < k:
-        raise CompetitionError(f"fold={cfg['fold']} but {path} has folds 0..{k - 1} (or -1 to train on all)")
-    return np.flatnonzero((fold != cfg["fold"]) & ~excluded), np.flatnonzero(fold == cfg["fold"])
+    if not 0 <= held_out < k:
+        raise CompetitionError(f"fold={held_out} but {path} has folds 0..{k - 1} (or -1 to train on all)")
+    return np.flatnonzero((fold != held_out) & ~excluded), np.flatnonzero(fold == held_out)
 
 
-def ood_check_seed(cfg: dict) -> int:
+def ood_check_seed(fold: int) -> int:
     """The seed of a fold's corrupted check images: the fold's alone, so every run held out on
     that fold (any seed, any preset) is checked, selected and ensembled on the same images."""
-    return 10_000 + int(cfg["fold"])
+    return 10_000 + int(fold)
 
 
 def ood_check_cells(val_rows: np.ndarray, n: int, seed: int, cells: int) -> np.ndarray:

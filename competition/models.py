@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 from competition import mobilenets
+from competition.config import complete
 from competition.files import CompetitionError
+from competition.specs import ModelSpec
 
 # -------------------------------------------------------------------- Part 1: simple CNN
 
@@ -190,12 +192,11 @@ def hub_unreachable(timeout: float = HUB_PROBE_S) -> str | None:
     return None
 
 
-def check_weights_source(cfg: dict) -> None:
-    """Before a run folder is touched: the weights=PATH message now, when cfg's model wants hub
+def check_weights_source(spec: ModelSpec) -> None:
+    """Before a run folder is touched: the weights=PATH message now, when the model wants hub
     weights (resnet50, pretrained, no weights file) that are neither in the local cache nor
     reachable. Cheap: a cache lookup, and at most one short connection attempt."""
-    if cfg.get("model") == "resnet50" and cfg.get("pretrained") and not cfg.get("weights") \
-            and cached_hub_weights("resnet50") is None:
+    if spec.model == "resnet50" and spec.pretrained and not spec.weights and cached_hub_weights("resnet50") is None:
         why = hub_unreachable()
         if why:
             raise CompetitionError(no_weights_message(why))
@@ -252,12 +253,16 @@ def build_model(name: str, num_classes: int, **model_args) -> nn.Module:
         raise CompetitionError(f"model {name}: bad model_args {model_args} ({e})") from None
 
 
-def model_from_config(cfg: dict, num_classes: int) -> nn.Module:
-    """The model a config describes (model, model_args; resnet50 also pretrained, weights)."""
-    args = {k: v for k, v in (cfg.get("model_args") or {}).items() if k not in ("pretrained", "weights")}
-    if cfg["model"] == "resnet50":
-        args.update(pretrained=bool(cfg.get("pretrained")), weights=cfg.get("weights"))
-    return build_model(cfg["model"], num_classes, **args)
+def model_from_config(spec: ModelSpec | dict, num_classes: int) -> nn.Module:
+    """The model a spec describes (model, model_args; resnet50 also pretrained, weights). A dict is
+    a saved run's config (runs.RunDir.load_model), read into a ModelSpec with base.yaml's default
+    for any key it predates."""
+    if isinstance(spec, dict):
+        spec = ModelSpec.from_config(complete(spec))
+    args = {k: v for k, v in (spec.model_args or {}).items() if k not in ("pretrained", "weights")}
+    if spec.model == "resnet50":
+        args.update(pretrained=spec.pretrained, weights=spec.weights)
+    return build_model(spec.model, num_classes, **args)
 
 
 def set_trainable(model: nn.Module, prefixes: list[str] | None) -> int:

@@ -32,6 +32,7 @@ from competition.adapt import ADAPTATIONS
 from competition.config import CONFIG_DIR, resolve
 from competition.files import NAME_RULE, CompetitionError, cli
 from competition.runs import RunDir
+from competition.specs import train_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 ADAPTS = ("none", *ADAPTATIONS, "auto")
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
         print(csv)
         return 0
     if 3 in plan.parts:  # offline without weights: say so now, not after Parts 1-2 have trained
-        models.check_weights_source(resolve(3, plan.presets(3), plan.train_overrides(3)))
+        models.check_weights_source(train_spec(resolve(3, plan.presets(3), plan.train_overrides(3))).model)
     t0 = time.time()
     if plan.dataset == "cifar100" and not plan.suite:
         print("no measure reserve (--measure-n 0): no local estimate this time; the choices are made on "

@@ -50,6 +50,7 @@ from competition import adapt, augment, data, files, runtime, tta
 from competition.files import CompetitionError, cli, count
 from competition.loader import eval_loader
 from competition.runs import RunDir, expand_runs, setting_name, source_stamp
+from competition.specs import PredictSpec
 
 
 class Predictor:
@@ -177,9 +178,7 @@ class Predictor:
 
 
 ADAPTATIONS = adapt.ADAPTATIONS  # re-exported: predict --adapt's choices
-LEARN_KEYS = ("steps", "lr", "batch", "guard")
-# One pass of TENT's own settings; the collapse guard on (0.1 nats of class-histogram entropy).
-LEARN_DEFAULTS = {"steps": 1, "lr": 1e-3, "batch": 128, "guard": 0.1}
+LEARN_KEYS = ("steps", "lr", "batch", "guard")  # PredictSpec.learn_args: one pass of TENT's own settings by default
 
 
 @dataclass
@@ -193,11 +192,12 @@ class Job:
     passes: int  # forward passes over the images (views, +1 for BN adaptation): the progress bar's units
 
 
-def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data.OodSet], adapts: list[str],
-         bn_blend: float, test: bool, oof: bool, force: bool, say=print,
-         learn_args: dict | None = None) -> tuple[list[Job], list[str]]:
+def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data.OodSet], spec: PredictSpec,
+         test: bool, oof: bool, force: bool, say=print) -> tuple[list[Job], list[str]]:
     """The outputs to (re)write and the ones already current (skipped unless force). Clean images
-    (test, OOF) go to the base setting only; OOD files and the corrupted OOF copies to every one."""
+    (test, OOF) go to the base setting only; OOD files and the corrupted OOF copies to every one
+    (the plain setting and each of spec.adapts)."""
+    adapts, bn_blend, learn_args = spec.adapts, spec.bn_blend, spec.learn_args
     base = setting_name(record["tta"], record["average"])
     settings = [(base, "none")] + [(setting_name(record["tta"], record["average"], a, bn_blend), a) for a in adapts]
     todo, current = [], []
@@ -281,36 +281,31 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
             run.write_output(job.setting, job.rel, logits, job.record)
 
 
-def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, average: str = "logits",
-                bn_adapt: bool | None = None, bn_blend: float = 1.0, batch_size: int = 512,
-                test: bool = True, oof: bool = True, force: bool = False, accelerator=None,
-                allow_partial: bool = False, adapts: list[str] | None = None, learn_args: dict | None = None) -> dict:
-    """Write the run's TTA logits (see the module docstring). views=None follows the run's config
-    (oof_tta, or flip when that is none). `adapts` lists the adapted
-    settings to write besides the plain one (bn, and the learned adapt.OBJECTIVES: tent, shot,
-    eata); bn_adapt=True is adapts=["bn"]. learn_args: steps, lr, batch, guard of the learned ones.
-    Returns {output path: 'written' | 'skipped'}. A run trained on cifar100 needs the
-    competition's full OOD set (19 files x 50,000 rows) unless allow_partial."""
+def predict_run(run_dir, ood_dirs=(), spec: PredictSpec | None = None, test: bool = True, oof: bool = True,
+                force: bool = False, accelerator=None, allow_partial: bool = False) -> dict:
+    """Write the run's TTA logits (see the module docstring) as `spec` says (default PredictSpec():
+    the TTA of the run's config, oof_tta, or flip when that is none; no adapted settings). test,
+    oof: also the clean test split and the held-out fold. Returns {output path: 'written' |
+    'skipped'}. A run trained on cifar100 needs the competition's full OOD set (19 files x 50,000
+    rows) unless allow_partial."""
+    spec = spec or PredictSpec()
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.check_unlocked("predicting with it")
-    if average not in ("logits", "prob"):
-        raise CompetitionError(f"--average must be logits or prob, not {average!r}")
-    if not 0.0 <= bn_blend <= 1.0:
-        raise CompetitionError(f"--bn-blend {bn_blend}: must lie in 0..1 (1 = only the adapted statistics)")
     acc = accelerator or runtime.make_accelerator()
     model, cfg, data_cfg = run.load_model(map_location="cpu")
     files.check_writable(run.path, "run folder")
-    if views is None:
+    if spec.tta:
+        views = tta.parse_tta(spec.tta)
+    else:
         views = tta.parse_tta(cfg.get("oof_tta") or "none")
         views = views if tta.tta_name(views) != "none" else tta.TTA_PRESETS["flip"]
-    adapts = list(adapts if adapts is not None else (["bn"] if bn_adapt else []))
+    adapts, average = list(spec.adapts), spec.average
     unknown = [a for a in adapts if a not in ADAPTATIONS]
     if unknown:
         raise CompetitionError(f"--adapt {','.join(unknown)}: adaptations are {', '.join(ADAPTATIONS)}")
     if adapts and not adapt.batchnorms(model):
         raise CompetitionError(f"{run}: {cfg['model']} has no batch-norm layers, so --adapt {','.join(adapts)} has "
                                f"nothing to adapt; predict without it")
-    learn_args = {**LEARN_DEFAULTS, **(learn_args or {})}
     record = {"tta": tta.tta_name(views), "average": average, "weights": run.weights_hash()}
     ood_sets = [data.OodSet(d, data.OodSet.required_shape(d, [cfg["dataset"]], allow_partial)) for d in ood_dirs]
     size = data_cfg.get("source_image_size")  # runs trained before it was recorded: not checked
@@ -320,15 +315,14 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
                                    f"trained on {size[0]}x{size[1]} ones: they would be resized silently into the "
                                    f"submission; these are not the test files for this run")
     with acc.main_process_first():  # plan reads the test split: one process downloads it, the others wait
-        jobs, current = plan(run, cfg, record, len(views), ood_sets, adapts, bn_blend, test, oof, force, acc.print,
-                             learn_args)
+        jobs, current = plan(run, cfg, record, len(views), ood_sets, spec, test, oof, force, acc.print)
     status = {str(run.path / RunDir.PRED / rel): "skipped" for rel in current}
     if not jobs:
         acc.print(f"{run}: all {len(current)} outputs up to date (--force redoes them)")
         return status
     bar = runtime.progress(sum(j.passes for j in jobs), f"predict {run.name}", acc.is_main_process, unit="img")
     t0 = time.time()
-    execute(run, cfg, Predictor(model, data_cfg, acc, views, average, batch_size, bar), jobs, bn_blend,
+    execute(run, cfg, Predictor(model, data_cfg, acc, views, average, spec.batch_size, bar), jobs, spec.bn_blend,
             acc.is_main_process)
     bar.close()
     acc.wait_for_everyone()
@@ -342,6 +336,7 @@ def predict_run(run_dir, ood_dirs=(), views: list[tta.View] | None = None, avera
 
 
 def main(argv=None):
+    default = PredictSpec()  # the flags' defaults are the spec's
     p = argparse.ArgumentParser(prog="python -m competition.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders (models/<run>) or quoted glob patterns")
@@ -351,32 +346,34 @@ def main(argv=None):
                    help="fetch the 19 competition OOD files into --ood-dir first when missing")
     p.add_argument("--tta", default=None, help="preset (none, flip, shift1, shift2) or views; default: the "
                    "run's oof_tta (the TTA its reported accuracy used), else flip")
-    p.add_argument("--average", default="logits", choices=("logits", "prob"), help="how TTA views are averaged")
+    p.add_argument("--average", default=default.average, choices=("logits", "prob"), help="how TTA views are averaged")
     p.add_argument("--bn-adapt", action="store_true", default=None,
                    help="also write BN-adapted OOD logits; = --adapt bn")
     p.add_argument("--adapt", default=None, help="adapted OOD logits to write besides the plain ones, comma-"
                    "separated: bn, and the learned tent, shot, eata (competition/adapt.py; episodic per OOD file "
                    "and severity)")
-    p.add_argument("--tent-steps", "--learn-steps", type=count, default=1, dest="tent_steps",
+    p.add_argument("--tent-steps", "--learn-steps", type=count, default=default.learn_steps, dest="tent_steps",
                    help="learned adaptation (tent, shot, eata): passes over each slice, lr on a cosine to 0 when > 1 "
                         "(default 1)")
-    p.add_argument("--tent-lr", "--learn-lr", type=float, default=1e-3, dest="tent_lr",
+    p.add_argument("--tent-lr", "--learn-lr", type=float, default=default.learn_lr, dest="tent_lr",
                    help="learned adaptation: Adam learning rate (default 1e-3)")
-    p.add_argument("--tent-batch", "--learn-batch", type=count, default=128, dest="tent_batch",
+    p.add_argument("--tent-batch", "--learn-batch", type=count, default=default.learn_batch, dest="tent_batch",
                    help="learned adaptation: images per update (default 128)")
-    p.add_argument("--collapse-tol", type=float, default=LEARN_DEFAULTS["guard"],
+    p.add_argument("--collapse-tol", type=float, default=default.collapse_tol,
                    help="learned adaptation falls back to BN on a slice whose predicted classes spread less than "
                         "BN's by more than this (class-histogram entropy, nats; no labels); < 0: no guard")
-    p.add_argument("--bn-blend", type=float, default=1.0,
+    p.add_argument("--bn-blend", type=float, default=default.bn_blend,
                    help="BN statistics = ALPHA * adapted + (1 - ALPHA) * source (default 1)")
-    p.add_argument("--batch-size", type=count, default=512, help="images per batch per process")
+    p.add_argument("--batch-size", type=count, default=default.batch_size, help="images per batch per process")
     p.add_argument("--no-test", action="store_true", help="skip the clean test split")
     p.add_argument("--no-oof", action="store_true", help="skip the out-of-fold TTA logits")
     p.add_argument("--force", action="store_true", help="redo outputs that are up to date")
     p.add_argument("--allow-partial", action="store_true",
                    help="accept fewer OOD files or rows than the competition's 19 x 50,000 (cifar100 runs)")
     args = p.parse_args(argv)
-    views = tta.parse_tta(args.tta) if args.tta else None
+    spec = predict_spec(args)
+    if spec.tta:
+        tta.parse_tta(spec.tta)  # a bad --tta: its message before anything is downloaded or loaded
     acc = runtime.make_accelerator()
     if args.download:  # the competition's files only: a local suite is made by competition.score suite
         with acc.main_process_first():
@@ -385,13 +382,17 @@ def main(argv=None):
                     data.ood_files(d, download=True)
     runs = expand_runs(args.runs)
     for run in runs:
-        adapts = [a.strip() for a in args.adapt.split(",") if a.strip()] if args.adapt else None
-        predict_run(run, args.ood_dir, views, args.average, args.bn_adapt, args.bn_blend, args.batch_size,
-                    test=not args.no_test, oof=not args.no_oof, force=args.force, accelerator=acc,
-                    allow_partial=args.allow_partial, adapts=adapts,
-                    learn_args={"steps": args.tent_steps, "lr": args.tent_lr, "batch": args.tent_batch,
-                                "guard": args.collapse_tol if args.collapse_tol >= 0 else None})
+        predict_run(run, args.ood_dir, spec, test=not args.no_test, oof=not args.no_oof, force=args.force,
+                    accelerator=acc, allow_partial=args.allow_partial)
     return [r.path for r in runs]
+
+
+def predict_spec(args: argparse.Namespace) -> PredictSpec:
+    """The PredictSpec of predict's command line (--adapt wins over --bn-adapt)."""
+    adapts = [a.strip() for a in args.adapt.split(",") if a.strip()] if args.adapt else ["bn"] * bool(args.bn_adapt)
+    return PredictSpec(tta=args.tta, average=args.average, adapts=tuple(adapts), bn_blend=args.bn_blend,
+                       learn_steps=args.tent_steps, learn_lr=args.tent_lr, learn_batch=args.tent_batch,
+                       collapse_tol=args.collapse_tol if args.collapse_tol >= 0 else None, batch_size=args.batch_size)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,15 @@
         data_config.yaml           train    what the data decided: classes, mean/std, image size
         best.safetensors, last.safetensors  train  the weights; config, data_config, metrics as JSON metadata
                                    (best.pt / last.pt in runs saved before: read with weights_only=True)
-        checkpoints/checkpoint_K/  train    Accelerate state per epoch (for --resume), last two
+        checkpoints/checkpoint_K/  train    state per epoch and at a stop request (for --resume), last two;
+                                            no pickle (competition/checkpoints.py writes and reads it):
+            model.safetensors               the weights, bare parameter names
+            optimizer.safetensors, optimizer.json  per-parameter state tensors; param_groups and numbers
+            ema.safetensors                 the EMA weights (runs with ema)
+            state.json                      LoopState, scheduler state, Accelerate's step, grad scaler
+            random_states_<rank>.safetensors  torch/CUDA RNG states (uint8); Python/numpy ones as JSON metadata
+                                            (optimizer.bin, custom_checkpoint_*.pkl, random_states_*.pkl:
+                                            Accelerate's save_state in runs saved before; still resumed)
         metrics.csv, curves.png    train    one row per epoch, and its plot
         oof_logits.npy             train    float32 (n_fold, C), best weights, no TTA
         oof_index.npy              train    int64 rows of the folds CSV, sorted
@@ -153,7 +161,7 @@ class RunDir:
         return self.path / "broken-checkpoints"
 
     def checkpoints(self) -> list[Path]:
-        """Accelerate checkpoint folders, oldest first."""
+        """Complete checkpoint folders, oldest first (a `checkpoint_K.tmp` being written is not one)."""
         found = self.checkpoint_dir.glob("checkpoint_*")
         return sorted((p for p in found if p.name.split("_")[-1].isdigit()), key=lambda p: int(p.name.split("_")[-1]))
 
@@ -161,11 +169,45 @@ class RunDir:
         found = self.checkpoints()
         return found[-1] if found else None
 
+    KEEP_CHECKPOINTS = 2  # the newest two: a broken newest one (a crash mid-save) falls back to the other
+
+    def next_checkpoint(self) -> tuple[Path, Path]:
+        """(the folder the next save writes, the temporary folder it is written in first): numbered one
+        past the newest checkpoint, so a resumed run continues the numbering."""
+        latest = self.latest_checkpoint()
+        path = self.checkpoint_dir / f"checkpoint_{0 if latest is None else int(latest.name.split('_')[-1]) + 1}"
+        return path, path.with_name(path.name + ".tmp")
+
+    def stale_checkpoint_tmps(self) -> list[Path]:
+        """`checkpoint_K.tmp` folders a save cut short (a crash, a kill) left behind."""
+        return sorted(self.checkpoint_dir.glob("checkpoint_*.tmp"))
+
+    # The files of a checkpoint folder (competition/checkpoints.py writes and reads them): tensors
+    # as safetensors, everything else as JSON, so nothing in it can run code when loaded.
+    CKPT_MODEL = "model.safetensors"  # bare parameter names (any process count, with or without compile)
+    CKPT_OPTIMIZER = "optimizer.safetensors"  # per-parameter state tensors, "<param index>.<name>"
+    CKPT_OPTIMIZER_JSON = "optimizer.json"  # param_groups, and per-parameter state that is not a tensor
+    CKPT_EMA = "ema.safetensors"
+    CKPT_STATE = "state.json"  # LoopState, scheduler state_dict, Accelerate's step, grad scaler
+
+    @staticmethod
+    def checkpoint_rng(ckpt: Path, rank: int) -> Path:
+        """One process's RNG states: torch and CUDA as uint8 tensors, Python's and numpy's as JSON metadata."""
+        return ckpt / f"random_states_{rank}.safetensors"
+
     CHECKPOINT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # Accelerate's names, newest first
 
     @staticmethod
+    def is_legacy_checkpoint(ckpt: Path) -> bool:
+        """Written by Accelerate's save_state (runs saved before the pickle-free format): no
+        state.json, and its optimizer.bin or *.pkl files."""
+        return not (ckpt / RunDir.CKPT_STATE).exists() and (
+            (ckpt / "optimizer.bin").exists() or any(ckpt.glob("*.pkl")))
+
+    @staticmethod
     def checkpoint_weights(ckpt: Path) -> dict:
-        """The model state dict an Accelerate checkpoint folder holds (safetensors or torch)."""
+        """The model state dict a legacy Accelerate checkpoint folder holds (safetensors, or torch
+        read with weights_only=True)."""
         import torch
         from safetensors.torch import load_file
 
@@ -174,11 +216,47 @@ class RunDir:
             ckpt / name, map_location="cpu", weights_only=True)
 
     @staticmethod
-    def checkpoint_problem(ckpt: Path, custom: int) -> str | None:
-        """Why an Accelerate checkpoint folder would not resume exactly (a missing, empty or
-        truncated file), or None. `custom` = objects registered for checkpointing. Accelerate
-        itself only logs "Could not load random states" and goes on, which is no longer exact."""
-        import torch
+    def checkpoint_problem(ckpt: Path, ema: bool) -> str | None:
+        """Why a checkpoint folder would not resume exactly (a missing, empty, truncated or
+        unparsable file), or None. `ema`: the run keeps an EMA. Every tensor file is read through
+        and every JSON parsed, so a bad checkpoint is found before anything of it is loaded."""
+        if RunDir.is_legacy_checkpoint(ckpt):
+            return RunDir._legacy_checkpoint_problem(ckpt, 2 + ema)
+        from safetensors.torch import load_file, safe_open
+
+        needed = [RunDir.CKPT_STATE, RunDir.CKPT_MODEL, RunDir.CKPT_OPTIMIZER, RunDir.CKPT_OPTIMIZER_JSON] + \
+            ([RunDir.CKPT_EMA] if ema else [])
+        try:  # every process that wrote the checkpoint left its RNG states (Accelerate would go on without)
+            processes = json.loads((ckpt / RunDir.CKPT_STATE).read_text())["loop"].get("processes") or 1
+        except Exception:
+            processes = 1  # state.json itself is reported below
+        needed += [RunDir.checkpoint_rng(ckpt, r).name for r in range(processes)]
+        missing = [n for n in needed if not (ckpt / n).exists()]
+        if missing:
+            return f"{', '.join(missing)} missing"
+        for name in needed:
+            try:
+                if name.endswith(".safetensors"):
+                    load_file(ckpt / name)  # reads every tensor: a cut file fails here
+                    if name.startswith("random_states_"):
+                        with safe_open(str(ckpt / name), framework="pt") as f:
+                            for value in (f.metadata() or {}).values():
+                                json.loads(value)  # the Python and numpy RNG states
+                else:
+                    saved = json.loads((ckpt / name).read_text())
+                    keys = {RunDir.CKPT_STATE: ("loop", "scheduler"),
+                            RunDir.CKPT_OPTIMIZER_JSON: ("param_groups", "state")}[name]
+                    if not isinstance(saved, dict) or not set(keys) <= set(saved):
+                        raise ValueError(f"not a dict with {', '.join(keys)}")
+            except Exception as e:
+                return f"{name} does not load ({type(e).__name__}: {str(e)[:120]})"
+        return None
+
+    @staticmethod
+    def _legacy_checkpoint_problem(ckpt: Path, custom: int) -> str | None:
+        """checkpoint_problem for an Accelerate checkpoint. `custom` = objects it registered for
+        checkpointing (scheduler, LoopState, EMA). Accelerate itself only logs "Could not load
+        random states" and goes on, which is no longer exact."""
         from safetensors.torch import load_file
 
         needed = ["optimizer.bin"] + [f"custom_checkpoint_{i}.pkl" for i in range(custom)]
@@ -197,7 +275,7 @@ class RunDir:
                 else:
                     # weights_only: tensors, containers, numbers and numpy arrays, nothing that runs
                     # code. Accelerate itself reads custom_checkpoint_*.pkl with weights_only=False, so
-                    # this check (before every load_state) is what keeps a planted file from running.
+                    # this check (before its load_state) is what keeps a planted file from running.
                     safe_load(ckpt / name, map_location="cpu", weights_only=True)
             except Exception as e:
                 return f"{name} does not load as plain weights ({type(e).__name__}: {str(e)[:120]})"

@@ -5,7 +5,6 @@ and the benchmarks run with the same settings.
 """
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -67,25 +66,17 @@ def make_accelerator(precision: str = "auto", **kwargs):
 
 
 def training_accelerator(cfg: dict, project_dir):
-    """A training run's Accelerator: precision, gradient accumulation, trackers, per-epoch
-    checkpoints in project_dir/checkpoints (the last two kept)."""
+    """A training run's Accelerator: precision, gradient accumulation, trackers (logging in
+    project_dir). Checkpoints are competition/checkpoints.py's, not Accelerate's save_state."""
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    logging.getLogger("accelerate.accelerator").addFilter(_quiet_checkpoint_rotation)
     if cfg["log_with"] == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # never block on a login prompt
     return make_accelerator(
         cfg["mixed_precision"], gradient_accumulation_steps=cfg["grad_accum"], log_with=cfg["log_with"],
-        project_config=ProjectConfiguration(project_dir=str(project_dir), automatic_checkpoint_naming=True,
-                                            total_limit=2),
+        project_config=ProjectConfiguration(project_dir=str(project_dir)),
         # Frozen stages get no gradient while progressive unfreezing holds them; DDP must know.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(cfg["unfreeze"]))])
-
-
-def _quiet_checkpoint_rotation(record) -> bool:
-    """Drop Accelerate's "Deleting 1 checkpoints to make room" warning: keeping the last two
-    checkpoints is this loop's design (total_limit=2), not news every epoch."""
-    return "checkpoints to make room" not in record.getMessage()
 
 
 def _forget_other_precision(precision: str) -> None:

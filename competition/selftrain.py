@@ -27,10 +27,12 @@ from pathlib import Path
 
 import numpy as np
 
-from competition import data, ensemble, folds, predict, score, train, tta
+from competition import data, ensemble, folds, predict, score, train
+from competition.config import complete
 from competition.files import CompetitionError, cli, count, read_json, save_json
 from competition.metrics import softmax
 from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits
+from competition.specs import EnsembleSpec, PredictSpec
 
 # Defaults measured on the stand-in (bench/NOTES.md, test-time learning, fifth sitting): five
 # part1_cpu members on 40,000 labelled images, a pool of 2,000 distinct images x 95 corruptions.
@@ -133,7 +135,7 @@ def labelled_images(run: RunDir) -> int:
     path = folds.folds_path(folds.dataset_name(cfg["dataset"], cfg.get("data")), cfg["folds_dir"])
     if not path.exists():
         raise CompetitionError(f"{path} (the folds {run} trained on) is missing: pass --max-images, or restore it")
-    rows, _ = folds.fold_rows(folds.read_folds(path)["fold"].to_numpy(), cfg, path)
+    rows, _ = folds.fold_rows(folds.read_folds(path)["fold"].to_numpy(), cfg["fold"], path, cfg.get("exclude_folds"))
     return min(len(rows), cfg.get("train_subset") or len(rows))  # train samples train_subset of them
 
 
@@ -144,9 +146,10 @@ def fine_tune(run: RunDir, pseudo: Path, chain: str, round_: int, epochs: int, l
     lr None: LR_FRACTION of the original run's peak lr."""
     base = re.sub(rf"-{re.escape(chain)}-st\d+$", "", run.name)
     lr = lr if lr is not None else LR_FRACTION * float(source_run(run).config()["lr"])
-    cfg = {**run.config(), "name": f"{base}-{chain}-st{round_}", "init_from": str(run.path), "pseudo": str(pseudo),
-           "epochs": epochs, "lr": lr, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0, "jsd": 0.0,
-           "stop_after": None, "unfreeze": None}
+    # complete: a run saved before some key existed trains with its default, as config.comparable reads it
+    cfg = {**complete(run.config()), "name": f"{base}-{chain}-st{round_}", "init_from": str(run.path),
+           "pseudo": str(pseudo), "epochs": epochs, "lr": lr, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0,
+           "jsd": 0.0, "stop_after": None, "unfreeze": None}
     return RunDir(train.train(cfg, force=force))
 
 
@@ -179,15 +182,15 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
         for run in m.runs:
             new = fine_tune(run, pseudo, chain, round_, args.epochs, args.lr, args.force)
             record = next(iter(run.manifest(base_setting(m.setting)).values()), {})
-            views = tta.parse_tta(record.get("tta", "flip"))
             adapts = [adaptation(m.setting)] if adaptation(m.setting) != "none" else []
             dirs = [spec["ood_dir"]] + ([args.suite] if args.suite else [])
-            predict.predict_run(new, dirs, views, adapts=adapts, allow_partial=True)
+            predict.predict_run(new, dirs, PredictSpec(record.get("tta", "flip"), adapts=adapts), allow_partial=True)
             new_runs.append(new)
     chosen = spec.get("adaptation", "none")
-    csv = ensemble.build(new_runs, name, spec["ood_dir"], args.out_dir, spec["method"],
-                         spec.get("rounds") or 40, record.get("tta"), "auto" if isinstance(chosen, dict) else chosen,
-                         spec.get("fit_on", "auto"), overwrite=args.force, say=say, allow_partial=True)
+    how = EnsembleSpec(method=spec["method"], rounds=spec.get("rounds") or 40, tta=record.get("tta"),
+                       adapt="auto" if isinstance(chosen, dict) else chosen, fit_on=spec.get("fit_on", "auto"))
+    csv = ensemble.build(new_runs, name, spec["ood_dir"], args.out_dir, how, overwrite=args.force, say=say,
+                         allow_partial=True)
     out = csv.with_suffix(".json")
     info = read_json(out)
     info["selftrain"] = {"round": round_, "from": str(spec_path), "pseudo": str(pseudo), **rep,

@@ -42,23 +42,26 @@ import torch
 from torch import nn
 
 from competition import augment, data, files, metrics, models, optim, runtime, tta
-from competition.checkpoints import LoopState, epoch_batches, restore, state_dict
+from competition.checkpoints import LoopState, epoch_batches, restore, save_checkpoint, state_dict
 from competition.config import resolve, validate
 from competition.files import CompetitionError, cli
 from competition.learner import Learner, check_model, make_learner
 from competition.runs import MetricsWriter, RunDir, check_same_data, prepare_run_folder
+from competition.specs import TrainSpec, train_spec
 from competition.train_data import TrainData, process_batch, resolve_data_config
 
 
 # ---------------------------------------------------------------------------- accelerator and config
 
 
-def check_config(cfg: dict) -> None:
+def check_config(cfg: dict) -> TrainSpec:
     """Everything about cfg that can fail, tried before the run folder is touched: values and
     ranges (config.validate), the data source, the TTA spec, the CPU augmentation, and the
     model: built (without fetching weights), one forward pass of two images at every size it
-    will see, its optimizer, schedule and unfreezing groups. A typo costs one message, never a run."""
+    will see, its optimizer, schedule and unfreezing groups. A typo costs one message, never a run.
+    Returns the typed spec the run's parts take (specs.TrainSpec)."""
     validate(cfg)
+    spec = train_spec(cfg)
     if cfg["dataset"] not in data.SOURCES:
         raise CompetitionError(f"config dataset={cfg['dataset']!r}: must be one of {', '.join(data.SOURCES)}")
     tta.parse_tta(cfg["oof_tta"])
@@ -76,8 +79,9 @@ def check_config(cfg: dict) -> None:
         raise CompetitionError(f"config pseudo={cfg['pseudo']}: no such file (competition.selftrain writes it)")
     if cfg.get("weights") and not Path(cfg["weights"]).is_file():
         raise CompetitionError(f"config weights={cfg['weights']}: no such file (an ImageNet ResNet-50 state dict)")
-    models.check_weights_source(cfg)  # offline without weights: the message now, before any folder
-    check_model(cfg)
+    models.check_weights_source(spec.model)  # offline without weights: the message now, before any folder
+    check_model(spec)
+    return spec
 
 
 def start_trackers(run: RunDir, cfg: dict, accelerator) -> None:
@@ -114,7 +118,7 @@ def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: i
             bar.close()
             return None
         with accelerator.accumulate(model):
-            x = augment.train_input(x, cfg, data_cfg, size)
+            x = augment.train_input(x, learner.spec.augment, data_cfg, size)
             x, target = learner.batch_aug(x, y)
             if soft is not None:  # pseudo-labelled images: soft targets for every row
                 target = soft(pos, cfg["label_smoothing"] or 0.0).to(x.device, non_blocking=True)
@@ -191,7 +195,7 @@ def end_of_epoch(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner:
         if improved:
             run.save_weights("best", state_dict(eval_model), cfg, data_cfg, row)
         writer.write(state.history)
-    accelerator.save_state()
+    save_checkpoint(run, learner, state, accelerator)
     if cfg["log_with"]:
         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
     eta = (cfg["epochs"] - state.epoch) * (time.time() - epoch_start)
@@ -255,11 +259,11 @@ def write_oof(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner: Le
 def train(cfg: dict, resume: bool = False, force: bool = False, command: str | None = None) -> Path:
     """Train the run `cfg` describes (cfg is not modified); returns its folder. `command` is how
     the user started it, for the resume hint after a stop request."""
-    check_config(cfg)
+    spec = check_config(cfg)
     run = RunDir.for_config(cfg)
     accelerator = runtime.training_accelerator(cfg, run.path)
     for epoch in range(cfg["epochs"]):  # the batch schedule must split over these processes: say so now
-        process_batch(cfg, optim.batch_size_at(cfg, epoch), accelerator.num_processes)
+        process_batch(spec, optim.batch_size_at(spec.optim, epoch), accelerator.num_processes)
     fresh = not run.path.exists()
     aside = prepare_run_folder(run, cfg, accelerator, resume, force)
     if aside is False:
@@ -267,7 +271,7 @@ def train(cfg: dict, resume: bool = False, force: bool = False, command: str | N
         return run.path
     try:
         with runtime.StopRequest() as stop:
-            return run_training(run, cfg, accelerator, resume, stop, aside, command)
+            return run_training(run, cfg, spec, accelerator, resume, stop, aside, command)
     except BaseException:
         if aside is not None and aside.exists() and accelerator.is_main_process:
             shutil.rmtree(run.path, ignore_errors=True)  # the new run did not finish an epoch: the old one is back
@@ -281,30 +285,32 @@ def train(cfg: dict, resume: bool = False, force: bool = False, command: str | N
             run.release_lock()
 
 
-def run_training(run: RunDir, cfg: dict, accelerator, resume: bool, stop: runtime.StopRequest, aside: Path | None,
-                 command: str | None) -> Path:
-    """The run, top to bottom, once its folder is claimed (see the module docstring)."""
+def run_training(run: RunDir, cfg: dict, spec: TrainSpec, accelerator, resume: bool, stop: runtime.StopRequest,
+                 aside: Path | None, command: str | None) -> Path:
+    """The run, top to bottom, once its folder is claimed (see the module docstring). `spec` is
+    cfg typed (check_config's): the data, learner and batch parts take it; the loop reads cfg."""
     from accelerate.utils import set_seed
 
     t_start = time.time()
     set_seed(cfg["seed"])
-    td = TrainData(cfg, accelerator)
+    td = TrainData(spec, accelerator)
     if resume:
         check_same_data(run, cfg, td.data_sha1)
-    data_cfg = resolve_data_config(cfg, td)
+    data_cfg = resolve_data_config(spec, td)
     if accelerator.is_main_process:
         run.save_configs(cfg, data_cfg)
     accelerator.print(
         f"run {run}: {cfg['model']} on {cfg['dataset']} fold {cfg['fold']}: {len(td.train_rows)} train / "
         f"{len(td.val_rows)} held-out images, {data_cfg['num_classes']} classes, {accelerator.num_processes} "
         f"process(es) on {accelerator.device}, {_precision(accelerator)}")
-    learner = make_learner(cfg, data_cfg, accelerator)
+    learner = make_learner(spec, data_cfg, accelerator)
     state = restore(run, learner, accelerator, resume)
     start_trackers(run, cfg, accelerator)
     accelerator.print(
         f"{cfg['model']}: {learner.n_params / 1e6:.2f} M parameters; {cfg['epochs']} epochs, {cfg['optimizer']} lr "
         f"{cfg['lr']}, {cfg['sched']} schedule; batch {cfg['batch_size']} per update (global) = "
-        f"{accelerator.num_processes} process(es) x {process_batch(cfg, cfg['batch_size'], accelerator.num_processes)} "
+        f"{accelerator.num_processes} process(es) x "
+        f"{process_batch(spec, cfg['batch_size'], accelerator.num_processes)} "
         f"images x {cfg['grad_accum']} accumulation step(s); the global batch is held constant on any number of "
         f"processes, so lr needs no scaling")
 
@@ -321,7 +327,7 @@ def run_training(run: RunDir, cfg: dict, accelerator, resume: bool, stop: runtim
                                 td.targets if td.soft is not None else None)
         if stats is None:  # a stop request mid-epoch: checkpoint where it is
             state.loop_s += time.time() - epoch_start
-            accelerator.save_state()
+            save_checkpoint(run, learner, state, accelerator)
             why = "signal"
             break
         why = end_of_epoch(run, cfg, data_cfg, td, learner, state, accelerator, stats, epoch_start, writer, bs,
@@ -386,7 +392,7 @@ def main(argv=None):
     if args.find_batch_size:
         from competition.batch_size import find_batch_size
 
-        return find_batch_size(cfg)
+        return find_batch_size(train_spec(cfg))
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--force", "--resume")]
     command = shlex.join(["python", "-m", "competition.train", *argv])
     return train(cfg, resume=args.resume, force=args.force, command=command)

@@ -17,13 +17,14 @@ from competition import augment, data, folds, optim
 from competition.files import CompetitionError
 from competition.loader import ImageRows, as_batch, eval_loader
 from competition.runs import RunDir
+from competition.specs import AugmentSpec, DataSpec, TrainSpec
 
 
-def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, np.ndarray, str | None]:
-    """Training and held-out rows for cfg['fold'] from folds/<dataset>.csv (written with the
+def split_rows(spec: DataSpec, labels: np.ndarray, accelerator) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Training and held-out rows for the spec's fold from folds/<dataset>.csv (written with the
     defaults, k=5 seed 0, when it does not exist yet), and the id of its measure reserve."""
-    name = folds.dataset_name(cfg["dataset"], cfg.get("data"))
-    path = folds.folds_path(name, cfg["folds_dir"])
+    name = folds.dataset_name(spec.dataset, spec.data)
+    path = folds.folds_path(name, spec.folds_dir)
     if not path.exists() and accelerator.is_main_process:
         folds.write_folds(folds.folds_frame(labels), path)
         print(f"wrote {path} (k=5, seed=0); run `python -m competition.folds` to choose others")
@@ -32,12 +33,12 @@ def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, 
     if len(frame) != len(labels) or not np.array_equal(frame["label"].to_numpy(), labels):
         raise CompetitionError(f"{path} was made for a different dataset ({len(frame)} rows, this one has "
                                f"{len(labels)} images); rerun `python -m competition.folds --force` for it")
-    train_rows, val_rows = folds.fold_rows(frame["fold"].to_numpy(), cfg, path)
+    train_rows, val_rows = folds.fold_rows(frame["fold"].to_numpy(), spec.fold, path, spec.exclude_folds)
     reserve = folds.reserve_id(folds.measure_rows(frame))
-    if cfg["fold"] == -1:
+    if spec.fold == -1:
         return train_rows, val_rows, reserve
     n_classes = int(labels.max()) + 1
-    for rows, what in ((train_rows, "training folds"), (val_rows, f"held-out fold {cfg['fold']}")):
+    for rows, what in ((train_rows, "training folds"), (val_rows, f"held-out fold {spec.fold}")):
         absent = np.setdiff1d(np.arange(n_classes), labels[rows])
         if len(absent):  # its accuracy would not measure those classes, and the OOF logits would not cover them
             raise CompetitionError(f"{path}: the {what} hold no image of class(es) {absent[:10].tolist()}: make "
@@ -46,26 +47,26 @@ def split_rows(cfg: dict, labels: np.ndarray, accelerator) -> tuple[np.ndarray, 
     return train_rows, val_rows, reserve
 
 
-def ood_check_set(cfg: dict, images: np.ndarray, labels: np.ndarray, val_rows: np.ndarray):
+def ood_check_set(spec: DataSpec, images: np.ndarray, labels: np.ndarray, val_rows: np.ndarray):
     """(held-out rows (19 * 5, n), their corrupted copies (19 * 5 * n, H, W, 3), labels) for ood_check."""
     from competition import corruptions
 
-    seed = folds.ood_check_seed(cfg)
-    cells = folds.ood_check_cells(val_rows, cfg["ood_check"], seed, len(corruptions.CORRUPTIONS) * corruptions.SEVERITIES)
-    copies = corruptions.corrupted_copies(images, seed, cache_dir=Path(cfg["data_dir"]) / "cache", cells=cells)
+    seed = folds.ood_check_seed(spec.fold)
+    cells = folds.ood_check_cells(val_rows, spec.ood_check, seed, len(corruptions.CORRUPTIONS) * corruptions.SEVERITIES)
+    copies = corruptions.corrupted_copies(images, seed, cache_dir=Path(spec.data_dir) / "cache", cells=cells)
     return cells, copies, labels[cells].reshape(-1)
 
 
-def cpu_aug_at(cfg: dict, epoch: int) -> str:
-    """The per-image CPU augmentation at `epoch` (cfg cpu_aug, strong from strong_aug_epoch)."""
-    late = cfg["strong_aug_epoch"] is not None and epoch >= cfg["strong_aug_epoch"]
-    return "strong" if late else cfg["cpu_aug"]
+def cpu_aug_at(spec: AugmentSpec, epoch: int) -> str:
+    """The per-image CPU augmentation at `epoch` (cpu_aug, strong from strong_aug_epoch)."""
+    late = spec.strong_aug_epoch is not None and epoch >= spec.strong_aug_epoch
+    return "strong" if late else spec.cpu_aug
 
 
-def train_size_at(cfg: dict, epoch: int, image_size: int) -> int:
-    """Training image size at `epoch` under progressive resizing (cfg train_sizes)."""
+def train_size_at(spec: DataSpec, epoch: int, image_size: int) -> int:
+    """Training image size at `epoch` under progressive resizing (train_sizes)."""
     size = image_size
-    for start, s in sorted((int(k), v) for k, v in (cfg.get("train_sizes") or {}).items()):
+    for start, s in sorted((int(k), v) for k, v in (spec.train_sizes or {}).items()):
         if epoch >= start:
             size = s
     return size
@@ -81,32 +82,33 @@ class TrainData:
     made per (batch size, CPU augmentation, image size) of the schedule and reused, and its
     shuffle is reseeded from (seed, epoch), so an epoch's order does not depend on resuming."""
 
-    def __init__(self, cfg: dict, accelerator):
-        self.cfg, self.acc = cfg, accelerator
+    def __init__(self, spec: TrainSpec, accelerator):
+        self.spec, self.acc = spec, accelerator
+        d, seed = spec.data, spec.loop.seed
         # Evaluation batches per process: at least the training one (no gradients: it fits), at least 256.
-        self.eval_batch = max(process_batch(cfg, cfg["batch_size"], accelerator.num_processes), 256)
+        self.eval_batch = max(process_batch(spec, spec.optim.batch_size, accelerator.num_processes), 256)
         # One process downloads and extracts (CIFAR, an image-folder tarball) while the others
         # wait, then they read its files: N processes writing one path at once corrupt it.
         with accelerator.main_process_first():
-            ds = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
+            ds = data.load(d.dataset, "train", d.data_dir, d.data)
         if len(ds.classes) < 2:
-            raise CompetitionError(f"{cfg.get('data') or cfg['dataset']}: {len(ds.classes)} class ({ds.classes}); a "
+            raise CompetitionError(f"{d.data or d.dataset}: {len(ds.classes)} class ({ds.classes}); a "
                                    f"classifier needs at least 2 (an image folder holds one sub-folder per class)")
         self.images, self.labels, self.classes = ds.images, ds.labels, list(ds.classes)
         self.data_sha1 = data.data_id(ds)  # the source data, before any pseudo-labels
-        train_rows, self.val_rows, self.measure_reserve = split_rows(cfg, ds.labels, accelerator)
-        self.train_rows = data.sample_rows(train_rows, cfg["train_subset"], cfg["seed"])
+        train_rows, self.val_rows, self.measure_reserve = split_rows(d, ds.labels, accelerator)
+        self.train_rows = data.sample_rows(train_rows, d.train_subset, seed)
         self.soft = None  # (N, C) soft targets of every row when pseudo-labelled images join the training set
-        if cfg.get("pseudo"):
-            self._add_pseudo(cfg["pseudo"], len(ds.classes))
-        self.val_check_rows = data.sample_rows(self.val_rows, cfg["val_subset"], cfg["seed"] + 1)
-        n = int(cfg.get("eval_train") or 0)
-        self.train_eval_rows = data.sample_rows(self.train_rows, n, cfg["seed"] + 2) if n else np.arange(0)
+        if d.pseudo:
+            self._add_pseudo(d.pseudo, len(ds.classes))
+        self.val_check_rows = data.sample_rows(self.val_rows, d.val_subset, seed + 1)
+        n = d.eval_train or 0
+        self.train_eval_rows = data.sample_rows(self.train_rows, n, seed + 2) if n else np.arange(0)
         self.val_loader = self.eval_loader(self.val_check_rows) if len(self.val_check_rows) else None
         self.train_eval_loader = self.eval_loader(self.train_eval_rows) if len(self.train_eval_rows) else None
         self.ood_rows, self.ood_loader = np.zeros((0, 0), np.int64), None
-        if cfg.get("ood_check") and len(self.val_rows):
-            self.ood_rows, images, labels = ood_check_set(cfg, self.images, self.labels, self.val_rows)
+        if d.ood_check and len(self.val_rows):
+            self.ood_rows, images, labels = ood_check_set(d, self.images, self.labels, self.val_rows)
             self.ood_loader = accelerator.prepare(eval_loader(images, np.arange(len(images)), labels,
                                                               self.eval_batch))
         self._sized: dict[int, np.ndarray] = {}
@@ -149,11 +151,12 @@ class TrainData:
 
     def loader(self, epoch: int, image_size: int):
         """(loader, batch size, CPU augmentation, image size) of `epoch`."""
-        cfg = self.cfg
-        bs, kind, size = optim.batch_size_at(cfg, epoch), cpu_aug_at(cfg, epoch), train_size_at(cfg, epoch, image_size)
-        micro = process_batch(cfg, bs, self.acc.num_processes)
+        spec, seed = self.spec, self.spec.loop.seed
+        bs, kind = optim.batch_size_at(spec.optim, epoch), cpu_aug_at(spec.augment, epoch)
+        size = train_size_at(spec.data, epoch, image_size)
+        micro = process_batch(spec, bs, self.acc.num_processes)
         if (bs, kind, size) not in self._loaders:
-            workers = cfg["workers"] if kind not in (None, "none") else 0
+            workers = spec.data.workers if kind not in (None, "none") else 0
             dl = torch.utils.data.DataLoader(
                 ImageRows(self.images_at(size), self.train_rows, self.labels, augment.cpu_pipeline(kind)),
                 batch_size=micro, sampler=torch.utils.data.RandomSampler(range(len(self.train_rows)),
@@ -162,27 +165,27 @@ class TrainData:
                 num_workers=workers, pin_memory=torch.cuda.is_available(),
                 worker_init_fn=functools.partial(seed_worker, process=self.acc.process_index))
             self._loaders[(bs, kind, size)] = self.acc.prepare(dl)
-        self._shuffle.manual_seed(cfg["seed"] * 100_003 + epoch)
+        self._shuffle.manual_seed(seed * 100_003 + epoch)
         loader = self._loaders[(bs, kind, size)]
         transform = loader.dataset.transform
         if transform is not None and not loader.num_workers:  # in this process: seeded per (seed, epoch, rank)
-            transform.set_random_seed(int(np.random.SeedSequence([cfg["seed"], epoch, self.acc.process_index])
+            transform.set_random_seed(int(np.random.SeedSequence([seed, epoch, self.acc.process_index])
                                           .generate_state(1)[0]))
         return loader, bs, kind, size
 
 
-def process_batch(cfg: dict, global_batch: int, processes: int) -> int:
-    """Images per process per forward pass for a global batch (cfg batch_size = images per
+def process_batch(spec: TrainSpec, global_batch: int, processes: int) -> int:
+    """Images per process per forward pass for a global batch (batch_size = images per
     optimizer update, all processes and accumulation steps together). The global batch is held
     constant, so a run means the same updates at the same lr on 1 GPU or 8 (no lr scaling rule
     to apply); it must split evenly."""
-    parts = processes * cfg["grad_accum"]
+    parts = processes * spec.optim.grad_accum
     if global_batch % parts:
         raise CompetitionError(f"batch_size={global_batch} (the global batch: images per optimizer update) does not "
-                               f"split over {processes} process(es) x grad_accum {cfg['grad_accum']}; choose a "
+                               f"split over {processes} process(es) x grad_accum {spec.optim.grad_accum}; choose a "
                                f"multiple of {parts}")
     micro = global_batch // parts
-    if (cfg.get("mixup") or cfg.get("cutmix")) and micro % 2:
+    if (spec.augment.mixup or spec.augment.cutmix) and micro % 2:
         raise CompetitionError(f"batch_size={global_batch} gives {micro} images per process and step, odd; mixup/cutmix "
                                f"pair images within a batch: choose a multiple of {2 * parts}")
     return micro
@@ -199,17 +202,17 @@ def seed_worker(worker_id: int, process: int = 0) -> None:
         transform.set_random_seed(int(np.random.SeedSequence([info.seed % 2**32, process]).generate_state(1)[0]))
 
 
-def resolve_data_config(cfg: dict, td: TrainData) -> dict:
+def resolve_data_config(spec: TrainSpec, td: TrainData) -> dict:
     """What the data decides, kept apart from the user's config (timm's resolve_data_config
     idea): the classes, the input statistics of the training images, the model's image size."""
-    mean, std = augment.input_stats(td.images[td.train_rows], cfg["norm"])
-    if cfg.get("init_from"):  # fine-tuning: the weights expect the inputs they were trained on
-        source = RunDir(cfg["init_from"]).data_config()
+    mean, std = augment.input_stats(td.images[td.train_rows], spec.data.norm)
+    if spec.model.init_from:  # fine-tuning: the weights expect the inputs they were trained on
+        source = RunDir(spec.model.init_from).data_config()
         mean, std = source["mean"], source["std"]
     out = {"num_classes": len(td.classes), "classes": td.classes, "mean": mean, "std": std,
-           "image_size": int(cfg["image_size"] or td.images.shape[1]), "channels_last": bool(cfg["channels_last"])}
+           "image_size": int(spec.data.image_size or td.images.shape[1]), "channels_last": spec.model.channels_last}
     if td.ood_rows.size:
-        out["ood_check_seed"] = folds.ood_check_seed(cfg)
+        out["ood_check_seed"] = folds.ood_check_seed(spec.data.fold)
     if td.measure_reserve:  # the images score's leak check knows this run never saw
         out["measure_reserve"] = td.measure_reserve
     out["data_sha1"] = td.data_sha1

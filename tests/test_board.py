@@ -14,6 +14,7 @@ import pytest
 from competition import board, corruptions, data, ensemble, plots, predict, score, submit, train, tta
 from competition.files import CompetitionError
 from competition.runs import RunDir
+from competition.specs import EnsembleSpec, PredictSpec
 
 TINY = ["--part", "1", "--preset", "demo", "epochs=2", "train_subset=192", "model_args.widths=[8,16,16]",
         "model_args.hidden=16"]
@@ -32,7 +33,7 @@ def world(tmp_path_factory):
     images = data.load_digits("test")
     corruptions.make_suite(images.images[:10], suite, names=["brightness", "fog"], labels=images.labels[:10],
                            workers=1)
-    predict.predict_run(a, [suite], tta.parse_tta("flip"), test=True)
+    predict.predict_run(a, [suite], PredictSpec("flip"), test=True)
     score.score_target(a, suite, "flip")
     return tmp, a, b, suite
 
@@ -55,9 +56,9 @@ def test_board_lists_runs_with_and_without_predictions(world, capsys):
 
 def test_old_submission_rescores_the_same_after_another_tta(world):
     tmp, a, b, suite = world
-    csv = ensemble.build([a], "s1", suite, tmp / "subs", tta_name="flip")
+    csv = ensemble.build([a], "s1", suite, tmp / "subs", EnsembleSpec(tta="flip"))
     first = score.score_target(tmp / "subs" / "s1.json", suite)["ood_accuracy"]
-    predict.predict_run(a, [suite], tta.parse_tta("shift1"))  # another TTA: its own pred/ folder
+    predict.predict_run(a, [suite], PredictSpec("shift1"))  # another TTA: its own pred/ folder
     again = score.score_target(tmp / "subs" / "s1.json", suite)["ood_accuracy"]
     assert again == first
     spec = json.loads(csv.with_suffix(".json").read_text())
@@ -76,7 +77,7 @@ def test_old_submission_rescores_the_same_after_another_tta(world):
 
 def test_uploads_and_kaggle_scores_reach_the_board(world, monkeypatch):
     tmp, a, b, suite = world
-    csv = ensemble.build([a], "s2", suite, tmp / "subs", method="equal", tta_name="flip")
+    csv = ensemble.build([a], "s2", suite, tmp / "subs", EnsembleSpec(method="equal", tta="flip"))
 
     class Reply:
         message = "Successfully submitted"
@@ -147,7 +148,7 @@ def test_adapted_predictions_reach_the_board_once_scored(world, tmp_path):
     tmp, a, b, suite = world
     shutil.copytree(tmp / "models", tmp_path / "models")
     run = tmp_path / "models" / "a"
-    predict.predict_run(run, [suite], tta.parse_tta("flip"), test=False, oof=False, adapts=["bn"])
+    predict.predict_run(run, [suite], PredictSpec("flip", adapts=["bn"]), test=False, oof=False)
     args = ["--models-dir", str(tmp_path / "models"), "--submissions-dir", str(tmp_path / "subs")]
     board.main(args)
     notes = board.unscored(tmp_path / "models")

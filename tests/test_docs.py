@@ -243,8 +243,10 @@ def check_command(command: str, spec: Spec) -> list[str]:
             flag = arg.split("=", 1)[0]
             if flag not in known and not placeholder(flag.lstrip("-")):
                 problems.append(f"{flag} is not an option of {label} (it has {', '.join(sorted(known))})")
+            per_part = target == "pipeline"  # the pipeline's --preset P also means part<N>_P per part
             if flag == "--preset" and i + 1 < len(args) and not placeholder(args[i + 1]) \
-                    and args[i + 1] not in spec.presets:
+                    and args[i + 1] not in spec.presets \
+                    and not (per_part and any(p.endswith(f"_{args[i + 1]}") for p in spec.presets)):
                 problems.append(f"--preset {args[i + 1]}: no competition/configs/{args[i + 1]}.yaml")
         elif target in OVERRIDE_TAKERS and re.fullmatch(r"[a-z_][\w.]*=.*", arg):
             key = arg.split("=", 1)[0].split(".")[0]

@@ -13,6 +13,7 @@ from competition import ensemble as E
 from competition import runs as R
 from competition.files import CompetitionError
 from competition.metrics import accuracy
+from competition.specs import EnsembleSpec
 
 N, C, K = 300, 5, 3
 OOD_ROWS = (20, 20)
@@ -71,9 +72,9 @@ def test_an_existing_submission_is_never_overwritten(world):
     assert E.build(runs, "t", ood, tmp / "subs") == csv  # the same submission: left alone
     assert (csv.read_bytes(), csv.with_suffix(".json").read_bytes()) == before
     with pytest.raises(CompetitionError, match="already exists and holds another submission: choose a new --name"):
-        E.build(runs, "t", ood, tmp / "subs", method="equal")
+        E.build(runs, "t", ood, tmp / "subs", EnsembleSpec(method="equal"))
     assert (csv.read_bytes(), csv.with_suffix(".json").read_bytes()) == before
-    E.build(runs, "t", ood, tmp / "subs", method="equal", overwrite=True)
+    E.build(runs, "t", ood, tmp / "subs", EnsembleSpec(method="equal"), overwrite=True)
     assert json.loads(csv.with_suffix(".json").read_text())["method"] == "equal"
 
 

@@ -13,15 +13,17 @@ import torch
 from competition import augment, batch_size, data, folds, models, optim, runtime, train, train_data
 from competition.config import CONFIG_DIR, resolve
 from competition.files import CompetitionError
+from competition.specs import train_spec
 
 
 # ---------------------------------------------------------------------------- fine-tuning mechanics
 
 def test_layer_decay_gives_each_resnet_stage_one_learning_rate():
     cfg = resolve(3, None, [])
+    spec = train_spec(cfg)
     model = models.build_model("resnet50", 100)
-    opt = optim.make_optimizer(model, cfg)
-    optim.make_scheduler(opt, {**cfg, "warmup_epochs": 0})  # the scheduler applies each group's lr_scale
+    opt = optim.make_optimizer(model, spec.optim)
+    optim.make_scheduler(opt, spec.replace(warmup_epochs=0).schedule, spec.loop.epochs)  # applies each lr_scale
     stage_lr = {}
     for g in opt.param_groups:
         for p in g["params"]:
@@ -39,7 +41,7 @@ def test_layer_decay_gives_each_resnet_stage_one_learning_rate():
 def test_layer_decay_needs_a_resnet():
     cfg = resolve(1, None, ["layer_decay=0.7"])
     with pytest.raises(CompetitionError, match="ResNet stages"):
-        optim.make_optimizer(models.build_model("simple_cnn", 10), cfg)
+        optim.make_optimizer(models.build_model("simple_cnn", 10), train_spec(cfg).optim)
 
 
 def test_frozen_stages_keep_their_running_statistics():
@@ -58,7 +60,7 @@ def test_frozen_stages_keep_their_running_statistics():
 def walk(cfg: dict, steps: int = 50) -> np.ndarray:
     """The LR each update of the whole run uses (the loop's clock: step_update after each update)."""
     opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=cfg["lr"])
-    sched = optim.make_scheduler(opt, cfg)
+    sched = optim.make_scheduler(opt, train_spec(cfg).schedule, cfg["epochs"])
     lrs = []
     for epoch in range(cfg["epochs"]):
         for i in range(steps):
@@ -103,12 +105,12 @@ def test_presets_do_not_augment_twice():
 # ---------------------------------------------------------------------------- global batch, launch
 
 def test_batch_size_is_global_and_must_split():
-    cfg = resolve(1, None, ["batch_size=256", "grad_accum=2"])
-    assert train_data.process_batch(cfg, 256, 1) == 128
-    assert train_data.process_batch(cfg, 256, 8) == 16
+    spec = train_spec(resolve(1, None, ["batch_size=256", "grad_accum=2"]))
+    assert train_data.process_batch(spec, 256, 1) == 128
+    assert train_data.process_batch(spec, 256, 8) == 16
     with pytest.raises(CompetitionError, match="multiple of 6"):
-        train_data.process_batch(cfg, 256, 3)
-    mixed = {**cfg, "mixup": 0.2, "grad_accum": 1}
+        train_data.process_batch(spec, 256, 3)
+    mixed = spec.replace(mixup=0.2, grad_accum=1)
     with pytest.raises(CompetitionError, match="odd"):
         train_data.process_batch(mixed, 24, 8)
 
@@ -129,7 +131,7 @@ def test_the_dataset_is_loaded_once_per_machine(monkeypatch):
 
     monkeypatch.setattr(acc, "main_process_first", lambda: Guard())
     monkeypatch.setattr(data, "load", lambda *a, **k: inside.append(state["in"]) or real_load(*a, **k))
-    train_data.TrainData(resolve(1, ["demo"], ["ood_check=0"]), acc)
+    train_data.TrainData(train_spec(resolve(1, ["demo"], ["ood_check=0"])), acc)
     assert inside == [True]
 
 
@@ -141,7 +143,7 @@ def augmented_batches(seed: int, epochs: int = 2) -> list[list[np.ndarray]]:
     torch.manual_seed(seed)
     acc = runtime.make_accelerator("no")
     cfg = resolve(1, ["demo"], ["cpu_aug=basic", "workers=2", "batch_size=8", "ood_check=0", f"seed={seed}"])
-    td = train_data.TrainData(cfg, acc)
+    td = train_data.TrainData(train_spec(cfg), acc)
     td.train_rows = np.zeros(32, np.int64)
     return [[x.numpy() for x, _, _ in td.loader(epoch, 32)[0]] for epoch in range(epochs)]
 
@@ -195,8 +197,10 @@ def test_a_training_step_never_reads_a_device_value_back():
     cfg = resolve(3, None, ["noise_blur=0.5", "random_erasing=0.5", "mixup=0.2", "cutmix=1.0", "augmix=false"])
     x8 = torch.empty(16, 32, 32, 3, dtype=torch.uint8, device="meta")
     prep = {"mean": [0.5] * 3, "std": [0.25] * 3, "channels_last": True}
-    x = augment.train_input(x8, cfg, prep, 64)
-    out, target = augment.BatchAugment(cfg, 10, prep["std"])(x, torch.zeros(16, dtype=torch.long, device="meta"))
+    spec = train_spec(cfg)
+    x = augment.train_input(x8, spec.augment, prep, 64)
+    batch_aug = augment.BatchAugment(spec.augment, 10, prep["std"], spec.optim.label_smoothing)
+    out, target = batch_aug(x, torch.zeros(16, dtype=torch.long, device="meta"))
     assert out.shape == (16, 3, 64, 64) and target.shape == (16, 10) and out.device.type == "meta"
 
 
@@ -235,7 +239,7 @@ def test_parameter_groups_keep_timms_order_so_older_optimizer_checkpoints_load()
     from timm.optim._param_groups import param_groups_weight_decay
 
     model = models.build_model("simple_cnn", 10)
-    ours = optim.param_groups(model, resolve(1, None, []))
+    ours = optim.param_groups(model, train_spec(resolve(1, None, [])).optim)
     theirs = param_groups_weight_decay(model, 5e-4)
     assert [[id(p) for p in g["params"]] for g in ours] == [[id(p) for p in g["params"]] for g in theirs]
     assert [g["weight_decay"] for g in ours] == [g["weight_decay"] for g in theirs]
@@ -253,7 +257,7 @@ def test_the_throughput_step_builds_its_optimizer_before_compile(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda m, **k: real(m, backend="eager"))
     cfg = resolve(2, None, ["compile=true", "layer_decay=0.7", "batch_size=4", "augmix=false", "jsd=0",
                             "model_args.channels=[8,8,8,8]"])
-    ips, _ = batch_size.step_throughput(cfg, steps=1, warmup=1)
+    ips, _ = batch_size.step_throughput(train_spec(cfg), steps=1, warmup=1)
     assert ips > 0
 
 

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from competition import models as M
+from competition.config import resolve
 from competition.files import CompetitionError
+from competition.specs import train_spec
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -66,8 +68,11 @@ def test_build_model_errors():
 
 
 def test_model_from_config():
-    cfg = {"model": "resnet18", "model_args": {"stem": "imagenet"}}
-    model = M.model_from_config(cfg, 5)
+    spec = train_spec(resolve(2, None, ["model_args={stem: imagenet}"])).model
+    model = M.model_from_config(spec, 5)
+    assert model.fc.out_features == 5 and model.conv1.kernel_size == (7, 7)
+    # a saved run's config (runs.RunDir.load_model), perhaps older than some keys: the same model
+    model = M.model_from_config({"model": "resnet18", "model_args": {"stem": "imagenet"}}, 5)
     assert model.fc.out_features == 5 and model.conv1.kernel_size == (7, 7)
 
 

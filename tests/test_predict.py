@@ -15,6 +15,7 @@ from competition import predict as P
 from competition import tta as T
 from competition.files import CompetitionError
 from competition.runs import RunDir
+from competition.specs import PredictSpec
 
 CFG = {"mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 8, "channels_last": False, "num_classes": 4}
 
@@ -140,7 +141,7 @@ def out(run_dir, ood, i, setting="flip"):
 
 def test_predict_writes_logits_and_skips_done_work(run, monkeypatch):
     run_dir, ood = run
-    status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), batch_size=64)
+    status = P.predict_run(run_dir, [ood], PredictSpec("flip", batch_size=64))
     assert set(status.values()) == {"written"} and len(status) == 5  # test, oof, oof_ood, 2 OOD files
     # the corrupted held-out copies (the demo's ood_check=10): 19 corruptions x 5 severities x 10 images
     assert np.load(run_dir / "pred/flip/oof_ood.npy").shape == (19 * 5 * 10, 10)
@@ -160,34 +161,34 @@ def test_predict_writes_logits_and_skips_done_work(run, monkeypatch):
 
     # done work is skipped: nothing is predicted again
     monkeypatch.setattr(T, "tta_logits", lambda *a, **k: pytest.fail("predicted again"))
-    assert set(P.predict_run(run_dir, [ood], T.parse_tta("flip")).values()) == {"skipped"}
+    assert set(P.predict_run(run_dir, [ood], PredictSpec("flip")).values()) == {"skipped"}
     monkeypatch.undo()
     # outputs are keyed by the files' contents: a touched file, or the folder moved elsewhere, is
     # still the same data and reuses every prediction; changed bytes redo the folder's outputs
     os.utime(ood / "distortion00.npy", ns=(os.stat(ood / "distortion00.npy").st_mtime_ns + 10**9,) * 2)
-    assert set(P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False).values()) == {"skipped"}
+    assert set(P.predict_run(run_dir, [ood], PredictSpec("flip"), test=False, oof=False).values()) == {"skipped"}
     moved = ood.parent / "elsewhere" / ood.name
     moved.parent.mkdir()
     ood.rename(moved)
     try:
-        assert set(P.predict_run(run_dir, [moved], T.parse_tta("flip"), test=False, oof=False).values()) == {"skipped"}
+        assert set(P.predict_run(run_dir, [moved], PredictSpec("flip"), test=False, oof=False).values()) == {"skipped"}
         assert RunDir(run_dir).ood_logits_paths(data.OodSet(moved), "flip") == [out(run_dir, moved, i) for i in (0, 1)]
     finally:
         moved.rename(ood)
     images = np.load(ood / "distortion00.npy")
     images[0, 0, 0] ^= 1
     np.save(ood / "distortion00.npy", images)
-    status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False)
+    status = P.predict_run(run_dir, [ood], PredictSpec("flip"), test=False, oof=False)
     assert [status[str(out(run_dir, ood, i))] for i in (0, 1)] == ["written", "written"]
-    status = P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False, force=True)
+    status = P.predict_run(run_dir, [ood], PredictSpec("flip"), test=False, oof=False, force=True)
     assert set(status.values()) == {"written"}
 
 
 def test_another_tta_never_changes_the_first_ones_outputs(run):
     run_dir, ood = run
-    P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False)
+    P.predict_run(run_dir, [ood], PredictSpec("flip"), test=False)
     before = out(run_dir, ood, 0).read_bytes(), (run_dir / "pred/flip/oof.npy").read_bytes()
-    P.predict_run(run_dir, [ood], T.parse_tta("shift1"), test=False)
+    P.predict_run(run_dir, [ood], PredictSpec("shift1"), test=False)
     assert (out(run_dir, ood, 0).read_bytes(), (run_dir / "pred/flip/oof.npy").read_bytes()) == before
     assert out(run_dir, ood, 0, "shift1").exists() and sorted(RunDir(run_dir).settings())[:2] == ["flip", "shift1"]
 
@@ -208,7 +209,7 @@ def test_default_tta_is_the_one_the_run_reported(run, monkeypatch):
 
 def test_stale_or_missing_ood_logits_are_a_clear_error(run, tmp_path):
     run_dir, ood = run
-    P.predict_run(run_dir, [ood], T.parse_tta("flip"), test=False, oof=False)
+    P.predict_run(run_dir, [ood], PredictSpec("flip"), test=False, oof=False)
     images = np.load(ood / "distortion01.npy")
     np.save(ood / "distortion01.npy", 255 - images)  # new bytes behind the same name: no output is theirs
     try:
@@ -226,9 +227,9 @@ def test_bn_adapt_writes_a_separate_folder_and_leaves_the_model(run, tmp_path):
     suite.mkdir()
     np.save(suite / "distortion00.npy", np.load(ood / "distortion01.npy"))
     (suite / "corruptions.json").write_text(json.dumps({"names": {"distortion00.npy": "noise"}}))
-    P.predict_run(run_dir, [ood], T.parse_tta("none"), test=False, oof=False)
+    P.predict_run(run_dir, [ood], PredictSpec("none"), test=False, oof=False)
     before = out(run_dir, ood, 0, "none").read_bytes()
-    P.predict_run(run_dir, [suite], T.parse_tta("none"), bn_adapt=True, bn_blend=0.5, test=False, oof=False)
+    P.predict_run(run_dir, [suite], PredictSpec("none", adapts=["bn"], bn_blend=0.5), test=False, oof=False)
     plain = np.load(out(run_dir, suite, 0, "none"))
     adapted = np.load(out(run_dir, suite, 0, "none+bn0.5"))
     assert plain.shape == adapted.shape == (15, 10) and not np.allclose(plain, adapted)
@@ -331,7 +332,7 @@ def test_adapting_a_model_without_batch_norm_is_one_error(run, monkeypatch):
 
     monkeypatch.setattr(RunDir, "load_model", no_bn)
     with pytest.raises(CompetitionError, match="has no batch-norm layers, so --adapt tent has nothing to adapt"):
-        P.predict_run(run_dir, [ood], adapts=["tent"], test=False)
+        P.predict_run(run_dir, [ood], PredictSpec(adapts=["tent"]), test=False)
 
 
 def test_every_stage_knows_the_same_adaptations():

@@ -11,6 +11,7 @@ import torch
 
 from competition import augment, corruptions, ensemble, folds, train
 from competition.runs import RunDir
+from competition.specs import EnsembleSpec, PredictSpec
 
 TINY = ["--part", "1", "--preset", "demo", "epochs=1", "train_subset=128", "model_args.widths=[8,16,16]",
         "model_args.hidden=16", "batch_size=64"]
@@ -113,12 +114,12 @@ def test_fitting_on_corrupted_oof_is_never_worse_than_the_best_member_there(tmp_
     test = data.load_digits("test")
     corruptions.make_suite(test.images[:6], suite, names=["fog"], labels=test.labels[:6], workers=1)
     for r in runs:
-        predict.predict_run(r, [suite], tta.parse_tta("flip"), test=False)
-    csv = ensemble.build(runs, "o", suite, tmp_path / "subs", tta_name="flip", fit_on="ood")
+        predict.predict_run(r, [suite], PredictSpec("flip"), test=False)
+    csv = ensemble.build(runs, "o", suite, tmp_path / "subs", EnsembleSpec(tta="flip", fit_on="ood"))
     info = __import__("json").loads(csv.with_suffix(".json").read_text())
     assert info["fit_on"] == "ood" and info["oof_ood"]["rows"] == 19 * 5 * 4
     assert info["oof_ood"]["accuracy"] >= info["oof_ood"]["best_member"]
-    clean = ensemble.build(runs, "c", suite, tmp_path / "subs", tta_name="flip", fit_on="clean")
+    clean = ensemble.build(runs, "c", suite, tmp_path / "subs", EnsembleSpec(tta="flip", fit_on="clean"))
     assert __import__("json").loads(clean.with_suffix(".json").read_text())["fit_on"] == "clean"
 
 

@@ -116,18 +116,116 @@ def test_a_run_without_summary_is_never_already_trained(copy):
     assert (run_dir / "oof_logits.npy").exists() and RunDir(run_dir).finished
 
 
-def test_resume_falls_back_past_a_broken_checkpoint(copy, capsys):
+def _emptied(data: bytes) -> bytes:
+    return b""
+
+
+def _cut(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def _bad_json(data: bytes) -> bytes:
+    return data[:-1]  # a copy cut short by one byte: no closing brace
+
+
+@pytest.mark.parametrize("name, damage, why", [
+    ("random_states_0.safetensors", _emptied, "SafetensorError"),  # Accelerate would only log it and go on
+    ("optimizer.safetensors", _cut, "SafetensorError"),
+    ("state.json", _bad_json, "JSONDecodeError"),
+    ("optimizer.json", lambda d: b'{"state": {}}', "ValueError: not a dict with param_groups, state")])
+def test_resume_falls_back_past_a_broken_checkpoint(copy, capsys, name, damage, why):
     run_dir, args = copy
     (run_dir / "summary.json").unlink()
     newest, older = RunDir(run_dir).checkpoints()[-1], RunDir(run_dir).checkpoints()[-2]
-    (newest / "random_states_0.pkl").write_bytes(b"")  # emptied: Accelerate would only log it and go on
+    (newest / name).write_bytes(damage((newest / name).read_bytes()))
+    stale = run_dir / "checkpoints" / "checkpoint_2.tmp"  # a save a crash cut short: never resumed from
+    stale.mkdir()
     train.main(args + ["--resume"])
     out = capsys.readouterr().out
-    assert f"{newest.name} cannot be resumed from (random_states_0.pkl does not load" in out
+    assert f"{newest.name} cannot be resumed from ({name} does not load ({why}" in out
     assert f"falling back to {older.name}" in out and f"resumed from {older}" in out
     assert (run_dir / "broken-checkpoints" / newest.name).exists()
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2]  # epoch 2 trained again from the intact checkpoint
+    assert [c.name for c in RunDir(run_dir).checkpoints()] == ["checkpoint_0", "checkpoint_1"]
+    assert not stale.exists()  # the next save cleared it
+
+
+def test_a_checkpoint_round_trips_bit_exactly(tmp_path):
+    """save_checkpoint then load_checkpoint into a fresh learner gives back every tensor bit for bit
+    and every other value with its type (Adam's betas stay a tuple), the RNG states included; the
+    newest two checkpoints are kept."""
+    import random
+    from types import SimpleNamespace
+
+    import torch
+    from timm.scheduler import CosineLRScheduler
+    from timm.utils import ModelEmaV3
+    from torch import nn
+
+    from competition import checkpoints
+    from test_security import assert_pickle_free
+
+    accelerator = runtime.make_accelerator("no")
+
+    def learner(seed):  # what save_checkpoint and load_checkpoint read of a competition.learner.Learner
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+        opt = torch.optim.AdamW([{"params": list(net[:2].parameters()), "weight_decay": 0.0},
+                                 {"params": list(net[3].parameters())}], lr=0.1)
+        sched = CosineLRScheduler(opt, t_initial=3, warmup_t=0.5, warmup_lr_init=1e-5, t_in_epochs=False)
+        model, opt = accelerator.prepare(net, opt)
+        return SimpleNamespace(model=model, net=net, optimizer=opt, scheduler=sched, ema=ModelEmaV3(net, decay=0.9))
+
+    a, state, run = learner(0), checkpoints.LoopState(), RunDir(tmp_path / "run")
+    for update in range(1, 3):
+        a.model(torch.randn(4, 3, 32, 32)).sum().backward()
+        a.optimizer.step()
+        a.scheduler.step_update(update / 10)
+        a.ema.update(a.net, step=update)
+    state.epoch, state.step, state.processes = 1, 2, 1
+    state.history = [{"epoch": 1, "val_acc": np.float64(0.25), "ood_acc": np.float32(0.5), "val_loss": float("nan")}]
+    accelerator.step = 3
+    for _ in range(2):
+        checkpoints.save_checkpoint(run, a, state, accelerator)
+    (run.checkpoint_dir / "checkpoint_7.tmp").mkdir()  # a save a crash cut short
+    random.random(), np.random.rand(), torch.rand(1)  # RNG states as they are at the save
+    want = dict(rng=(random.getstate(), np.random.get_state(), torch.get_rng_state()),
+                model=a.net.state_dict(), opt=a.optimizer.state_dict(), sched=a.scheduler.state_dict(),
+                ema=a.ema.state_dict(), loop=state.state_dict())
+    ckpt = checkpoints.save_checkpoint(run, a, state, accelerator)
+    assert ckpt.name == "checkpoint_2" and [c.name for c in run.checkpoints()] == ["checkpoint_1", "checkpoint_2"]
+    assert not run.stale_checkpoint_tmps()
+    assert_pickle_free(ckpt)
+    assert (ckpt / RunDir.CKPT_EMA).exists()
+
+    random.random(), np.random.rand(), torch.rand(1)
+    accelerator.step = 0
+    b, loaded = learner(1), checkpoints.LoopState()
+    checkpoints.load_checkpoint(ckpt, b, loaded, accelerator)
+    assert random.getstate() == want["rng"][0] and torch.equal(torch.get_rng_state(), want["rng"][2])
+    np_state = np.random.get_state()
+    assert np_state[0] == want["rng"][1][0] and np.array_equal(np_state[1], want["rng"][1][1])
+    assert np_state[2:] == want["rng"][1][2:]
+    assert accelerator.step == 3
+
+    def same(x, y):
+        if torch.is_tensor(x):
+            return torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y.to(x.device))
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return type(x) is type(y) and len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        if isinstance(x, np.generic):  # JSON gives a Python number back, of the same value
+            return x.item() == y
+        if isinstance(x, float) and x != x:
+            return isinstance(y, float) and y != y
+        return type(x) is type(y) and x == y
+
+    assert same(want["model"], b.net.state_dict()) and same(want["ema"], b.ema.state_dict())
+    assert same(want["opt"], b.optimizer.state_dict()) and same(want["sched"], b.scheduler.state_dict())
+    assert isinstance(b.optimizer.state_dict()["param_groups"][0]["betas"], tuple)
+    assert same(want["loop"], loaded.state_dict())
 
 
 def test_resume_with_no_complete_checkpoint_is_one_error(copy):

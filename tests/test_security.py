@@ -1,8 +1,10 @@
 """Nothing runs from a file a user was sent: a weights file, a checkpoint to resume or a CIFAR
 folder that carries a pickle payload is refused before it can run, and the payload's marker
-file never appears."""
+file never appears. Checkpoints hold no pickle at all (safetensors and JSON); one Accelerate
+wrote for a run saved before is read weights-only before it is resumed."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 from pathlib import Path
@@ -68,16 +70,80 @@ def test_weights_round_trip_exactly_and_old_runs_still_load(run_copy):
     assert (new["config"], new["data_config"], new["metrics"]) == (w["config"], w["data_config"], w["metrics"])
 
 
-@pytest.mark.parametrize("planted", ["random_states_0.pkl", "custom_checkpoint_0.pkl"])
-def test_a_planted_checkpoint_file_is_never_loaded_on_resume(run_copy, tmp_path, planted, capsys):
+def save_like_before(run: RunDir, learner, state, accelerator):
+    """What train.py wrote before the pickle-free checkpoints (monkeypatched over
+    train.save_checkpoint): Accelerate's save_state, with model.safetensors, optimizer.bin,
+    custom_checkpoint_0/1(/2).pkl (scheduler, LoopState, EMA) and random_states_0.pkl."""
+    if not accelerator._custom_objects:
+        accelerator.register_for_checkpointing(learner.scheduler, state,
+                                               *([learner.ema] if learner.ema is not None else []))
+    path, _ = run.next_checkpoint()
+    accelerator.save_state(str(path))
+    return path
+
+
+def assert_pickle_free(ckpt: Path) -> None:
+    """A checkpoint folder of the current format: safetensors and JSON only, nothing torch.load
+    or pickle would read (a pickle starts with its protocol byte 0x80, torch.save's zip with PK)."""
+    from safetensors import safe_open
+
+    assert (ckpt / RunDir.CKPT_STATE).exists() and not RunDir.is_legacy_checkpoint(ckpt), ckpt
+    for f in sorted(ckpt.iterdir()):
+        assert f.suffix in (".safetensors", ".json"), f
+        assert not f.read_bytes()[:4].startswith((b"\x80", b"PK")), f
+        if f.suffix == ".json":
+            assert isinstance(json.loads(f.read_text()), dict), f
+        else:
+            with safe_open(str(f), framework="pt") as st:
+                assert list(st.keys()), f
+
+
+def test_checkpoints_hold_no_pickle(tiny_run):
+    run_dir, _ = tiny_run
+    ckpts = RunDir(run_dir).checkpoints()
+    assert [c.name for c in ckpts] == ["checkpoint_0", "checkpoint_1"]
+    for ckpt in ckpts:
+        assert_pickle_free(ckpt)
+        assert sorted(f.name for f in ckpt.iterdir()) == sorted([
+            RunDir.CKPT_MODEL, RunDir.CKPT_OPTIMIZER, RunDir.CKPT_OPTIMIZER_JSON, RunDir.CKPT_STATE,
+            RunDir.checkpoint_rng(ckpt, 0).name])  # no EMA in this run
+
+
+def test_a_pickle_planted_in_a_checkpoint_is_never_read(run_copy, tmp_path, capsys):
     run_dir, dirs = run_copy
     marker = tmp_path / "pwned"
     (run_dir / "summary.json").unlink()
     newest = RunDir(run_dir).checkpoints()[-1]
-    torch.save(Payload(marker), newest / planted)
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin"):
+        torch.save(Payload(marker), newest / name)  # what Accelerate's load_state would have unpickled
+    train.main(TINY + dirs + ["--resume"])
+    assert f"resumed from {newest} " in capsys.readouterr().out  # this format: only its own files are read
+    assert not marker.exists() and RunDir(run_dir).finished
+
+
+@pytest.mark.parametrize("planted", ["random_states_0.pkl", "custom_checkpoint_0.pkl"])
+def test_a_planted_legacy_checkpoint_file_is_never_loaded_on_resume(tmp_path, planted, capsys, monkeypatch):
+    """Checkpoints Accelerate wrote (runs saved before) resume through its load_state, which reads
+    custom_checkpoint_*.pkl with weights_only=False: every pickle is read weights-only first."""
+    dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
+    monkeypatch.setattr(train, "save_checkpoint", save_like_before)
+    run_dir = train.main(TINY + dirs)
+    monkeypatch.undo()
+    older, newest = RunDir(run_dir).checkpoints()
+    assert RunDir.is_legacy_checkpoint(older) and RunDir.is_legacy_checkpoint(newest)
+    (run_dir / "summary.json").unlink()
+    marker = tmp_path / "pwned"
+    good = (older / planted).read_bytes()
+    for ckpt in (older, newest):
+        torch.save(Payload(marker), ckpt / planted)
+    with pytest.raises(CompetitionError, match=f"no checkpoint .* loads completely .*{planted} does not load as "
+                                               f"plain weights"):
+        train.main(TINY + dirs + ["--resume"])
+    (older / planted).write_bytes(good)
     train.main(TINY + dirs + ["--resume"])  # falls back to the older, intact checkpoint
     assert f"{newest.name} cannot be resumed from ({planted} does not load as plain weights" in capsys.readouterr().out
     assert not marker.exists() and RunDir(run_dir).finished
+    assert_pickle_free(RunDir(run_dir).latest_checkpoint())  # the save after a legacy resume: this format
 
 
 def test_a_planted_cifar_pickle_is_refused_unrun(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from competition import data, ensemble, folds, predict, score, selftrain, train, tta
 from competition.files import CompetitionError
 from competition.runs import RunDir
+from competition.specs import EnsembleSpec, PredictSpec
 
 TINY = ["--part", "1", "--preset", "demo", "epochs=2", "model_args.widths=[8,16,16]", "model_args.hidden=16",
         "exclude_folds=[1]", "ood_check=2"]
@@ -29,7 +30,7 @@ def world(tmp_path_factory):
               "--workers", "1", "--n", "12"]
     pool = score.main(["suite", "--out", str(tmp / "pool"), "--fold", "1", *common])  # the "test files"
     measure = score.main(["suite", "--out", str(tmp / "measure"), *common])  # the measure reserve
-    predict.predict_run(run, [pool, measure], tta.parse_tta("flip"), adapts=["bn"], test=False)
+    predict.predict_run(run, [pool, measure], PredictSpec("flip", adapts=["bn"]), test=False)
     return tmp, run, pool, measure
 
 
@@ -39,13 +40,14 @@ def test_measure_rows_are_in_no_training_row_choose_image_or_pool(world):
     reserve = set(folds.measure_rows(frame).tolist())
     info = data.OodSet(measure).info()
     assert len(reserve) == 100 and info["split"] == "measure" and set(info["source_rows"]) <= reserve
-    trained, held = folds.fold_rows(frame["fold"].to_numpy(), RunDir(run).config(), "f")
+    cfg = RunDir(run).config()
+    trained, held = folds.fold_rows(frame["fold"].to_numpy(), cfg["fold"], "f", cfg["exclude_folds"])
     r = RunDir(run)
     assert not reserve & set(trained.tolist()) and not reserve & set(held.tolist())
     assert not reserve & set(r.oof_index().tolist()) and not reserve & set(r.oof_ood_index().ravel().tolist())
     assert not reserve & set(data.OodSet(pool).info()["source_rows"])
-    for fold_all in ({**r.config(), "fold": -1}, {**r.config(), "fold": -1, "exclude_folds": []}):
-        assert not reserve & set(folds.fold_rows(frame["fold"].to_numpy(), fold_all, "f")[0].tolist())
+    for exclude in (r.config()["exclude_folds"], []):
+        assert not reserve & set(folds.fold_rows(frame["fold"].to_numpy(), -1, "f", exclude)[0].tolist())
     assert r.data_config()["measure_reserve"] == info["reserve"]  # what score's leak check compares
     assert score._leaks([r.config()], info, [r]) == []
     assert score._leaks([r.config()], {**info, "reserve": "another"}, [r]) == [str(r)]
@@ -55,12 +57,12 @@ def test_adapt_auto_never_looks_at_the_measure_labels(world):
     """The choice is made on the corrupted out-of-fold images: shuffling the measure's labels
     (or scoring on it at all) changes no decision."""
     tmp, run, pool, measure = world
-    a = json.loads(ensemble.build([run], "auto-a", measure, tmp / "subs", tta_name="flip", adapt="auto")
+    a = json.loads(ensemble.build([run], "auto-a", measure, tmp / "subs", EnsembleSpec(tta="flip", adapt="auto"))
                    .with_suffix(".json").read_text())
     labels = np.load(measure / "labels.npy")
     try:
         np.save(measure / "labels.npy", np.random.default_rng(0).permutation((labels + 3) % 10))
-        b = json.loads(ensemble.build([run], "auto-b", measure, tmp / "subs", tta_name="flip", adapt="auto")
+        b = json.loads(ensemble.build([run], "auto-b", measure, tmp / "subs", EnsembleSpec(tta="flip", adapt="auto"))
                        .with_suffix(".json").read_text())
     finally:
         np.save(measure / "labels.npy", labels)
@@ -72,7 +74,7 @@ def test_adapt_auto_never_looks_at_the_measure_labels(world):
 
 def test_one_round_trains_predicts_and_ensembles_again(world):
     tmp, run, pool, measure = world
-    csv = ensemble.build([run], "base", pool, tmp / "subs", tta_name="flip", adapt="auto")
+    csv = ensemble.build([run], "base", pool, tmp / "subs", EnsembleSpec(tta="flip", adapt="auto"))
     spec = json.loads(csv.with_suffix(".json").read_text())
     assert set(spec["adaptation"][RunDir(run).member]) == {"none", "bn", "chosen", "chosen_on"}  # the choice, its reasons
     out = selftrain.main([str(csv.with_suffix(".json")), "--threshold", "0.1", "--epochs", "1", "--suite",
@@ -100,15 +102,16 @@ def test_a_pseudo_set_of_held_out_images_is_refused(world):
     tmp, run, pool, measure = world
     held = score.main(["suite", "--out", str(tmp / "fold0"), "--fold", "0", "--dataset", "digits", "--folds-dir",
                        str(tmp / "folds"), "--names", "brightness", "--workers", "1", "--n", "4"])
-    predict.predict_run(run, [held], tta.parse_tta("flip"), test=False)
-    csv = ensemble.build([run], "onheld", held, tmp / "subs", tta_name="flip")  # the "test files" ARE fold 0: held out
+    predict.predict_run(run, [held], PredictSpec("flip"), test=False)
+    # the "test files" ARE fold 0: held out
+    csv = ensemble.build([run], "onheld", held, tmp / "subs", EnsembleSpec(tta="flip"))
     with pytest.raises(CompetitionError, match="holds out .* pseudo-labelling them would train on the held-out fold"):
         selftrain.main([str(csv.with_suffix(".json")), "--out-dir", str(tmp / "subs")])
 
 
 def test_a_pseudo_set_of_the_measure_reserve_is_refused(world):
     tmp, run, pool, measure = world
-    csv = ensemble.build([run], "onmeasure", measure, tmp / "subs", tta_name="flip")
+    csv = ensemble.build([run], "onmeasure", measure, tmp / "subs", EnsembleSpec(tta="flip"))
     with pytest.raises(CompetitionError, match="measure reserve: pseudo-labelling it"):
         selftrain.main([str(csv.with_suffix(".json")), "--out-dir", str(tmp / "subs")])
 
@@ -136,18 +139,18 @@ def test_a_csv_without_its_json_is_an_interrupted_write_and_is_replaced(world, c
     tmp, run, pool, measure = world
     (tmp / "subs").mkdir(exist_ok=True)
     (tmp / "subs" / "orphan.csv").write_text("id,label\n")  # a crash between the CSV and its JSON
-    csv = ensemble.build([run], "orphan", measure, tmp / "subs", tta_name="flip")
+    csv = ensemble.build([run], "orphan", measure, tmp / "subs", EnsembleSpec(tta="flip"))
     assert "interrupted before it): replaced" in capsys.readouterr().out and csv.with_suffix(".json").exists()
     with pytest.raises(CompetitionError, match="holds another submission"):  # a recorded one is still protected
-        ensemble.build([run], "orphan", measure, tmp / "subs", tta_name="flip", adapt="bn")
+        ensemble.build([run], "orphan", measure, tmp / "subs", EnsembleSpec(tta="flip", adapt="bn"))
 
 
 def test_adapt_auto_without_choose_images_takes_bn_by_default_and_says_so(world, capsys):
     tmp, run, pool, measure = world
     dirs = [f"folds_dir={tmp / 'folds'}", f"models_dir={tmp / 'models'}"]
     bare = train.main(TINY + dirs + ["ood_check=0", "select_on=clean", "name=bare"])
-    predict.predict_run(bare, [measure], tta.parse_tta("flip"), adapts=["bn"], test=False)
-    spec = json.loads(ensemble.build([bare], "bare", measure, tmp / "subs", tta_name="flip", adapt="auto")
+    predict.predict_run(bare, [measure], PredictSpec("flip", adapts=["bn"]), test=False)
+    spec = json.loads(ensemble.build([bare], "bare", measure, tmp / "subs", EnsembleSpec(tta="flip", adapt="auto"))
                       .with_suffix(".json").read_text())
     assert spec["adaptation"]["bare"]["chosen"] == "bn" and "ood_check=0" in spec["adaptation"]["bare"]["chosen_on"]
     assert "no corrupted out-of-fold images to choose on" in capsys.readouterr().out

@@ -37,17 +37,17 @@ def run(args, dirs):
     return train.main(args + dirs)
 
 
-def test_part1_writes_every_artifact(dirs):
-    run_dir = run(["--part", "1", "--preset", "demo", "epochs=2", "train_subset=256", "oof_tta=flip", *TINY_CNN], dirs)
+def test_part1_writes_every_artifact(tiny_run):
+    run_dir, _ = tiny_run  # the session's finished Part 1 run (conftest.py: TINY_RUN), read only
     for name in ("config.yaml", "best.safetensors", "last.safetensors", "metrics.csv", "curves.png", "oof_logits.npy", "oof_index.npy",
                  "summary.json"):
         assert (run_dir / name).exists(), name
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert list(metrics["epoch"]) == [1, 2]
-    assert metrics["updates"].iloc[-1] == 2 * (256 // 64)
+    assert metrics["updates"].iloc[-1] == 2 * (128 // 32)  # TINY_RUN's 128 images in the demo's batches of 32
     assert np.isfinite(metrics[["train_loss", "val_loss"]].to_numpy()).all()
     oof = np.load(run_dir / "oof_logits.npy")
-    frame = pd.read_csv(Path(dirs[0].split("=")[1]) / "digits.csv")
+    frame = pd.read_csv(run_dir.parent.parent / "folds" / "digits.csv")
     assert np.array_equal(np.load(run_dir / "oof_index.npy"), np.flatnonzero(frame["fold"] == 0))
     assert oof.shape == ((frame["fold"] == 0).sum(), 10) and oof.dtype == np.float32
     # The OOF logits are the best checkpoint's: its held-out accuracy is the one logged for the
@@ -60,43 +60,45 @@ def test_part1_writes_every_artifact(dirs):
     # The user's config is saved as given; what the data decided is saved beside it.
     assert "num_classes" not in cfg and "mean" not in cfg
     assert RunDir(run_dir).data_config() == data_cfg
-    # summary.json: the plain OOF accuracy, and the flip-TTA one recomputed here from the best weights.
+    # summary.json: the plain OOF accuracy, and the TTA one (the demo's oof_tta: shift) recomputed
+    # here from the best weights.
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["oof_accuracy"] == pytest.approx(acc) and summary["epochs"] == 2
     rows = np.flatnonzero(frame["fold"] == 0)
     ds = data.load_digits()
-    logits = tta.tta_logits(model.eval(), torch.from_numpy(ds.images[rows]), data_cfg, tta.parse_tta("flip"))
-    assert summary["oof_tta"] == "flip"
+    logits = tta.tta_logits(model.eval(), torch.from_numpy(ds.images[rows]), data_cfg, tta.parse_tta("shift"))
+    assert summary["oof_tta"] == "shift"
     assert summary["oof_tta_accuracy"] == pytest.approx((logits.argmax(1).numpy() == ds.labels[rows]).mean(), abs=1e-6)
 
 
-def test_rerun_is_skipped_and_a_changed_config_refused(dirs):
-    args = ["--part", "1", "--preset", "demo", "epochs=1", "train_subset=128", *TINY_CNN]
-    run_dir = run(args, dirs)
+def test_rerun_is_skipped_and_a_changed_config_refused(tiny_run_copy):
+    run_dir, args = tiny_run_copy  # a copy of the session's finished tiny run (conftest.py)
     stamp = (run_dir / "last.safetensors").stat().st_mtime_ns
-    assert run(args, dirs) == run_dir and (run_dir / "last.safetensors").stat().st_mtime_ns == stamp
+    assert train.main(args) == run_dir and (run_dir / "last.safetensors").stat().st_mtime_ns == stamp
     with pytest.raises(CompetitionError, match="trained with other values of lr: "):
-        run(args + ["lr=0.01"], dirs)
+        train.main(args + ["lr=0.01"])
 
 
 def test_part2_both_stems(dirs):
-    # ood_check=1: 95 corrupted held-out images through each ResNet-18 instead of the demo's 950
-    run_dir = run(["--part", "2", "--preset", "demo", "epochs=1", "train_subset=64", "batch_size=32", "ood_check=1"],
-                  dirs)
+    # ood_check=1, val_subset=32 and no OOF TTA: 95 corrupted and 32 clean held-out images through each
+    # ResNet-18 in its epoch instead of the demo's 950 and the whole fold, one view of the fold at the end
+    tiny = ["--part", "2", "--preset", "demo", "epochs=1", "train_subset=64", "batch_size=32", "ood_check=1",
+            "val_subset=32", "oof_tta=none"]
+    run_dir = run(tiny, dirs)
     assert np.load(run_dir / "oof_logits.npy").shape[1] == 10
-    run_dir = run(["--part", "2", "--preset", "demo", "epochs=1", "train_subset=64", "batch_size=32", "ood_check=1",
-                   "model_args.stem=imagenet", "image_size=48", "name=imagenet-stem"], dirs)
+    run_dir = run(tiny + ["model_args.stem=imagenet", "image_size=48", "name=imagenet-stem"], dirs)
     assert RunDir(run_dir).load_model()[2]["image_size"] == 48
 
 
 def test_part3_local_weights_and_progressive_unfreezing(dirs, random_resnet50):
     weights = random_resnet50  # models.save_random_resnet50's file (conftest.py), read only
     saved = torch.load(weights)
-    # ood_check=1 and no OOF TTA: 95 corrupted held-out images per epoch through the ResNet-50 instead of the
-    # demo's 950, and one view of the held-out fold at the end instead of 3 (TTA: test_part1_writes_every_artifact)
-    run_dir = run(["--part", "3", "--preset", "demo", "epochs=2", "train_subset=64", "batch_size=32", "mixup=0.0",
+    # ood_check=1, val_subset=32 and no OOF TTA: 95 corrupted and 32 clean held-out images per epoch through
+    # the ResNet-50 instead of the demo's 950 and the whole fold, and one view of the held-out fold at the end
+    # instead of 3 (TTA: test_part1_writes_every_artifact); one update an epoch (32 images) moves what it opens
+    run_dir = run(["--part", "3", "--preset", "demo", "epochs=2", "train_subset=32", "batch_size=32", "mixup=0.0",
                    "unfreeze={0: [head], 1: [layer4]}", "ema=null", f"weights={weights}", "lr=0.05", "ood_check=1",
-                   "oof_tta=none"], dirs)
+                   "val_subset=32", "oof_tta=none"], dirs)
     trained = RunDir(run_dir).load_weights("last")["model"]
     # Epoch 1 trained the head, epoch 2 head + layer4; the stem and layers 1-3 never moved.
     for name in ("conv1.weight", "layer1.0.conv1.weight", "layer3.5.conv3.weight", "bn1.weight"):
@@ -118,18 +120,29 @@ def test_part3_without_weights_offline_is_one_clear_error(dirs, monkeypatch):
         run(["--part", "3", "--preset", "demo", "epochs=1", "train_subset=32"], dirs)
 
 
-def test_resume_matches_an_uninterrupted_run(dirs):
+def test_resume_matches_an_uninterrupted_run(dirs, monkeypatch):
+    """Bit for bit, from this code's checkpoints and from one Accelerate's save_state wrote (runs
+    saved before the pickle-free format: the resume loads it, the next save writes the new format)."""
+    from test_security import assert_pickle_free, save_like_before
+
     args = ["--part", "1", "--preset", "demo", "epochs=3", "train_subset=256", "ema=0.9", "mixup=0.2",
             "random_erasing=0.3", *TINY_CNN]
     full = run(args + ["--name", "full"], dirs)
     part = run(args + ["--name", "split", "stop_after=1"], dirs)
     assert len(pd.read_csv(part / "metrics.csv")) == 1
-    part = run(args + ["--name", "split", "--resume"], dirs)
-    a, b = pd.read_csv(full / "metrics.csv"), pd.read_csv(part / "metrics.csv")
+    monkeypatch.setattr(train, "save_checkpoint", save_like_before)
+    legacy = run(args + ["--name", "legacy", "stop_after=1"], dirs)
+    monkeypatch.undo()
+    assert RunDir.is_legacy_checkpoint(RunDir(legacy).latest_checkpoint())
     cols = ["epoch", "lr", "updates", "train_loss", "train_acc", "val_loss", "val_acc"]
-    pd.testing.assert_frame_equal(a[cols], b[cols])
-    np.testing.assert_array_equal(np.load(full / "oof_logits.npy"), np.load(part / "oof_logits.npy"))
-    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
+    for name in ("split", "legacy"):
+        part = run(args + ["--name", name, "--resume"], dirs)
+        a, b = pd.read_csv(full / "metrics.csv"), pd.read_csv(part / "metrics.csv")
+        pd.testing.assert_frame_equal(a[cols], b[cols])
+        np.testing.assert_array_equal(np.load(full / "oof_logits.npy"), np.load(part / "oof_logits.npy"))
+        assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["checkpoint_1", "checkpoint_2"]
+        for ckpt in RunDir(part).checkpoints():
+            assert_pickle_free(ckpt)
 
 
 def test_nan_loss_is_one_clear_error(dirs):
@@ -168,6 +181,7 @@ def test_two_processes_bf16_channels_last_cover_the_fold_once_and_resume_on_one(
     from safetensors.torch import load_file
     ckpt = sorted((run_dir / "checkpoints").iterdir())[-1]
     assert not [k for k in load_file(ckpt / "model.safetensors") if k.startswith(("module.", "_orig_mod."))]
+    assert RunDir.checkpoint_rng(ckpt, 0).exists() and RunDir.checkpoint_rng(ckpt, 1).exists()  # one per process
     assert not (run_dir / "oof_index.npy").exists()  # stopped after epoch 1: the OOF files come from the resume
 
     try:
