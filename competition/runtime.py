@@ -13,6 +13,7 @@ import threading
 import torch
 
 from competition.files import CompetitionError
+from competition.specs import TrainSpec
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 
@@ -65,18 +66,32 @@ def make_accelerator(precision: str = "auto", **kwargs):
     return Accelerator(cpu=multi_cpu, mixed_precision=precision, **kwargs)
 
 
-def training_accelerator(cfg: dict, project_dir):
+def training_accelerator(spec: TrainSpec, project_dir):
     """A training run's Accelerator: precision, gradient accumulation, trackers (logging in
     project_dir). Checkpoints are competition/checkpoints.py's, not Accelerate's save_state."""
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
-    if cfg["log_with"] == "wandb" and not os.environ.get("WANDB_API_KEY"):
+    loop = spec.loop
+    if loop.log_with == "wandb" and not os.environ.get("WANDB_API_KEY"):
         os.environ.setdefault("WANDB_MODE", "offline")  # never block on a login prompt
     return make_accelerator(
-        cfg["mixed_precision"], gradient_accumulation_steps=cfg["grad_accum"], log_with=cfg["log_with"],
+        loop.mixed_precision, gradient_accumulation_steps=spec.optim.grad_accum, log_with=loop.log_with,
         project_config=ProjectConfiguration(project_dir=str(project_dir)),
         # Frozen stages get no gradient while progressive unfreezing holds them; DDP must know.
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(cfg["unfreeze"]))])
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(spec.schedule.unfreeze))])
+
+
+def start_trackers(accelerator, name: str, log_with: str | None, record: dict) -> None:
+    """Start the log_with tracker (none: nothing) of the run `name`, with `record` (the config as
+    stored in the run folder) as its config; values other than numbers, texts and booleans as text."""
+    if not log_with:
+        return
+    try:
+        accelerator.init_trackers(name.replace("/", "_"), config={
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in record.items()})
+    except Exception as e:
+        raise CompetitionError(f"log_with={log_with}: could not start the tracker ({e}); "
+                               f"pip install {log_with}, or drop log_with") from None
 
 
 def _forget_other_precision(precision: str) -> None:

@@ -28,10 +28,13 @@ process writes files.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (accelerate launch competition/train.py)
@@ -62,72 +65,60 @@ def check_config(cfg: dict) -> TrainSpec:
     Returns the typed spec the run's parts take (specs.TrainSpec)."""
     validate(cfg)
     spec = train_spec(cfg)
-    if cfg["dataset"] not in data.SOURCES:
-        raise CompetitionError(f"config dataset={cfg['dataset']!r}: must be one of {', '.join(data.SOURCES)}")
-    tta.parse_tta(cfg["oof_tta"])
-    if cfg["log_with"]:
-        import importlib.util
-
-        if importlib.util.find_spec(cfg["log_with"]) is None:
-            raise CompetitionError(f"config log_with={cfg['log_with']}: the {cfg['log_with']} package is not installed: "
-                                   f"pip install -e '.[{cfg['log_with']}]' (or drop log_with)")
-    for kind in {cfg["cpu_aug"], "strong" if cfg["strong_aug_epoch"] is not None else "none"}:
+    dataset, log_with, aug, model = spec.data.dataset, spec.loop.log_with, spec.augment, spec.model
+    if dataset not in data.SOURCES:
+        raise CompetitionError(f"config dataset={dataset!r}: must be one of {', '.join(data.SOURCES)}")
+    tta.parse_tta(spec.loop.oof_tta)
+    if log_with:
+        if importlib.util.find_spec(log_with) is None:
+            raise CompetitionError(f"config log_with={log_with}: the {log_with} package is not installed: "
+                                   f"pip install -e '.[{log_with}]' (or drop log_with)")
+    for kind in {aug.cpu_aug, "strong" if aug.strong_aug_epoch is not None else "none"}:
         augment.cpu_pipeline(kind)
-    if cfg.get("init_from") and not RunDir(cfg["init_from"]).weights("best").exists():
-        raise CompetitionError(f"config init_from={cfg['init_from']}: no best.pt there (a trained run folder)")
-    if cfg.get("pseudo") and not Path(cfg["pseudo"]).is_file():
-        raise CompetitionError(f"config pseudo={cfg['pseudo']}: no such file (competition.selftrain writes it)")
-    if cfg.get("weights") and not Path(cfg["weights"]).is_file():
-        raise CompetitionError(f"config weights={cfg['weights']}: no such file (an ImageNet ResNet-50 state dict)")
+    if model.init_from and not RunDir(model.init_from).weights("best").exists():
+        raise CompetitionError(f"config init_from={model.init_from}: no best.pt there (a trained run folder)")
+    if spec.data.pseudo and not Path(spec.data.pseudo).is_file():
+        raise CompetitionError(f"config pseudo={spec.data.pseudo}: no such file (competition.selftrain writes it)")
+    if model.weights and not Path(model.weights).is_file():
+        raise CompetitionError(f"config weights={model.weights}: no such file (an ImageNet ResNet-50 state dict)")
     models.check_weights_source(spec.model)  # offline without weights: the message now, before any folder
     check_model(spec)
     return spec
 
 
-def start_trackers(run: RunDir, cfg: dict, accelerator) -> None:
-    if not cfg["log_with"]:
-        return
-    try:
-        accelerator.init_trackers(run.name.replace("/", "_"), config={
-            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in cfg.items()})
-    except Exception as e:
-        raise CompetitionError(f"log_with={cfg['log_with']}: could not start the tracker ({e}); "
-                               f"pip install {cfg['log_with']}, or drop log_with") from None
-
-
 # ---------------------------------------------------------------------------- one epoch
 
 
-def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: int, state: LoopState,
-                    accelerator, run: RunDir, stop: runtime.StopRequest, soft=None) -> dict | None:
+def train_one_epoch(learner: Learner, loader, data_cfg: dict, size: int, state: LoopState, accelerator,
+                    run: RunDir, stop: runtime.StopRequest, soft=None) -> dict | None:
     """One pass over the training loader; the schedule steps per update. Returns the running
     loss and accuracy (over every process) and the images seen; None when a stop request
     ended the epoch early (state.step and state.partial then say where, for the checkpoint)."""
-    model, optimizer, epoch = learner.model, learner.optimizer, state.epoch
+    model, optimizer, epoch, spec = learner.model, learner.optimizer, state.epoch, learner.spec
     model.train()
     models.frozen_norms_to_eval(learner.net)  # frozen stages keep their running statistics
     t0, steps, p = time.time(), len(loader), state.partial
     seen = int(p.get("seen", 0))
     loss_sum = torch.tensor(float(p.get("loss_sum", 0.0)), device=accelerator.device)
     correct = torch.tensor(float(p.get("correct", 0.0)), device=accelerator.device)
-    bar = runtime.progress(steps, f"epoch {epoch + 1}/{cfg['epochs']}", accelerator.is_main_process and cfg["progress"],
-                           initial=state.step, leave=False)
+    bar = runtime.progress(steps, f"epoch {epoch + 1}/{spec.loop.epochs}",
+                           accelerator.is_main_process and spec.loop.progress, initial=state.step, leave=False)
     for i, (x, y, pos) in enumerate(epoch_batches(loader, state, accelerator), start=state.step):
         if stop.now(accelerator, i):
             state.step, state.partial = i, {"seen": seen, "loss_sum": loss_sum.item(), "correct": correct.item()}
             bar.close()
             return None
         with accelerator.accumulate(model):
-            x = augment.train_input(x, learner.spec.augment, data_cfg, size)
+            x = augment.train_input(x, spec.augment, data_cfg, size)
             x, target = learner.batch_aug(x, y)
             if soft is not None:  # pseudo-labelled images: soft targets for every row
-                target = soft(pos, cfg["label_smoothing"] or 0.0).to(x.device, non_blocking=True)
+                target = soft(pos, spec.optim.label_smoothing).to(x.device, non_blocking=True)
             y = y[: len(x)]
             logits = model(x)
             loss = learner.loss_fn(logits, target)
             accelerator.backward(loss)
-            if cfg["grad_clip"] and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            if spec.optim.grad_clip and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), spec.optim.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
@@ -142,7 +133,7 @@ def train_one_epoch(learner: Learner, loader, cfg: dict, data_cfg: dict, size: i
             if not torch.isfinite(loss_sum):  # checked every 25 steps: each check is a device sync
                 raise CompetitionError(
                     f"{run}: the training loss became {loss_sum.item()} in epoch {epoch + 1} (step {i}); "
-                    f"lower lr (now {cfg['lr']}), set grad_clip=1.0 or mixed_precision=no, then rerun with "
+                    f"lower lr (now {spec.optim.lr}), set grad_clip=1.0 or mixed_precision=no, then rerun with "
                     f"--force (or --resume from the last good epoch)")
             bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.3f}", lr=f"{_lr(optimizer):.2g}")
         bar.update(1)
@@ -161,12 +152,12 @@ def loss_acc(model: nn.Module, loader, data_cfg: dict, accelerator) -> tuple[flo
     return metrics.log_loss(logits, labels), metrics.accuracy(logits, labels)
 
 
-def end_of_epoch(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner: Learner, state: LoopState,
-                 accelerator, stats: dict, epoch_start: float, writer: MetricsWriter, bs: int, kind: str,
-                 size: int) -> str | None:
-    """Evaluate, keep best.pt, write the metrics row and the checkpoint, print the epoch line.
-    Returns why the loop stops after this epoch ("stop_after", "patience") or None."""
-    epoch, eval_model = state.epoch, learner.eval_model
+def end_of_epoch(run: RunDir, save_weights: Callable, data_cfg: dict, td: TrainData, learner: Learner,
+                 state: LoopState, accelerator, stats: dict, epoch_start: float, writer: MetricsWriter, bs: int,
+                 kind: str, size: int) -> str | None:
+    """Evaluate, keep best.pt (save_weights: run_training's), write the metrics row and the checkpoint,
+    print the epoch line. Returns why the loop stops after this epoch ("stop_after", "patience") or None."""
+    epoch, eval_model, loop = state.epoch, learner.eval_model, learner.spec.loop
     val_loss, val_acc = loss_acc(eval_model, td.val_loader, data_cfg, accelerator)
     row = dict(epoch=epoch + 1, lr=_lr(learner.optimizer), batch_size=bs, image_size=size, updates=state.updates,
                cpu_aug=kind, train_loss=stats["train_loss"], train_acc=stats["train_acc"], val_loss=val_loss,
@@ -184,7 +175,7 @@ def end_of_epoch(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner:
     # best.pt: the best held-out accuracy, clean or corrupted (select_on); a tie goes to the later
     # epoch (trained longer, at a lower learning rate); patience counts epochs without a strictly
     # better one, and the epoch line marks those with `*`.
-    acc = row["ood_acc"] if cfg.get("select_on") == "ood" else val_acc
+    acc = row["ood_acc"] if loop.select_on == "ood" else val_acc
     checked = td.val_loader is not None
     improved = not checked or acc >= state.best_acc
     strictly = checked and acc > state.best_acc
@@ -193,42 +184,43 @@ def end_of_epoch(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner:
         state.best_acc, state.best_epoch = acc, epoch + 1
     if accelerator.is_main_process:
         if improved:
-            run.save_weights("best", state_dict(eval_model), cfg, data_cfg, row)
+            save_weights("best", state_dict(eval_model), metrics=row)
         writer.write(state.history)
     save_checkpoint(run, learner, state, accelerator)
-    if cfg["log_with"]:
+    if loop.log_with:
         accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=epoch + 1)
-    eta = (cfg["epochs"] - state.epoch) * (time.time() - epoch_start)
+    eta = (loop.epochs - state.epoch) * (time.time() - epoch_start)
     accelerator.print(
-        f"epoch {epoch + 1}/{cfg['epochs']}  loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  val_loss "
+        f"epoch {epoch + 1}/{loop.epochs}  loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  val_loss "
         f"{val_loss:.4f} val_acc {val_acc:.4f}  lr {row['lr']:.3g}  {row['epoch_time_s']:.1f}s "
         f"{row['images_per_s']:.0f} img/s  ETA {eta / 60:.1f} min" + (f"  ood_acc {row['ood_acc']:.4f}" if "ood_acc" in row
                                                                   else "") + ("  *" if strictly else ""))
-    if cfg["stop_after"] and state.epoch >= cfg["stop_after"] and state.epoch < cfg["epochs"]:
+    if loop.stop_after and state.epoch >= loop.stop_after and state.epoch < loop.epochs:
         return "stop_after"
-    if cfg["patience"] and state.bad_epochs >= cfg["patience"]:
-        accelerator.print(f"early stop: no better {'ood' if cfg.get('select_on') == 'ood' else 'val'}_acc for "
-                          f"{cfg['patience']} epochs (best {state.best_acc:.4f} at epoch {state.best_epoch})")
+    if loop.patience and state.bad_epochs >= loop.patience:
+        accelerator.print(f"early stop: no better {'ood' if loop.select_on == 'ood' else 'val'}_acc for "
+                          f"{loop.patience} epochs (best {state.best_acc:.4f} at epoch {state.best_epoch})")
         return "patience"
     return None
 
 
-def write_oof(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner: Learner, state: LoopState,
-              accelerator, writer: MetricsWriter) -> dict:
+def write_oof(run: RunDir, save_weights: Callable, data_cfg: dict, td: TrainData, learner: Learner,
+              state: LoopState, accelerator, writer: MetricsWriter) -> dict:
     """last.pt and the final curves, then the out-of-fold logits of the best weights over the
-    whole held-out fold (and their accuracy under the config's oof_tta). Returns summary figures."""
+    whole held-out fold (and their accuracy under the spec's oof_tta). Returns summary figures."""
     summary = dict(epochs=state.epoch, updates=state.updates)
     accelerator.wait_for_everyone()
     eval_model = learner.eval_model
     if accelerator.is_main_process:
-        run.save_weights("last", state_dict(eval_model), cfg, data_cfg, state.history[-1] if state.history else {})
+        save_weights("last", state_dict(eval_model), metrics=state.history[-1] if state.history else {})
         if state.history:
             writer.write(state.history, final=True)
     accelerator.wait_for_everyone()
     if not len(td.val_rows):
         return summary
     eval_model.load_state_dict(run.load_weights("best")["model"])
-    views = tta.parse_tta(cfg["oof_tta"])
+    oof_tta = learner.spec.loop.oof_tta
+    views = tta.parse_tta(oof_tta)
     views = views if tta.tta_name(views) != "none" else None
     logits, labels, pos, tta_logits = tta.evaluate(eval_model, td.eval_loader(td.val_rows), data_cfg, accelerator, views)
     rows = td.val_rows[pos]
@@ -248,8 +240,8 @@ def write_oof(run: RunDir, cfg: dict, data_cfg: dict, td: TrainData, learner: Le
         # The accuracy a submission made with this TTA would have; the logits themselves come
         # from competition.predict (pred/<setting>/oof.npy), next to the OOD ones.
         tta_acc = metrics.accuracy(tta_logits, labels)
-        accelerator.print(f"out-of-fold with TTA {cfg['oof_tta']} ({len(views)} views): accuracy {tta_acc:.4f}")
-        summary.update(oof_tta=cfg["oof_tta"], oof_tta_accuracy=tta_acc)
+        accelerator.print(f"out-of-fold with TTA {oof_tta} ({len(views)} views): accuracy {tta_acc:.4f}")
+        summary.update(oof_tta=oof_tta, oof_tta_accuracy=tta_acc)
     return summary
 
 
@@ -261,8 +253,8 @@ def train(cfg: dict, resume: bool = False, force: bool = False, command: str | N
     the user started it, for the resume hint after a stop request."""
     spec = check_config(cfg)
     run = RunDir.for_config(cfg)
-    accelerator = runtime.training_accelerator(cfg, run.path)
-    for epoch in range(cfg["epochs"]):  # the batch schedule must split over these processes: say so now
+    accelerator = runtime.training_accelerator(spec, run.path)
+    for epoch in range(spec.loop.epochs):  # the batch schedule must split over these processes: say so now
         process_batch(spec, optim.batch_size_at(spec.optim, epoch), accelerator.num_processes)
     fresh = not run.path.exists()
     aside = prepare_run_folder(run, cfg, accelerator, resume, force)
@@ -288,50 +280,53 @@ def train(cfg: dict, resume: bool = False, force: bool = False, command: str | N
 def run_training(run: RunDir, cfg: dict, spec: TrainSpec, accelerator, resume: bool, stop: runtime.StopRequest,
                  aside: Path | None, command: str | None) -> Path:
     """The run, top to bottom, once its folder is claimed (see the module docstring). `spec` is
-    cfg typed (check_config's): the data, learner and batch parts take it; the loop reads cfg."""
+    cfg typed (check_config's) and every part reads it; cfg itself is the run folder's record
+    (config.yaml, the weights' metadata, the tracker's config, summary.json's trained_on)."""
     from accelerate.utils import set_seed
 
     t_start = time.time()
-    set_seed(cfg["seed"])
+    loop, opt = spec.loop, spec.optim
+    set_seed(loop.seed)
     td = TrainData(spec, accelerator)
     if resume:
         check_same_data(run, cfg, td.data_sha1)
     data_cfg = resolve_data_config(spec, td)
     if accelerator.is_main_process:
         run.save_configs(cfg, data_cfg)
+    # best.pt and last.pt carry the config and data config as the run folder stores them
+    save_weights = functools.partial(run.save_weights, cfg=cfg, data_cfg=data_cfg)
     accelerator.print(
-        f"run {run}: {cfg['model']} on {cfg['dataset']} fold {cfg['fold']}: {len(td.train_rows)} train / "
+        f"run {run}: {spec.model.model} on {spec.data.dataset} fold {spec.data.fold}: {len(td.train_rows)} train / "
         f"{len(td.val_rows)} held-out images, {data_cfg['num_classes']} classes, {accelerator.num_processes} "
         f"process(es) on {accelerator.device}, {_precision(accelerator)}")
     learner = make_learner(spec, data_cfg, accelerator)
     state = restore(run, learner, accelerator, resume)
-    start_trackers(run, cfg, accelerator)
+    runtime.start_trackers(accelerator, run.name, loop.log_with, cfg)  # the config as stored: its record
     accelerator.print(
-        f"{cfg['model']}: {learner.n_params / 1e6:.2f} M parameters; {cfg['epochs']} epochs, {cfg['optimizer']} lr "
-        f"{cfg['lr']}, {cfg['sched']} schedule; batch {cfg['batch_size']} per update (global) = "
-        f"{accelerator.num_processes} process(es) x "
-        f"{process_batch(spec, cfg['batch_size'], accelerator.num_processes)} "
-        f"images x {cfg['grad_accum']} accumulation step(s); the global batch is held constant on any number of "
+        f"{spec.model.model}: {learner.n_params / 1e6:.2f} M parameters; {loop.epochs} epochs, {opt.optimizer} lr "
+        f"{opt.lr}, {spec.schedule.sched} schedule; batch {opt.batch_size} per update (global) = "
+        f"{accelerator.num_processes} process(es) x {process_batch(spec, opt.batch_size, accelerator.num_processes)} "
+        f"images x {opt.grad_accum} accumulation step(s); the global batch is held constant on any number of "
         f"processes, so lr needs no scaling")
 
     writer, why = MetricsWriter(run), None
-    while state.epoch < cfg["epochs"] and why is None:
+    while state.epoch < loop.epochs and why is None:
         epoch_start = time.time()
-        if cfg["unfreeze"]:
-            prefixes = models.unfrozen_prefixes(cfg["unfreeze"], state.epoch)
+        if spec.schedule.unfreeze:
+            prefixes = models.unfrozen_prefixes(spec.schedule.unfreeze, state.epoch)
             n_open = models.set_trainable(learner.net, prefixes)
             accelerator.print(f"epoch {state.epoch + 1}: training {'all' if prefixes is None else prefixes} "
                               f"({n_open} tensors)")
         loader, bs, kind, size = td.loader(state.epoch, data_cfg["image_size"])
-        stats = train_one_epoch(learner, loader, cfg, data_cfg, size, state, accelerator, run, stop,
+        stats = train_one_epoch(learner, loader, data_cfg, size, state, accelerator, run, stop,
                                 td.targets if td.soft is not None else None)
         if stats is None:  # a stop request mid-epoch: checkpoint where it is
             state.loop_s += time.time() - epoch_start
             save_checkpoint(run, learner, state, accelerator)
             why = "signal"
             break
-        why = end_of_epoch(run, cfg, data_cfg, td, learner, state, accelerator, stats, epoch_start, writer, bs,
-                           kind, size)
+        why = end_of_epoch(run, save_weights, data_cfg, td, learner, state, accelerator, stats, epoch_start, writer,
+                           bs, kind, size)
         if aside is not None and aside.exists() and accelerator.is_main_process:
             shutil.rmtree(aside)  # --force: the new run has finished an epoch; the old one goes now
         why = why or ("signal" if stop.name else None)
@@ -341,12 +336,11 @@ def run_training(run: RunDir, cfg: dict, spec: TrainSpec, accelerator, resume: b
                                 f"{f' at step {state.step}' if state.step else ''}; checkpoint saved in "
                                 f"{run.latest_checkpoint()}; continue exactly with {resume_hint}")
     if why == "stop_after":
-        accelerator.print(f"stop_after={cfg['stop_after']}: stopping after epoch {state.epoch}; continue with "
-                          f"--resume")
+        accelerator.print(f"stop_after={loop.stop_after}: stopping after epoch {state.epoch}; continue with --resume")
         return run.path
 
-    summary = write_oof(run, cfg, data_cfg, td, learner, state, accelerator, writer)
-    if cfg["log_with"]:
+    summary = write_oof(run, save_weights, data_cfg, td, learner, state, accelerator, writer)
+    if loop.log_with:
         accelerator.end_training()
     from competition.corruptions import trained_on
 
@@ -396,7 +390,6 @@ def main(argv=None):
     argv = [a for a in (sys.argv[1:] if argv is None else argv) if a not in ("--force", "--resume")]
     command = shlex.join(["python", "-m", "competition.train", *argv])
     return train(cfg, resume=args.resume, force=args.force, command=command)
-
 
 
 if __name__ == "__main__":
