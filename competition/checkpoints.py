@@ -95,15 +95,39 @@ def restore(run: RunDir, learner: Learner, accelerator, resume: bool) -> LoopSta
 
 def save_checkpoint(run: RunDir, learner: Learner, state: LoopState, accelerator) -> Path:
     """Write the next checkpoint_K (see the module docstring) and drop all but the newest two.
-    Every process writes its RNG states; the main process writes the rest."""
-    from safetensors.torch import save_file
+    Every process writes its RNG states; the main process writes the rest. A write that fails (a
+    full disk) removes the half-written checkpoint_K.tmp and stops with one line."""
+    from safetensors import SafetensorError
 
     final, tmp = run.next_checkpoint()  # every process names it before the main one renames anything
+    run.own(tmp), run.own(final)  # a sent run's checkpoints/ may link outside it
+    try:
+        if accelerator.is_main_process:
+            for stale in run.stale_checkpoint_tmps():  # a save a crash cut short
+                shutil.rmtree(run.own(stale))
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        _write_checkpoint(tmp, learner, state, accelerator)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = getattr(e, "errno", None) == 28 or "no space" in str(e).lower()
+        raise CompetitionError(f"{'no space left on the device' if full else 'could not write'} while saving a "
+                               f"checkpoint in {run.checkpoint_dir} ({type(e).__name__}: {str(e)[:160]}): "
+                               f"{'free space' if full else 'fix the folder (space, permissions)'}, then --resume "
+                               f"(the older checkpoints are intact; the partial one was removed)") from None
+    accelerator.wait_for_everyone()  # every process's RNG states are in
     if accelerator.is_main_process:
-        for stale in run.stale_checkpoint_tmps():  # a save a crash cut short
-            shutil.rmtree(stale)
-        tmp.mkdir(parents=True)
+        tmp.rename(final)
+        for old in run.checkpoints()[:-RunDir.KEEP_CHECKPOINTS]:
+            shutil.rmtree(run.own(old))
     accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(tmp: Path, learner: Learner, state: LoopState, accelerator) -> None:
+    """The files of one checkpoint into the folder `tmp` (save_checkpoint renames it when complete)."""
+    from safetensors.torch import save_file
+
     _save_rng(RunDir.checkpoint_rng(tmp, accelerator.process_index))
     if accelerator.is_main_process:
         save_file(_tensors(learner.net.state_dict(), bare=True), str(tmp / RunDir.CKPT_MODEL))
@@ -117,13 +141,6 @@ def save_checkpoint(run: RunDir, learner: Learner, state: LoopState, accelerator
         _write_json(tmp / RunDir.CKPT_STATE, {"format": FORMAT, "loop": state.state_dict(),
                                               "scheduler": learner.scheduler.state_dict(),
                                               "accelerator_step": accelerator.step, "scaler": scaler})
-    accelerator.wait_for_everyone()  # every process's RNG states are in
-    if accelerator.is_main_process:
-        tmp.rename(final)
-        for old in run.checkpoints()[:-RunDir.KEEP_CHECKPOINTS]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def load_checkpoint(ckpt: Path, learner: Learner, state: LoopState, accelerator) -> None:
@@ -266,7 +283,8 @@ def newest_complete_checkpoint(run: RunDir, ema: bool, accelerator) -> Path:
     """The newest checkpoint whose every file loads; newer broken ones (a crash mid-save, a
     truncated copy) are moved to broken-checkpoints/ with a message, so the next save cannot
     collide with them and nothing is silently resumed inexactly."""
-    found = run.checkpoints()
+    found = [run.own(c) for c in run.checkpoints()]  # refused before anything is moved: none may link outside
+    run.own(run.broken_checkpoint_dir)
     problems = {c: RunDir.checkpoint_problem(c, ema) for c in reversed(found)}
     good = next((c for c, why in problems.items() if why is None), None)
     broken = [c for c, why in problems.items() if why is not None and (good is None or c.name > good.name)]

@@ -175,11 +175,11 @@ def main(argv=None):
     p.add_argument("--folds-dir", default="folds")
     p.add_argument("--force", action="store_true", help="replace an existing different split")
     args = p.parse_args(argv)
+    x = args.measure_n
+    if not np.isfinite(x) or x < 0 or (x >= 1 and x != int(x)):
+        raise CompetitionError(f"--measure-n {x}: a count of images (0: no reserve) or a share between 0 and 1")
     ds = data.load(args.dataset, "train", args.data_dir, args.data)
     out = folds_path(dataset_name(args.dataset, args.data), args.folds_dir)
-    x = args.measure_n
-    if x < 0 or (x >= 1 and x != int(x)):
-        raise CompetitionError(f"--measure-n {x}: a count of images (0: no reserve) or a share between 0 and 1")
     measure_n = int(round(x * len(ds.labels))) if x < 1 else int(x)
     status = write_folds(folds_frame(ds.labels, args.k, args.seed, measure_n), out, args.force)
     print(f"{out}: {status} ({len(ds.labels)} images, {len(ds.classes)} classes, k={args.k}, seed={args.seed}, "

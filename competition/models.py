@@ -249,8 +249,16 @@ def build_model(name: str, num_classes: int, **model_args) -> nn.Module:
         raise CompetitionError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
     try:
         return MODELS[name](num_classes, **model_args)
-    except TypeError as e:
-        raise CompetitionError(f"model {name}: bad model_args {model_args} ({e})") from None
+    except MemoryError:
+        raise CompetitionError(f"model {name}: model_args {model_args} make a model too large for this machine's "
+                               f"memory; choose smaller widths / hidden") from None
+    except RuntimeError as e:  # e.g. a negative size, or torch's allocator refusing a huge one
+        if "alloc" in str(e).lower() or "memory" in str(e).lower():
+            raise CompetitionError(f"model {name}: model_args {model_args} make a model too large for this machine's "
+                                   f"memory; choose smaller widths / hidden") from None
+        raise CompetitionError(f"model {name}: bad model_args {model_args} ({str(e)[:200]})") from None
+    except (TypeError, ValueError, OverflowError) as e:  # an unknown key, dropout outside [0, 1], ...
+        raise CompetitionError(f"model {name}: bad model_args {model_args} ({str(e)[:200]})") from None
 
 
 def model_from_config(spec: ModelSpec | dict, num_classes: int) -> nn.Module:

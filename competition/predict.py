@@ -243,7 +243,7 @@ def oof_ood_images(run: RunDir, cfg: dict, train_set, rows: np.ndarray) -> np.nd
     """The run's corrupted held-out copies (train's ood_check): the same generator, seed and cache."""
     from competition import corruptions
 
-    seed = run.data_config()["ood_check_seed"]
+    seed = run.data_config("ood_check_seed")["ood_check_seed"]
     return corruptions.corrupted_copies(train_set.images, seed, cache_dir=Path(cfg["data_dir"]) / "cache", cells=rows)
 
 
@@ -317,6 +317,10 @@ def predict_run(run_dir, ood_dirs=(), spec: PredictSpec | None = None, test: boo
     with acc.main_process_first():  # plan reads the test split: one process downloads it, the others wait
         jobs, current = plan(run, cfg, record, len(views), ood_sets, spec, test, oof, force, acc.print)
     status = {str(run.path / RunDir.PRED / rel): "skipped" for rel in current}
+    for j in jobs:  # before any work: a sent run's pred/ may link outside it; the OOF-OOD copies need their seed
+        run.own(run.pred_dir(j.setting) / j.rel)
+        if j.kind == "oof_ood":
+            run.data_config("ood_check_seed")
     if not jobs:
         acc.print(f"{run}: all {len(current)} outputs up to date (--force redoes them)")
         return status

@@ -48,7 +48,7 @@ import numpy as np
 
 from competition import data, folds
 from competition.config import comparable, read_yaml, save_config
-from competition.files import CompetitionError, atomic_path, check_inside, check_writable, read_json, save_json, save_npy
+from competition.files import CompetitionError, atomic_path, check_inside, check_name, check_writable, read_json, save_json, save_npy
 
 _FOLD_TAG = re.compile(r"-f\d+(?=-|$)")
 
@@ -281,6 +281,21 @@ class RunDir:
                 return f"{name} does not load as plain weights ({type(e).__name__}: {str(e)[:120]})"
         return None
 
+    def own(self, path) -> Path:
+        """`path`, a folder or file under the run folder, before it is written, moved or deleted:
+        refused if it or a folder between it and the run folder is a symbolic link, or it resolves
+        outside the run folder (a sent run whose pred/ or checkpoints/ links elsewhere would
+        otherwise write, move or delete there)."""
+        path, p = Path(path), self.path
+        for part in path.relative_to(self.path).parts:
+            p = p / part
+            if p.is_symlink():
+                raise CompetitionError(f"{p} is a symbolic link (to {os.readlink(p)}): a run's own files and folders "
+                                       f"must lie inside {self.path}; remove the link (a copy of what it points to "
+                                       f"may replace it), then rerun; nothing was written")
+        check_inside(path, self.path, f"{path} (a file of the run {self.path})")
+        return path
+
     def move_aside(self, what: str) -> Path:
         """Rename the folder to a hidden sibling (for --force, or a broken checkpoint); returns it."""
         aside = self.path.with_name(f".{self.name}.{what}")
@@ -306,11 +321,17 @@ class RunDir:
                                    f"competition/train.py")
         return read_yaml(path)
 
-    def data_config(self) -> dict:
-        """classes, num_classes, mean, std, image_size, channels_last (older runs kept them in config.yaml)."""
+    def data_config(self, *need: str) -> dict:
+        """classes, num_classes, mean, std, image_size, channels_last (older runs kept them in config.yaml);
+        refused, naming the file and the key, when it lacks num_classes or a key of `need`."""
         path = self.path / self.DATA_CONFIG
         if path.exists():
-            return read_yaml(path)
+            out = read_yaml(path)
+            missing = [k for k in ("num_classes", *need) if k not in out]
+            if missing:
+                raise CompetitionError(f"{path} lacks {', '.join(missing)} (train writes it; edited or cut short?): "
+                                       f"restore it from the run's copy, or retrain the run with --force")
+            return out
         cfg = self.config()
         return {k: cfg.get(k) for k in ("num_classes", "classes", "mean", "std", "image_size", "channels_last")}
 
@@ -367,10 +388,14 @@ class RunDir:
 
     def oof_index(self) -> np.ndarray | None:
         path = self.path / self.OOF_INDEX
-        return np.load(path) if path.exists() else None
+        return load_array(path) if path.exists() else None
 
     def summary(self) -> dict:
-        return read_json(self.path / self.SUMMARY, {})
+        out = read_json(self.path / self.SUMMARY, {})
+        if not isinstance(out, dict):
+            raise CompetitionError(f"{self.path / self.SUMMARY} holds a JSON {type(out).__name__}, not the run's "
+                                   f"summary: delete it and rerun train with --resume (it writes the summary again)")
+        return out
 
     @property
     def finished(self) -> bool:
@@ -459,7 +484,7 @@ class RunDir:
     def write_output(self, setting: str, rel: str, array: np.ndarray, record: dict) -> None:
         """Save one prediction output and record how it was made (the array first: a crash between
         the two leaves an output that is redone, never a record of one that is missing)."""
-        save_npy(self.pred_dir(setting) / rel, array)
+        save_npy(self.own(self.pred_dir(setting) / rel), array)
         manifest = self.manifest(setting)
         manifest[rel] = record
         save_json(self.pred_dir(setting) / self.MANIFEST, manifest)
@@ -517,7 +542,7 @@ class RunDir:
                                    f"out-of-fold logits it cannot be weighted; leave it out of the ensemble")
         base = base_setting(setting)
         path, _ = self._checked(base, self.PRED_OOF, self.how(base))
-        logits = np.load(path)
+        logits = load_array(path, logits=True)
         if len(index) != len(logits):
             raise CompetitionError(f"{path}: {len(logits)} rows but {self.OOF_INDEX} has {len(index)}; "
                                    f"rerun predict --force")
@@ -528,7 +553,7 @@ class RunDir:
         path = self.path / self.OOF_OOD_INDEX
         if not path.exists():
             return None
-        index = np.load(path)
+        index = load_array(path)
         # runs trained before each cell had its own images saved one row set for all 19 x 5 cells
         return np.broadcast_to(index, (data.OOD_FILES * data.SEVERITIES, len(index))) if index.ndim == 1 else index
 
@@ -540,7 +565,7 @@ class RunDir:
             raise CompetitionError(f"{self.path} has no {self.OOF_OOD_INDEX}: it was trained with ood_check=0, so "
                                    f"there are no corrupted out-of-fold images to fit on; use --fit-on clean")
         path, _ = self._checked(setting, self.PRED_OOF_OOD, self.how(setting))
-        logits = np.load(path).astype(np.float32)
+        logits = load_array(path, logits=True).astype(np.float32)
         return index, logits.reshape(index.shape + logits.shape[-1:])
 
     def has_oof_ood(self, setting: str) -> bool:
@@ -560,7 +585,7 @@ class RunDir:
         path = self.pred_dir(base) / self.PRED_TEST
         if not path.exists() or self.manifest(base).get(self.PRED_TEST, {}).get("weights") != self.weights_hash():
             return None
-        return np.load(path), np.load(self.path / self.TEST_LABELS)
+        return load_array(path, logits=True), load_array(self.path / self.TEST_LABELS)
 
     def save_test(self, setting: str, logits: np.ndarray, labels: np.ndarray, record: dict) -> None:
         save_npy(self.path / self.TEST_LABELS, labels.astype(np.int64))
@@ -729,6 +754,9 @@ def members_from_json(path) -> tuple[list[Member], np.ndarray, dict]:
             runs = [RunDir(r) for r in m["runs"]]
             members.append(Member(m["name"], runs, m["setting"], cfgs=[r.config() for r in runs]))
         weights = np.asarray([m["weight"] for m in spec["members"]], float)
+        # selftrain writes <out-dir>/selftrain/<name>-st<r>/: a name like ../../x would write outside it
+        if "name" in spec:
+            check_name(spec["name"], f"the \"name\" in {path} (a submission name)")
     except FileNotFoundError:
         raise CompetitionError(f"{path} does not exist: make it with python -m competition.ensemble") from None
     except (KeyError, TypeError, ValueError) as e:
@@ -752,11 +780,29 @@ def num_classes(members: list[Member]) -> int:
     return ks.pop()
 
 
+def load_array(path, logits: bool = False) -> np.ndarray:
+    """A run's .npy file (logits or row indices) as plain numbers, or one error naming it: an object
+    array (a pickle) is never loaded, and logits must be finite (a NaN row would argmax to class 0
+    and pass as a valid submission)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise CompetitionError(f"{path} is not a plain numeric .npy file ({str(e)[:120]}): delete it and rerun "
+                               f"the step that wrote it (train or predict)") from None
+    if array.dtype.kind not in "biuf":
+        raise CompetitionError(f"{path} holds {array.dtype} values, not numbers: delete it and rerun the step that "
+                               f"wrote it (train or predict)")
+    if logits and not np.isfinite(array).all():
+        raise CompetitionError(f"{path} holds NaN or infinite logits ({int((~np.isfinite(array)).sum())} values): "
+                               f"rerun predict --force for this run (or retrain it if its weights are not finite)")
+    return array
+
+
 def member_mean(paths: list[Path]) -> np.ndarray:
     """Mean over a member's fold models of one logits file each (float32)."""
     total = None
     for p in paths:
-        z = np.load(p).astype(np.float32)
+        z = load_array(p, logits=True).astype(np.float32)
         if total is not None and z.shape != total.shape:
             raise CompetitionError(f"{p}: shape {z.shape} differs from {paths[0]}'s {total.shape}; rerun predict")
         total = z if total is None else total + z

@@ -258,6 +258,8 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
     result.update(trained_on=seen, unseen_accuracy=float(np.mean(unseen)) if unseen else None)
     prefix = Path(out) if out else (target.parent / f"{target.stem}.score" if is_json
                                     else runs[0].score_prefix(members[0].setting, ood))
+    if not out and not is_json:
+        runs[0].own(Path(f"{prefix}.md"))  # a sent run's pred/ may link outside it
     save_text(Path(f"{prefix}.md"), markdown(result, ood.info()))
     plots.heatmap(np.asarray(result["table"]), result["corruptions"], Path(f"{prefix}.png"),
                   f"{target.name}: OOD accuracy, {tta.setting_words(result['settings'])}", trained_on=seen,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field, fields
 
@@ -322,8 +323,9 @@ def check_value(key: str, value) -> None:
     low, high = rest[0], rest[1]
     if kind in ("int", "num"):
         ok = isinstance(value, int) if kind == "int" else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok or (kind == "num" and value != value):
-            raise bad_value(key, value, "must be a whole number" if kind == "int" else "must be a number")
+        if isinstance(value, bool) or not ok or (kind == "num" and not math.isfinite(value)):
+            # YAML reads 1e400 as inf: refused like lr=inf and nan
+            raise bad_value(key, value, "must be a whole number" if kind == "int" else "must be a finite number")
         if (low == "gt0" and not value > 0) or (isinstance(low, (int, float)) and value < low) or \
                 (high is not None and value > high):
             lo = "above 0" if low == "gt0" else f">= {low}" if low is not None else ""

@@ -26,6 +26,7 @@ from competition.files import CompetitionError
 View = tuple  # (mirror: bool, dy: int, dx: int)
 IDENTITY: View = (False, 0, 0)
 
+MAX_SHIFT = 7  # reflect_index mirrors a shift of up to n-1 pixels back inside; the smallest images are 8 px
 TTA_PRESETS: dict[str, list[View]] = {
     "none": [IDENTITY],
     "flip": [IDENTITY, (True, 0, 0)],
@@ -52,6 +53,10 @@ def parse_tta(spec: str | None) -> list[View]:
         except ValueError:
             raise CompetitionError(f"--tta {spec!r}: cannot read view {token!r}; use a preset "
                                    f"({', '.join(TTA_PRESETS)}) or views like id,flip,1:1,f-1:-1") from None
+        if max(abs(dy), abs(dx)) > MAX_SHIFT:
+            raise CompetitionError(f"--tta {spec!r}: view {token!r} shifts by more than {MAX_SHIFT} pixels (the "
+                                   f"reflection is defined for images of at least {MAX_SHIFT + 1} pixels); use shifts "
+                                   f"of -{MAX_SHIFT}..{MAX_SHIFT}, e.g. 1:1,f-1:-1")
         views.append((mirror, dy, dx))
     if not views:
         raise CompetitionError(f"--tta {spec!r} names no view")

@@ -47,7 +47,11 @@ def copy(tiny_run_copy):
                                       ("epochs=0", "epochs"), ("image_size=7", "image_size"),
                                       ("image_size=0", "image_size"), ("image_size=-5", "image_size"),
                                       ("image_size=33.5", "image_size"), ("image_size=1000", "image_size"),
-                                      ("model_args.widths=[8,8,8,8,8,8]", "cannot take 32x32")])
+                                      ("model_args.widths=[8,8,8,8,8,8]", "cannot take 32x32"),
+                                      ("lr=1e400", "lr=inf: must be a finite number"),  # YAML reads it as inf
+                                      ("model_args.dropout=1.5", "model_args .*dropout probability"),
+                                      ("model_args.hidden=-1", "model_args .*negative dimension"),
+                                      ("model_args.widths=[1000000000000,8,8]", "too large for this machine")])
 def test_force_with_a_bad_config_changes_nothing(copy, bad, key):
     run_dir, args = copy
     before = hashes(run_dir)
@@ -228,6 +232,35 @@ def test_a_checkpoint_round_trips_bit_exactly(tmp_path):
     assert same(want["loop"], loaded.state_dict())
 
 
+def test_a_full_disk_during_a_checkpoint_save_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+    from torch import nn
+
+    from competition import checkpoints
+
+    accelerator = runtime.make_accelerator("no")
+    net = nn.Linear(4, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = SimpleNamespace(state_dict=lambda: {})
+    learner = SimpleNamespace(net=net, optimizer=opt, scheduler=sched, ema=None)
+    run = RunDir(tmp_path / "run")
+    first = checkpoints.save_checkpoint(run, learner, checkpoints.LoopState(), accelerator)
+
+    def full(*a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                              '"No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CompetitionError, match=r"no space left on the device while saving a checkpoint in .*run/"
+                                               r"checkpoints .*free space, then --resume"):
+        checkpoints.save_checkpoint(run, learner, checkpoints.LoopState(), accelerator)
+    assert run.checkpoints() == [first] and not run.stale_checkpoint_tmps()
+
+
 def test_resume_with_no_complete_checkpoint_is_one_error(copy):
     run_dir, args = copy
     (run_dir / "summary.json").unlink()
@@ -366,6 +399,66 @@ def test_ensemble_refuses_logits_of_replaced_weights(predicted, tmp_path):
     assert not (tmp_path / "subs" / "stale.csv").exists()
     predict.predict_run(run_dir, [suite], test=False)  # predict notices the new weights and redoes its outputs
     assert ensemble.build([run_dir], "fresh", suite, tmp_path / "subs").exists()
+
+
+@pytest.mark.parametrize("which", ["oof", "ood"])
+def test_non_finite_logits_are_refused_before_a_submission(predicted, tmp_path, which):
+    run_dir, suite = predicted
+    rd = RunDir(run_dir)
+    setting = rd.settings()[0]
+    path = rd.pred_dir(setting) / "oof.npy" if which == "oof" else rd.ood_logits_paths(data.OodSet(suite), setting)[1]
+    z = np.load(path)
+    z[0, 0] = np.nan if which == "oof" else np.inf  # same size: the manifest still matches
+    np.save(path, z)
+    with pytest.raises(CompetitionError, match=rf"{path.name} holds NaN or infinite logits \(1 values\): rerun predict"):
+        ensemble.build([run_dir], "nan", suite, tmp_path / "subs")
+    assert not (tmp_path / "subs").exists() or not list((tmp_path / "subs").iterdir())
+
+
+@pytest.mark.parametrize("name", ["oof_index.npy", "oof_ood_index.npy", "pred/shift/oof.npy"])
+def test_an_object_array_in_a_run_is_one_error(predicted, tmp_path, name):
+    run_dir, suite = predicted
+    np.save(run_dir / name, np.array([1, "a", None], dtype=object), allow_pickle=True)
+    with pytest.raises(CompetitionError, match=rf"{Path(name).name} is not a plain numeric .npy file .*delete it"):
+        ensemble.build([run_dir], "obj", suite, tmp_path / "subs")
+
+
+def test_a_data_config_without_a_key_is_one_error_before_predict_writes(copy):
+    import yaml
+
+    run_dir, _ = copy
+    path = run_dir / "data_config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    del cfg["ood_check_seed"]
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CompetitionError, match=r"data_config.yaml lacks ood_check_seed .*retrain the run"):
+        predict.predict_run(run_dir, [], test=False)
+    assert not (run_dir / RunDir.PRED).exists()
+
+
+def test_a_summary_json_that_is_a_list_is_flagged_on_the_board(copy):
+    from competition import board
+
+    run_dir, _ = copy
+    (run_dir / "summary.json").write_text("[1, 2]")
+    rows = board.run_rows(run_dir.parent)
+    assert rows[0]["state"].startswith("broken: ") and "summary.json holds a JS" in rows[0]["state"]
+
+
+@pytest.mark.parametrize("bad", ["99:99", "f1:-8", "0:100"])
+def test_a_tta_shift_beyond_the_image_is_one_error(bad):
+    from competition import tta
+
+    with pytest.raises(CompetitionError, match=rf"--tta '{bad}': .*more than 7 pixels"):
+        tta.parse_tta(bad)
+    assert tta.parse_tta("7:-7,f-7:7") == [(False, 7, -7), (True, -7, 7)]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_folds_refuse_a_non_finite_measure_n(tmp_path, bad):
+    with pytest.raises(CompetitionError, match=rf"--measure-n {bad}: a count of images"):
+        folds.main([f"--measure-n={bad}", "--folds-dir", str(tmp_path / "folds")])
+    assert not (tmp_path / "folds").exists()
 
 
 # ---------------------------------------------------------------------------- data

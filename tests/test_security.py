@@ -277,3 +277,57 @@ def test_a_cut_weights_file_is_one_error(run_copy):
     (run_dir / "best.pt").write_bytes((run_dir / "best.pt").read_bytes()[:200])
     with pytest.raises(CompetitionError, match="could not be read .* truncated"):
         RunDir(run_dir).load_weights("best")
+
+
+# ---------------------------------------------------------------------------- writes that stay inside their folder
+
+
+def test_a_submission_name_that_climbs_out_is_refused_before_any_write(run_copy, tmp_path):
+    from competition import selftrain
+    from competition.runs import members_from_json
+
+    run_dir, _ = run_copy
+    spec = tmp_path / "subs" / "evil.json"
+    spec.parent.mkdir()
+    spec.write_text(json.dumps({"name": "../../../x", "ood_dir": str(tmp_path), "method": "mean", "members": [
+        {"name": "a", "runs": [str(run_dir)], "setting": "flip", "weight": 1.0}]}))
+    out = tmp_path / "subs" / "out"
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(CompetitionError, match=r"the \"name\" in .*evil.json .*'\.\./\.\./\.\./x': use letters"):
+        selftrain.main([str(spec), "--rounds", "1", "--out-dir", str(out)])
+    with pytest.raises(CompetitionError, match="evil.json"):  # board's and score's reader
+        members_from_json(spec)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def _link_outside(path: Path, outside: Path) -> None:
+    """Replace the run's folder `path` with a link to `outside` (what a sent run folder may hold)."""
+    if path.exists():
+        path.rename(outside)
+    else:
+        outside.mkdir()
+    path.symlink_to(outside, target_is_directory=True)
+
+
+def test_predict_refuses_a_pred_folder_that_links_outside(run_copy, tmp_path):
+    from competition import predict
+
+    run_dir, _ = run_copy
+    outside = tmp_path / "outside"
+    _link_outside(run_dir / RunDir.PRED, outside)
+    before = sorted(outside.rglob("*"))
+    with pytest.raises(CompetitionError, match=r"pred is a symbolic link .*remove the link"):
+        predict.predict_run(run_dir, [], test=True, force=True)
+    assert sorted(outside.rglob("*")) == before
+
+
+@pytest.mark.parametrize("what", ["checkpoints", "checkpoints/checkpoint_1", "broken-checkpoints"])
+def test_resume_refuses_checkpoint_folders_that_link_outside(run_copy, tmp_path, what):
+    run_dir, args = run_copy
+    (run_dir / "summary.json").unlink()
+    outside = tmp_path / "outside"
+    _link_outside(run_dir / what, outside)
+    before = {p: p.stat().st_mtime_ns for p in outside.rglob("*")}
+    with pytest.raises(CompetitionError, match=f"{what.split('/')[-1]} is a symbolic link"):
+        train.main(TINY + args + ["--resume"])
+    assert {p: p.stat().st_mtime_ns for p in outside.rglob("*")} == before and (run_dir / what).is_symlink()
