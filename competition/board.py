@@ -79,8 +79,13 @@ def _role(score: dict) -> str:
     the score or, for scores written before roles were recorded, from its suite's folder."""
     from competition import data
 
-    role = score.get("role") or data.suite_role(read_json(Path(score.get("ood_dir", "")) / "suite.json") or {})
-    return role.split(":")[0]
+    if score.get("role"):
+        return score["role"].split(":")[0]
+    suite_json = Path(score.get("ood_dir", "")) / "suite.json"
+    info = read_json(suite_json)
+    if (info is None and suite_json.exists()) or (info is not None and not isinstance(info, dict)):
+        return f"unreadable {suite_json}"  # flagged, not passed off as images of unknown origin
+    return data.suite_role(info or {}).split(":")[0]
 
 
 def _run_dirs(models_dir) -> list[RunDir]:
@@ -329,6 +334,9 @@ def main(argv=None):
         text = stages(args.stages, args.suite)
         print(text)
         return text
+    if not Path(args.models_dir).is_dir():  # an empty board would read as "no runs yet"
+        raise CompetitionError(f"--models-dir {args.models_dir}: no such folder; pass the folder that holds the run "
+                               f"folders (train writes them under models/ by default)")
     if args.fetch:
         from competition import submit
 
@@ -337,7 +345,7 @@ def main(argv=None):
     runs = table(run_rows(args.models_dir), RUN_SORTS.get(key, "local OOD"), ascending=key in ("time", "name"))
     subs = table(submission_rows(args.submissions_dir), SUB_SORTS.get(key, "local OOD"), ascending=key == "name")
     text = f"## Runs ({len(runs)})\n\n{markdown(runs)}\n## Submissions ({len(subs)})\n\n{markdown(subs)}"
-    notes = unscored(args.models_dir) if Path(args.models_dir).is_dir() else []
+    notes = unscored(args.models_dir)
     if notes:
         text += "\nNot scored yet:\n\n" + "".join(f"- {n}\n" for n in notes)
     print(text)

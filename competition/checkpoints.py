@@ -143,6 +143,19 @@ def _write_checkpoint(tmp: Path, learner: Learner, state: LoopState, accelerator
                                               "accelerator_step": accelerator.step, "scaler": scaler})
 
 
+def stop_message(run: RunDir, state: LoopState, signal: str, command: str | None, forced: bool) -> str:
+    """The one line a stop request ends with: where the exact checkpoint is and how to continue,
+    or, before any checkpoint, that nothing was kept and the run starts again."""
+    if run.latest_checkpoint() is None:
+        again = f"`{command}{' --force' if forced else ''}`" if command else "the same command"
+        return f"{signal} before the first training step: nothing was trained and no checkpoint saved; start the " \
+               f"run again with {again}"
+    resume_hint = f"`{command} --resume`" if command else "the same command with --resume (without --force)"
+    return (f"{signal} in epoch {state.epoch + (1 if state.step else 0)}"
+            f"{f' at step {state.step}' if state.step else ''}; checkpoint saved in "
+            f"{run.latest_checkpoint()}; continue exactly with {resume_hint}")
+
+
 def load_checkpoint(ckpt: Path, learner: Learner, state: LoopState, accelerator) -> None:
     """A checkpoint save_checkpoint wrote, into the learner, the loop state, Accelerate's step and
     this process's RNGs (a process that did not write one, in a run with more processes than the

@@ -20,11 +20,34 @@ from competition.specs import RULES, bad_value, check_value  # noqa: F401 (confi
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+class AliasRefused(yaml.YAMLError):
+    """A YAML alias in a config (see _Loader): its name and line."""
+
+    def __init__(self, anchor: str, line: int):
+        super().__init__(anchor, line)
+        self.anchor, self.line = anchor, line
+
+    def why(self) -> str:
+        return (f"uses the YAML alias *{self.anchor}; configs take no aliases (a file someone sent could expand one "
+                f"into billions of values): write the value out instead")
+
+
 class _Loader(yaml.SafeLoader):
     """safe_load, with two YAML 1.2 readings of YAML 1.1 values: 1e-3 is a float (1.1 wants a dot,
     1.0e-3, and reads `lr=1e-3` as the string '1e-3', which would only fail deep inside the
     optimizer), and only true/false are booleans (1.1 also reads yes/no/on/off, so the documented
-    `mixed_precision=no` arrived as False and was refused)."""
+    `mixed_precision=no` arrived as False and was refused).
+
+    Aliases (`*name`) are refused: a config is a few dozen keys that never need one, and nine
+    nested lists of nine aliases each ("billion laughs") load in microseconds as shared objects,
+    then expand to 9**9 values the first time anything prints or copies them (MemoryError).
+    Anchors (`&name`) alone expand nothing and pass."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise AliasRefused(event.anchor, event.start_mark.line + 1)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -44,6 +67,8 @@ def read_yaml(path) -> dict:
             out = yaml.load(f, Loader=_Loader) or {}
     except FileNotFoundError:
         raise CompetitionError(f"config {path} does not exist") from None
+    except AliasRefused as e:
+        raise CompetitionError(f"{path}: line {e.line} {e.why()}") from None
     except yaml.YAMLError as e:
         raise CompetitionError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(out, dict):
@@ -96,6 +121,8 @@ def parse_override(text: str) -> tuple[list[str], object]:
         raise CompetitionError(f"override {text!r}: no key before '=' (it must look like key=value, e.g. lr=0.05)")
     try:
         return key.strip().split("."), yaml.load(value, Loader=_Loader) if value.strip() else None
+    except AliasRefused as e:
+        raise CompetitionError(f"override {key.strip()}=...: the value {e.why()}") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise CompetitionError(f"override {text!r}: the value is not valid YAML ({first}); quote it, or close its "
@@ -224,6 +251,14 @@ def comparable(cfg: dict) -> dict:
     return {k: v for k, v in full.items() if k not in NOT_COMPARED and k not in PREDICTION_KEYS}
 
 
+class _Dumper(yaml.SafeDumper):
+    """safe_dump, writing a value two keys share out twice: it would write an alias (*id001),
+    which _Loader refuses."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def save_config(cfg: dict, path) -> None:
     """A config (or any plain mapping) as YAML, keys in their order, written atomically."""
-    save_text(path, yaml.safe_dump(cfg, sort_keys=False))
+    save_text(path, yaml.dump(cfg, Dumper=_Dumper, sort_keys=False))

@@ -22,7 +22,7 @@ import sys
 import tarfile
 import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
@@ -142,8 +142,8 @@ def load_cifar100(data_dir, split: str = "train", download: bool = True) -> Imag
     batch = _unpickle(root / split)
     meta = _unpickle(root / "meta")
     try:
-        flat = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"fine_labels"], dtype=np.int64)
+        flat = _cifar_array(batch[b"data"], root / split, "data", "u", "uint8 pixels 0-255")
+        labels = _cifar_array(batch[b"fine_labels"], root / split, "fine_labels", "iu", "whole-number class indices")
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"fine_label_names"]]
     except KeyError as e:
         raise CompetitionError(f"{root}: pickle lacks the key {e}; is this the python version of CIFAR-100?") from None
@@ -176,14 +176,35 @@ def load_cifar10(data_dir, split: str = "train", download: bool = True) -> Image
     batches = [_unpickle(root / n) for n in names]
     meta = _unpickle(root / "batches.meta")
     try:
-        flat = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
+        flat = np.concatenate([_cifar_array(b[b"data"], root / n, "data", "u", "uint8 pixels 0-255")
+                               for b, n in zip(batches, names)])
+        labels = np.concatenate([_cifar_array(b[b"labels"], root / n, "labels", "iu", "whole-number class indices")
+                                 for b, n in zip(batches, names)])
         classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta[b"label_names"]]
     except KeyError as e:
         raise CompetitionError(f"{root}: pickle lacks the key {e}; is this the python version of CIFAR-10?") from None
     if flat.ndim != 2 or flat.shape[1] != 3 * 32 * 32:
         raise CompetitionError(f"{root}: data has shape {flat.shape}, expected (N, 3072)")
     return ImageSet(flat.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels, classes)
+
+
+def _cifar_array(value, path: Path, key: str, kinds: str, want: str) -> np.ndarray:
+    """A CIFAR pickle's data (uint8) or labels (integers) as they are stored, never cast: a converted
+    copy's float pixels (0-1, or 0-255 with fractions) or float labels would otherwise be truncated
+    to other images and classes without a word."""
+    try:
+        array = np.asarray(value)
+    except ValueError:  # a ragged list
+        array = np.asarray(value, dtype=object)
+    if not array.size:  # nothing to misread; the shape checks that follow name the file
+        return array
+    right_type = array.dtype == np.uint8 if kinds == "u" else array.dtype.kind in kinds
+    if not right_type or array.min() < 0:
+        raise CompetitionError(f"{path}: {key} is {array.dtype}"
+                               f"{' with negative values' if right_type else ''}, expected {want} (the python "
+                               f"version of CIFAR stores them so; a converted copy?): delete the folder and "
+                               f"download it again")
+    return array if kinds == "u" else array.astype(np.int64)
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -288,15 +309,45 @@ def _iter_image_files(path: Path):
                 yield p.relative_to(path).parts, p.read_bytes()
         return
     check_archive_complete(path)
+    refused: dict[str, list[str]] = {}
     try:
         # Streaming mode ("r|*") reads the archive once, front to back: no index of 50k members.
         with tarfile.open(path, "r|*") as tar:
             for m in tar:
-                if m.isfile() and Path(m.name).suffix.lower() in IMAGE_SUFFIXES:
-                    parts = tuple(p for p in Path(m.name).parts if p not in (".", ""))
-                    yield parts, tar.extractfile(m).read()
+                if Path(m.name).suffix.lower() not in IMAGE_SUFFIXES or m.isdir():
+                    continue
+                why = _refused_member(m)
+                if why:
+                    refused.setdefault(why, []).append(m.name)
+                    continue
+                parts = tuple(p for p in PurePosixPath(m.name).parts if p not in (".", ""))
+                yield parts, tar.extractfile(m).read()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise CompetitionError(f"{path} is not a readable folder or .tar/.tar.gz archive ({e})") from None
+    if refused:
+        # The whole archive is refused, not just these members: dropping them would train on part
+        # of the data set without a word, and following a link could read any file on this
+        # machine. load_imagefolder lists every member before it decodes one, so nothing was used.
+        n = sum(map(len, refused.values()))
+        kinds = "; ".join(f"{len(names)} {why}, e.g. {names[0]!r}" for why, names in refused.items())
+        raise CompetitionError(
+            f"{path}: {n} image member(s) refused ({kinds}): an image archive holds plain files at relative "
+            f"<class>/<image> paths; recreate it from the image files themselves (tar -h --hard-dereference stores "
+            f"what links point at), then rerun (nothing was read from it)")
+
+
+def _refused_member(m: tarfile.TarInfo) -> str | None:
+    """Why an image-named archive member is not read, or None: a link (its target could be any file
+    here, or another member the one-pass reader has gone past), a device or pipe, or a name that
+    would land outside the folder it was unpacked into (absolute, or through `..`)."""
+    name = PurePosixPath(m.name)
+    if m.issym() or m.islnk():
+        return "links"
+    if not m.isfile():
+        return "devices or pipes"
+    if name.is_absolute() or ".." in name.parts:
+        return "paths outside the archive's folder"
+    return None
 
 
 def check_archive_complete(path: Path) -> None:
@@ -485,10 +536,20 @@ class OodSet:
     def info(self) -> dict:
         """suite.json (where the images came from) plus the corruption name of every file."""
         def read(name):
+            # Missing: the competition's files, or a suite made before suite.json; unreadable: refused,
+            # since a cut or edited suite.json would otherwise be scored as "images of unknown origin".
+            path = self.path / name
             try:
-                return json.loads((self.path / name).read_text())
-            except (FileNotFoundError, ValueError):
+                out = json.loads(path.read_text())
+                why = None if isinstance(out, dict) else f"it holds a JSON {type(out).__name__}"
+            except FileNotFoundError:
                 return {}
+            except (ValueError, UnicodeDecodeError) as e:
+                why = f"{type(e).__name__}: {str(e)[:80]}"
+            if why:
+                raise CompetitionError(f"{path} is not the JSON object `score suite` writes ({why}): rebuild the "
+                                       f"suite with python -m competition.score suite, or restore the file")
+            return out
 
         return {**read("suite.json"), "names": read("corruptions.json").get("names", {})}
 

@@ -643,7 +643,7 @@ def load_weights(path, map_location="cpu") -> dict:
             raise CompetitionError(f"{path} could not be read ({type(e).__name__}: {str(e)[:150]}); it may be "
                                    f"truncated: restore it or retrain the run") from None
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return _run_weights(torch.load(path, map_location=map_location, weights_only=True), Path(path))
     except pickle.UnpicklingError as e:
         raise CompetitionError(f"{path} holds more than weights (refused unrun: {str(e).splitlines()[0][:200]}); "
                                f"load only weights files you trust, or retrain the run") from None
@@ -652,6 +652,26 @@ def load_weights(path, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # a cut or damaged file
         raise CompetitionError(f"{path} could not be read ({type(e).__name__}: {str(e)[:150]}); it may be "
                                f"truncated: restore it or retrain the run") from None
+
+
+def _run_weights(obj, path: Path) -> dict:
+    """A legacy .pt's content, when it is what train.py saved ({"model": state dict, "config", ...});
+    else one error saying what it is. A bare state dict (torch.save(model.state_dict())) loads, but
+    without the config the architecture is rebuilt from nothing, and the failure blamed model_args."""
+    import torch
+
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        return obj
+    if isinstance(obj, dict) and obj and all(torch.is_tensor(v) for v in obj.values()):
+        fix = (f"python -c \"import torch; from competition.runs import RunDir; r = RunDir({str(path.parent)!r}); "
+               f"r.save_weights({path.stem!r}, torch.load({str(path)!r}, weights_only=True), r.config(), "
+               f"r.data_config(), {{}})\"")
+        raise CompetitionError(f"{path} is a bare state dict ({len(obj)} tensors, e.g. {next(iter(obj))!r}), not a "
+                               f"run's weights file (model, config, data_config, metrics); if {path.parent}'s "
+                               f"config.yaml and data_config.yaml describe its network, convert it once: {fix}")
+    what = f"a dict of {', '.join(map(str, list(obj)[:5]))}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+    raise CompetitionError(f"{path} holds {what}, not a run's weights (a dict of model, config, data_config, "
+                           f"metrics, as train.py saves): restore the run's own file, or retrain the run")
 
 
 def _alive(pid) -> bool:

@@ -77,6 +77,13 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
     """(images, soft targets, report) from a submission's ensembled OOD predictions. max_images
     None: PSEUDO_FRACTION of the fewest labelled images a member trained on; 0: no cap."""
     members, weights, spec = members_from_json(spec_path)
+    # members_from_json serves board and score too, which need no name; self-training names its
+    # runs and files after it and reads the rest, so a hand-made or older JSON fails here, unwritten.
+    missing = [key for key in ("name", "ood_dir", "method") if key not in spec]
+    if missing:
+        raise CompetitionError(f"{spec_path} lacks {', '.join(map(repr, missing))}: self-training reads the JSON "
+                               f"competition.ensemble writes next to its CSV; rebuild it with competition.ensemble "
+                               f"(or add the key)")
     if max_images is None:
         max_images = int(PSEUDO_FRACTION * min(labelled_images(source_run(r)) for m in members for r in m.runs))
     ood = data.OodSet(spec["ood_dir"])

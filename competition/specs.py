@@ -30,6 +30,10 @@ from dataclasses import dataclass, field, fields
 from competition.files import CompetitionError
 
 OPTIMIZERS = ("sgd", "adamw", "adam", "radam")
+# Upper bounds of the counts the loop iterates over before training starts (the per-epoch batch
+# schedule, the scheduler): epochs=1000000000 was accepted and spent hours there before the first
+# step. Far above any real run (the presets train 10-40 epochs).
+MAX_EPOCHS = 10_000
 SCHEDULES = ("cosine", "const", "step")
 
 
@@ -88,7 +92,7 @@ class DataSpec(_Section):
     image_size: int | None = knob(8, 512)
     train_sizes: dict | None = knob()
     norm: str = knob(choices=("data", "imagenet", "none"))
-    workers: int = knob(0)
+    workers: int = knob(0, 256)  # DataLoader processes: a typo's million would fork until the machine stalls
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ class OptimSpec(_Section):
 class ScheduleSpec(_Section):
     """The learning-rate schedule on the epoch clock, and progressive unfreezing (optim.make_scheduler)."""
     sched: str = knob(choices=SCHEDULES)
-    warmup_epochs: float = knob(0)
+    warmup_epochs: float = knob(0, MAX_EPOCHS)
     warmup_lr: float = knob(0)
     min_lr: float = knob(0)
     cycle_epochs: float | None = knob(above=0)
@@ -160,10 +164,10 @@ class ScheduleSpec(_Section):
 @dataclass(frozen=True)
 class LoopSpec(_Section):
     """How the loop runs, selects, stops and reports (train.py, runtime.training_accelerator)."""
-    seed: int = knob(0)
-    epochs: int = knob(1)
-    stop_after: int | None = knob(1)
-    patience: int | None = knob(1)
+    seed: int = knob(0, 2**32 - 1)  # numpy's seed range: a larger one failed in set_seed with a traceback
+    epochs: int = knob(1, MAX_EPOCHS)
+    stop_after: int | None = knob(1, MAX_EPOCHS)
+    patience: int | None = knob(1, MAX_EPOCHS)
     ema: float | None = knob(high=0.999999, above=0)
     select_on: str = knob(choices=("clean", "ood"))
     oof_tta: str = knob()
@@ -207,7 +211,10 @@ class PredictSpec:
     learn_steps: int = 1  # learned adaptation (tent, shot, eata): passes over each slice (1: TENT's own)
     learn_lr: float = 1e-3  # its Adam learning rate
     learn_batch: int = 128  # its images per update
+    learn_params: str = "bn"  # which parameters learn: bn | norm+head | all (adapt.PARAMS)
+    learn_ensemble: float | None = None  # ROID weight ensembling toward the source after each update; None: off
     collapse_tol: float | None = 0.1  # its fallback to BN (class-histogram entropy, nats); None: never
+    max_disagree: float | None = 0.15  # its fallback to BN (fraction of labels differing from BN's); None: never
     batch_size: int = 512  # images per batch per process
 
     def __post_init__(self):
@@ -222,11 +229,15 @@ class PredictSpec:
                 raise CompetitionError(f"{flag} {value!r}: must be a whole number >= 1")
         if not self.learn_lr > 0:
             raise CompetitionError(f"--tent-lr {self.learn_lr}: must be above 0")
+        for flag, value in (("--learn-ensemble", self.learn_ensemble), ("--max-disagree", self.max_disagree)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise CompetitionError(f"{flag} {value}: must lie in 0..1")
 
     @property
     def learn_args(self) -> dict:
         """The learned adaptations' settings as predict.json records them ({objective}_{key})."""
-        return {"steps": self.learn_steps, "lr": self.learn_lr, "batch": self.learn_batch, "guard": self.collapse_tol}
+        return {"steps": self.learn_steps, "lr": self.learn_lr, "batch": self.learn_batch, "guard": self.collapse_tol,
+                "params": self.learn_params, "ensemble": self.learn_ensemble, "disagree": self.max_disagree}
 
 
 @dataclass(frozen=True)

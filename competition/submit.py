@@ -31,7 +31,9 @@ from competition.data import COMPETITION_SHAPE, SEVERITIES, OodSet
 from competition.files import CompetitionError, atomic_path, cli, count
 
 HEADER = "id,label"
-ID_PATTERN = r"distortion(\d{2})_([1-9]\d*)_(\d+)"
+# [0-9], not \d: Python's \d also matches other scripts' digits ('٣', Arabic-Indic 3), which int() and
+# numpy read as 3, so such a file passed --check; the format is ASCII digits, as write_submission writes.
+ID_PATTERN = r"distortion([0-9]{2})_([1-9][0-9]*)_([0-9]+)"
 
 
 def submission_ids(rows_per_file: list[int]) -> list[str]:
@@ -140,11 +142,11 @@ def check_submission(path, ood_dir=None, rows_per_file: list[int] | None = None,
                                f"file order (distortion, then severity, then index)")
 
     labels = frame["label"]
-    bad = np.flatnonzero(~labels.str.fullmatch(r"\d+").to_numpy(dtype=bool))
+    bad = np.flatnonzero(~labels.str.fullmatch(r"[0-9]+").to_numpy(dtype=bool))  # ASCII digits (ID_PATTERN)
     if len(bad):
         r = bad[0]
         raise CompetitionError(f"{path}: row {r + 1} ({ids[r]}): label {labels.iloc[r]!r} is not an integer "
-                               f"class index 0..{num_classes - 1}")
+                               f"class index 0..{num_classes - 1} written in ASCII digits 0-9")
     huge = labels.str.len().to_numpy() > 18  # would overflow int64; out of range in any case
     values = np.where(huge, "-1", labels.to_numpy()).astype(np.int64)
     bad = np.flatnonzero(huge | (values >= num_classes))

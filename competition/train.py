@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from competition import augment, data, files, metrics, models, optim, runtime, tta
-from competition.checkpoints import LoopState, epoch_batches, restore, save_checkpoint, state_dict
+from competition.checkpoints import LoopState, epoch_batches, restore, save_checkpoint, state_dict, stop_message
 from competition.config import resolve, validate
 from competition.files import CompetitionError, cli
 from competition.learner import Learner, check_model, make_learner
@@ -322,7 +322,11 @@ def run_training(run: RunDir, cfg: dict, spec: TrainSpec, accelerator, resume: b
                                 td.targets if td.soft is not None else None)
         if stats is None:  # a stop request mid-epoch: checkpoint where it is
             state.loop_s += time.time() - epoch_start
-            save_checkpoint(run, learner, state, accelerator)
+            # At an epoch's first step nothing has trained since the newest checkpoint (the end of the
+            # last epoch), which stays the exact one; a new one would hold the RNG after the first
+            # batch was drawn, and a resume would draw it again. Before any checkpoint: nothing to keep.
+            if state.step:
+                save_checkpoint(run, learner, state, accelerator)
             why = "signal"
             break
         why = end_of_epoch(run, save_weights, data_cfg, td, learner, state, accelerator, stats, epoch_start, writer,
@@ -331,10 +335,7 @@ def run_training(run: RunDir, cfg: dict, spec: TrainSpec, accelerator, resume: b
             shutil.rmtree(aside)  # --force: the new run has finished an epoch; the old one goes now
         why = why or ("signal" if stop.name else None)
     if why == "signal":
-        resume_hint = f"`{command} --resume`" if command else "the same command with --resume (without --force)"
-        raise files.Interrupted(f"{stop.name} in epoch {state.epoch + (1 if state.step else 0)}"
-                                f"{f' at step {state.step}' if state.step else ''}; checkpoint saved in "
-                                f"{run.latest_checkpoint()}; continue exactly with {resume_hint}")
+        raise files.Interrupted(stop_message(run, state, stop.name, command, forced=aside is not None))
     if why == "stop_after":
         accelerator.print(f"stop_after={loop.stop_after}: stopping after epoch {state.epoch}; continue with --resume")
         return run.path

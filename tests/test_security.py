@@ -331,3 +331,192 @@ def test_resume_refuses_checkpoint_folders_that_link_outside(run_copy, tmp_path,
     with pytest.raises(CompetitionError, match=f"{what.split('/')[-1]} is a symbolic link"):
         train.main(TINY + args + ["--resume"])
     assert {p: p.stat().st_mtime_ns for p in outside.rglob("*")} == before and (run_dir / what).is_symlink()
+
+
+# ---------------------------------------------------------------------------- bad input: one line, nothing half-read
+
+
+def _laughs(levels: int = 9) -> str:
+    """A YAML "billion laughs": `levels` lists of nine aliases of the one before (9**levels values)."""
+    rows = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels):
+        rows.append(f"{chr(97 + i)}: &{chr(97 + i)} [{', '.join([f'*{chr(96 + i)}'] * 9)}]")
+    return "{" + ", ".join(rows) + "}"
+
+
+def test_a_yaml_alias_bomb_is_refused_naming_the_file_or_override(tmp_path):
+    from competition import config
+
+    with pytest.raises(CompetitionError, match=r"override model_args=\.\.\.: the value uses the YAML alias \*a"):
+        config.load_config(["part1"], [f"model_args={_laughs()}"])
+    preset = tmp_path / "sent.yaml"
+    preset.write_text(f"extends: part1\nmodel_args: {_laughs()}\n")
+    with pytest.raises(CompetitionError, match=r"sent.yaml: line 2 uses the YAML alias \*a; configs take no aliases"):
+        config.load_config([str(preset)])
+    preset.write_text("extends: part1\nlr: &peak 0.1\n")  # an anchor alone expands nothing
+    assert config.load_config([str(preset)])["lr"] == 0.1
+    shared = [0.5, 0.5, 0.5]  # safe_dump writes a list two keys share as an alias: save_config never does
+    config.save_config({"mean": shared, "std": shared}, tmp_path / "data_config.yaml")
+    assert config.read_yaml(tmp_path / "data_config.yaml") == {"mean": shared, "std": shared}
+
+
+def test_cifar_pickles_of_float_pixels_or_labels_are_refused_not_cast(tmp_path):
+    from test_data import write_cifar100
+
+    write_cifar100(tmp_path / "d")
+    path = tmp_path / "d" / "cifar-100-python" / "train"
+    batch = pickle.loads(path.read_bytes())
+    good = batch[b"data"]
+    path.write_bytes(pickle.dumps({**batch, b"data": good.astype(np.float32) / 255}))  # a "normalised" copy
+    with pytest.raises(CompetitionError, match=r"cifar-100-python/train: data is float32, expected uint8 pixels"):
+        data.load("cifar100", "train", tmp_path / "d")
+    path.write_bytes(pickle.dumps({**batch, b"fine_labels": [0.5] * len(good)}))
+    with pytest.raises(CompetitionError, match=r"train: fine_labels is float64, expected whole-number class indices"):
+        data.load("cifar100", "train", tmp_path / "d")
+
+
+def test_an_image_tar_with_links_or_paths_outside_is_refused_naming_them(tmp_path):
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(buf, "PNG")
+
+    def member(tar, name, kind=tarfile.REGTYPE, link=""):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname = kind, link
+        info.size = len(buf.getvalue()) if kind == tarfile.REGTYPE else 0
+        tar.addfile(info, io.BytesIO(buf.getvalue()) if kind == tarfile.REGTYPE else None)
+
+    def archive(*extra):
+        path = tmp_path / "imgs.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            for name in ("cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"):
+                member(tar, name)
+            for args in extra:
+                member(tar, *args)
+        return path
+
+    assert data.load_imagefolder(archive()).images.shape == (4, 8, 8, 3)
+    bad = archive(("cat/2.png", tarfile.SYMTYPE, "/etc/passwd"), ("dog/2.png", tarfile.LNKTYPE, "dog/0.png"),
+                  ("../../outside/cat/3.png",), ("/abs/dog/3.png",))
+    with pytest.raises(CompetitionError, match=r"imgs.tar.gz: 4 image member\(s\) refused \(2 links, e.g. "
+                                               r"'cat/2.png'; 2 paths outside the archive's folder, e.g. "
+                                               r"'../../outside/cat/3.png'\)"):
+        data.load_imagefolder(bad, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()  # nothing cached from it
+
+
+def test_a_corrupt_suite_json_is_one_error_not_unknown_origin(tmp_path):
+    from competition import board, corruptions
+
+    suite = tmp_path / "suite"
+    corruptions.make_suite(data.load_digits("test").images[:4], suite, names=["brightness"], labels=np.arange(4),
+                           workers=1)
+    assert data.OodSet(suite).role().startswith("images of unknown origin (no suite.json)")  # missing: said so
+    (suite / "suite.json").write_text('{"dataset": "digits", "split": "te')  # cut short
+    with pytest.raises(CompetitionError, match=r"suite.json is not the JSON object `score suite` writes"):
+        data.OodSet(suite).role()
+    assert board._role({"ood_dir": str(suite)}) == f"unreadable {suite / 'suite.json'}"  # a score saved before roles
+
+
+def test_the_board_of_a_missing_models_folder_is_one_error(tmp_path, capsys):
+    from competition import board
+    from competition.files import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli(board.main)(["--models-dir", str(tmp_path / "nonexistent"), "--submissions-dir", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "nonexistent: no such folder" in err
+
+
+@pytest.mark.parametrize("bad, key", [("epochs=1000000000", r"epochs=1000000000: must be >= 1 and <= 10000"),
+                                      ("stop_after=1000000000", "stop_after"), ("seed=4294967296", "seed"),
+                                      ("workers=1000000", r"workers=1000000: must be >= 0 and <= 256")])
+def test_absurd_counts_are_refused_at_load(bad, key):
+    from competition import config
+
+    with pytest.raises(CompetitionError, match=key):  # epochs=1e9 spent hours before the first step
+        config.load_config(["part1"], [bad])
+
+
+def test_submission_labels_and_ids_must_be_ascii_digits(tmp_path):
+    from competition import submit
+
+    ids = submit.submission_ids([5])
+    csv = tmp_path / "s.csv"
+    rows = "".join(f"{i},{'٣' if k == 2 else 1}\n" for k, i in enumerate(ids))  # '٣': Arabic-Indic 3
+    csv.write_text("id,label\n" + rows, encoding="utf-8")
+    with pytest.raises(CompetitionError, match=r"row 3 \(distortion00_3_0\): label '٣' is not .* ASCII digits 0-9"):
+        submit.check_submission(csv, rows_per_file=[5])
+    csv.write_text("id,label\n" + "".join(f"{i.replace('00', '٠٠')},1\n" for i in ids), encoding="utf-8")
+    with pytest.raises(CompetitionError, match=r"row 1: id 'distortion٠٠_1_0' is not of the form"):
+        submit.check_submission(csv)
+
+
+def test_selftrain_refuses_a_submission_json_without_a_name_before_any_write(run_copy, tmp_path):
+    from competition import corruptions, ensemble, predict, selftrain
+    from competition.specs import EnsembleSpec
+
+    run_dir, _ = run_copy
+    suite = tmp_path / "suite"
+    corruptions.make_suite(data.load_digits("test").images[:4], suite, names=["brightness"], workers=1)
+    predict.predict_run(run_dir, [suite], test=False)
+    spec = ensemble.build([run_dir], "sub", suite, tmp_path / "subs", EnsembleSpec(method="equal"),
+                          allow_partial=True).with_suffix(".json")
+    sidecar = json.loads(spec.read_text())
+    del sidecar["name"]
+    spec.write_text(json.dumps(sidecar))
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(CompetitionError, match=r"sub.json lacks 'name': self-training reads the JSON"):
+        selftrain.main([str(spec), "--out-dir", str(tmp_path / "subs")])
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_bare_state_dict_best_pt_says_what_it_is_and_how_to_convert_it(run_copy):
+    run_dir, _ = run_copy
+    state = RunDir(run_dir).load_weights("best")["model"]
+    torch.save(state, run_dir / "best.pt")  # torch.save(model.state_dict()): the legacy habit
+    (run_dir / "best.safetensors").unlink()
+    with pytest.raises(CompetitionError, match=r"best.pt is a bare state dict \(\d+ tensors, .*convert it once") as e:
+        RunDir(run_dir).load_model()
+    exec(str(e.value).split('python -c "', 1)[1].rstrip('"'))  # the fix it prints, run as printed
+    model, cfg, _ = RunDir(run_dir).load_model()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    torch.save([1, 2], run_dir / "best.pt")
+    (run_dir / "best.safetensors").unlink()
+    with pytest.raises(CompetitionError, match=r"best.pt holds a list, not a run's weights"):
+        RunDir(run_dir).load_weights("best")
+
+
+def test_a_stop_at_an_epochs_first_step_claims_no_new_checkpoint(tmp_path, monkeypatch):
+    """A stop request before a step of the epoch has run: the first batch is already drawn (its
+    RNG), so a checkpoint taken there resumed one draw off. Before any training nothing is kept
+    and the message says to start again; later, the end-of-epoch checkpoint is the exact one."""
+    from competition import runtime
+    from competition.files import Interrupted
+
+    dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
+    real = runtime.StopRequest.now
+
+    def stop_at_call(n):
+        calls = {"n": 0}
+
+        def now(self, accelerator, step):
+            calls["n"] += 1
+            if calls["n"] == n:
+                self.name = "SIGTERM"
+            return real(self, accelerator, step)
+        return now
+
+    monkeypatch.setattr(runtime.StopRequest, "now", stop_at_call(1))
+    with pytest.raises(Interrupted, match=r"SIGTERM before the first training step: nothing was trained and no "
+                                          r"checkpoint saved; start the run again with `python -m competition.train"):
+        train.main(TINY + dirs + ["name=first"])
+    assert not (tmp_path / "models" / "first").exists()
+    monkeypatch.setattr(runtime.StopRequest, "now", stop_at_call(5))  # 128 / 32: 4 steps an epoch; 5: epoch 2's first
+    with pytest.raises(Interrupted, match=r"checkpoint saved in .*checkpoint_0; continue exactly with"):
+        train.main(TINY + dirs + ["name=second"])
+    assert [c.name for c in RunDir(tmp_path / "models" / "second").checkpoints()] == ["checkpoint_0"]
