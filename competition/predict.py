@@ -19,7 +19,10 @@ so predicting with another setting never changes what an earlier submission used
 
 `+bn` (--bn-adapt): batch-norm statistics re-estimated on each OOD file's severity slice (and each
 corruption x severity slice of oof_ood) from its own images (competition/adapt.py); clean outputs
-exist only in the base setting.
+exist only in the base setting. `+tent`, `+shot`, `+eata` (--adapt): learned on each slice, named
+`+tent-all`, `+tent-norm_head-ens0.99`, ... when --learn-params / --learn-ensemble are not the
+defaults; a slice whose learned labels collapse (--collapse-tol) or drift from BN's
+(--max-disagree) keeps BN adaptation's logits, and predict says how many did and why.
 
 Work already done (same source, weights and settings in predict.json) is skipped unless --force. OOD files are memory-mapped and predicted batch by batch, so 19 x
 50,000 images never sit in memory. Preprocessing is augment.to_input with the run's own
@@ -34,6 +37,7 @@ file then holds log of the mean probability, which softmaxes back to it).
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 import time
 from dataclasses import dataclass
@@ -70,6 +74,7 @@ class Predictor:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
         self.fallbacks = (0, 0)  # learned-adaptation slices predicted, and how many fell back to BN
+        self.fallback_reasons = collections.Counter()  # the fallbacks by guard: collapsed, drifted
 
     def _loader(self, images: np.ndarray, rows: np.ndarray):
         return self.acc.prepare_data_loader(eval_loader(images, rows, batch_size=self.batch_size))
@@ -108,11 +113,15 @@ class Predictor:
             return self.predict(images, rows)
 
     def predict_learned(self, images: np.ndarray, rows: np.ndarray, objective: str = "tent", steps: int = 1,
-                        lr: float = 1e-3, batch: int = 128, guard: float | None = 0.1) -> tuple[np.ndarray, bool]:
-        """(TTA logits of images[rows] after learned adaptation on those same images, whether the
-        collapse guard fell back to BN adaptation), in this process alone (a slice is one domain;
-        several processes split the slices, not a slice's batches). guard None: no guard. The
-        source weights are back in place when it returns."""
+                        lr: float = 1e-3, batch: int = 128, guard: float | None = 0.1, params: str = "bn",
+                        ensemble: float | None = None, disagree: float | None = adapt.MAX_DISAGREE
+                        ) -> tuple[np.ndarray, str | None]:
+        """(TTA logits of images[rows] after learned adaptation on those same images, why a guard
+        fell back to BN adaptation there: 'collapsed', 'drifted', or None when none did), in this
+        process alone (a slice is one domain; several processes split the slices, not a slice's
+        batches). guard: the collapse guard's tolerance (adapt.collapsed); disagree: the drift
+        guard's (adapt.drifted); None turns either off. params, ensemble: adapt.learn's params and
+        ensemble_alpha. The source weights are back in place when it returns."""
         dev = self.acc.device
 
         def batches():  # a fixed order: the result does not depend on which slices came before
@@ -129,35 +138,43 @@ class Predictor:
                     out[pos.numpy()] = z.float().cpu().numpy()
             return out
 
-        def bn_labels() -> torch.Tensor:  # the guard's reference: one view, BN statistics of the slice
+        def one_view_labels() -> torch.Tensor:  # the model as it stands, on the untransformed images
+            with self.acc.autocast(), torch.no_grad():
+                return torch.cat([self.model(x).argmax(1).cpu() for x in batches()])
+
+        def bn_labels() -> torch.Tensor:  # the guards' reference: one view, BN statistics of the slice
             with self.acc.autocast():
                 adapt.adapt_bn(self.model, batches())
-                with torch.no_grad():
-                    return torch.cat([self.model(x).argmax(1).cpu() for x in batches()])
+            return one_view_labels()
 
-        fell_back = False
+        guarded = guard is not None or disagree is not None
         with adapt.source_weights(self.model):
-            reference = bn_labels() if guard is not None else None
+            reference = bn_labels() if guarded else None
             with self.acc.autocast():  # the loss itself is taken in float32 (adapt.slice_loss)
-                adapt.learn(self.model, batches, objective, steps, lr)
+                adapt.learn(self.model, batches, objective, steps, lr, params, ensemble)
             out = tta_pass()
-        if reference is not None and adapt.collapsed(out.argmax(1), reference, out.shape[1], guard):
+            # the drift guard compares one view with one view: TTA changes some labels by itself
+            mine = one_view_labels() if disagree is not None else None
+        reason = ("collapsed" if guard is not None and adapt.collapsed(out.argmax(1), reference, out.shape[1], guard)
+                  else "drifted" if mine is not None and adapt.drifted(mine, reference, disagree) else None)
+        if reason:
             # BN adaptation in this process alone (predict_adapted shares batches across processes,
             # while a learned slice belongs to one of them)
             with adapt.bn_source_stats(self.model):
                 with self.acc.autocast():
                     adapt.adapt_bn(self.model, batches())
-                out, fell_back = tta_pass(), True
+                out = tta_pass()
         if self.bar is not None:
-            self.bar.update(len(rows) * (steps + len(self.views)) * self.acc.num_processes)
-        return out, fell_back
+            passes = len(self.views) + _extra_passes(objective, {"steps": steps, "guard": guard, "disagree": disagree})
+            self.bar.update(len(rows) * passes * self.acc.num_processes)
+        return out, reason
 
     def predict_ood(self, images: np.ndarray, mode: str, blend: float = 1.0, slices: int | None = None,
                     learn_args: dict | None = None) -> np.ndarray:
         """float16 logits of OOD images; with adaptation (bn, or a learned objective of
         adapt.OBJECTIVES) each slice of `slices` rows (default: the file's N, one severity) is its
-        own domain, adapted separately. Learned slices the guard sent back to BN are counted in
-        self.fallbacks (slices, of which fell back)."""
+        own domain, adapted separately. Learned slices a guard sent back to BN are counted in
+        self.fallbacks (slices, of which fell back) and by reason in self.fallback_reasons."""
         if mode == "none":
             return self.predict(images).astype(np.float16)
         n = slices or len(images) // data.SEVERITIES
@@ -169,8 +186,10 @@ class Predictor:
 
         mine = [(k, *self.predict_learned(images, np.arange(s, s + n), mode, **(learn_args or {})))
                 for k, s in enumerate(starts) if k % self.acc.num_processes == self.acc.process_index]
-        done = {k: (z, fell) for k, z, fell in (gather_object(mine) if self.acc.num_processes > 1 else mine)}
-        self.fallbacks = (self.fallbacks[0] + len(starts), self.fallbacks[1] + sum(f for _, f in done.values()))
+        done = {k: (z, why) for k, z, why in (gather_object(mine) if self.acc.num_processes > 1 else mine)}
+        reasons = [why for _, why in done.values() if why]
+        self.fallbacks = (self.fallbacks[0] + len(starts), self.fallbacks[1] + len(reasons))
+        self.fallback_reasons.update(reasons)
         return np.concatenate([done[k][0] for k in range(len(starts))]).astype(np.float16)
 
 
@@ -178,7 +197,8 @@ class Predictor:
 
 
 ADAPTATIONS = adapt.ADAPTATIONS  # re-exported: predict --adapt's choices
-LEARN_KEYS = ("steps", "lr", "batch", "guard")  # PredictSpec.learn_args: one pass of TENT's own settings by default
+# PredictSpec.learn_args: one pass of TENT's own settings by default
+LEARN_KEYS = ("steps", "lr", "batch", "guard", "params", "ensemble", "disagree")
 
 
 @dataclass
@@ -192,6 +212,10 @@ class Job:
     passes: int  # forward passes over the images (views, +1 for BN adaptation): the progress bar's units
 
 
+FALLBACK_WHY = {"collapsed": "fewer predicted classes than BN's",
+                "drifted": "over {disagree:.0%} of labels differ from BN's"}
+
+
 def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data.OodSet], spec: PredictSpec,
          test: bool, oof: bool, force: bool, say=print) -> tuple[list[Job], list[str]]:
     """The outputs to (re)write and the ones already current (skipped unless force). Clean images
@@ -199,7 +223,11 @@ def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data
     (the plain setting and each of spec.adapts)."""
     adapts, bn_blend, learn_args = spec.adapts, spec.bn_blend, spec.learn_args
     base = setting_name(record["tta"], record["average"])
-    settings = [(base, "none")] + [(setting_name(record["tta"], record["average"], a, bn_blend), a) for a in adapts]
+    # a learned setting's name carries its params / ensembling only when not the defaults
+    named = {a: adapt.variant(a, spec.learn_params, spec.learn_ensemble) if a in adapt.OBJECTIVES else a
+             for a in adapts}
+    settings = [(base, "none")] + [(setting_name(record["tta"], record["average"], named[a], bn_blend), a)
+                                   for a in adapts]
     todo, current = [], []
 
     def add(job: Job):
@@ -235,8 +263,11 @@ def plan(run: RunDir, cfg: dict, record: dict, n_views: int, ood_sets: list[data
 
 
 def _extra_passes(adapt_mode: str, learn_args: dict | None) -> int:
+    """Passes over a slice besides the TTA views: BN's statistics; a learned one's steps and
+    statistics, the guards' BN reference (statistics and labels) and the drift guard's own labels."""
     args = learn_args or {}
-    return {"none": 0, "bn": 1}.get(adapt_mode, 1 + args.get("steps", 1) + (2 if args.get("guard") is not None else 0))
+    guarded, drift = args.get("guard") is not None or args.get("disagree") is not None, args.get("disagree") is not None
+    return {"none": 0, "bn": 1}.get(adapt_mode, 1 + args.get("steps", 1) + 2 * guarded + drift)
 
 
 def oof_ood_images(run: RunDir, cfg: dict, train_set, rows: np.ndarray) -> np.ndarray:
@@ -253,7 +284,7 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
     for job in jobs:
         mode = job.record.get("adapt", "none")
         learn_args = {k: job.record[f"{mode}_{k}"] for k in LEARN_KEYS} if mode in adapt.OBJECTIVES else None
-        before = pred.fallbacks
+        before, reasons_before = pred.fallbacks, collections.Counter(pred.fallback_reasons)
         if job.kind == "test":
             logits = pred.predict(job.source.images)
             if main:
@@ -275,8 +306,11 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
                                       learn_args=learn_args)
         fell = pred.fallbacks[1] - before[1]
         if fell:
-            pred.acc.print(f"{job.setting}/{job.rel}: {fell} of {pred.fallbacks[0] - before[0]} slices collapsed "
-                           f"under {mode} (fewer predicted classes than BN's) and kept BN adaptation")
+            why = pred.fallback_reasons - reasons_before
+            reasons = ", ".join(f"{why[r]} {r} ({FALLBACK_WHY[r].format(**learn_args)})"
+                                for r in FALLBACK_WHY if why[r])
+            pred.acc.print(f"{job.setting}/{job.rel}: {fell} of {pred.fallbacks[0] - before[0]} slices kept BN "
+                           f"adaptation under {mode}: {reasons}")
         if main:
             run.write_output(job.setting, job.rel, logits, job.record)
 
@@ -303,6 +337,8 @@ def predict_run(run_dir, ood_dirs=(), spec: PredictSpec | None = None, test: boo
     unknown = [a for a in adapts if a not in ADAPTATIONS]
     if unknown:
         raise CompetitionError(f"--adapt {','.join(unknown)}: adaptations are {', '.join(ADAPTATIONS)}")
+    if spec.learn_params not in adapt.PARAMS:
+        raise CompetitionError(f"--learn-params {spec.learn_params}: one of {', '.join(adapt.PARAMS)}")
     if adapts and not adapt.batchnorms(model):
         raise CompetitionError(f"{run}: {cfg['model']} has no batch-norm layers, so --adapt {','.join(adapts)} has "
                                f"nothing to adapt; predict without it")
@@ -363,9 +399,21 @@ def main(argv=None):
                    help="learned adaptation: Adam learning rate (default 1e-3)")
     p.add_argument("--tent-batch", "--learn-batch", type=count, default=default.learn_batch, dest="tent_batch",
                    help="learned adaptation: images per update (default 128)")
+    p.add_argument("--learn-params", default=default.learn_params, choices=adapt.PARAMS,
+                   help="learned adaptation: which parameters learn: bn (BN scale and shift, TENT's; default), "
+                        "norm+head (and the classifier layer), all (every one); not bn: the setting is named "
+                        "+<objective>-norm_head / -all")
+    p.add_argument("--learn-ensemble", type=float, default=default.learn_ensemble, metavar="ALPHA",
+                   help="learned adaptation: after every update params = ALPHA * params + (1 - ALPHA) * source "
+                        "(ROID's weight ensembling against drift, e.g. 0.99; 0 keeps the source); default off; "
+                        "the setting is named +<objective>-ensALPHA")
     p.add_argument("--collapse-tol", type=float, default=default.collapse_tol,
                    help="learned adaptation falls back to BN on a slice whose predicted classes spread less than "
                         "BN's by more than this (class-histogram entropy, nats; no labels); < 0: no guard")
+    p.add_argument("--max-disagree", type=float, default=default.max_disagree,
+                   help="learned adaptation falls back to BN on a slice where its labels differ from BN's on more "
+                        "than this fraction of the images (one view each; no labels; default 0.15: tune it on the "
+                        "choose images, never the measure); < 0: no guard")
     p.add_argument("--bn-blend", type=float, default=default.bn_blend,
                    help="BN statistics = ALPHA * adapted + (1 - ALPHA) * source (default 1)")
     p.add_argument("--batch-size", type=count, default=default.batch_size, help="images per batch per process")
@@ -396,7 +444,9 @@ def predict_spec(args: argparse.Namespace) -> PredictSpec:
     adapts = [a.strip() for a in args.adapt.split(",") if a.strip()] if args.adapt else ["bn"] * bool(args.bn_adapt)
     return PredictSpec(tta=args.tta, average=args.average, adapts=tuple(adapts), bn_blend=args.bn_blend,
                        learn_steps=args.tent_steps, learn_lr=args.tent_lr, learn_batch=args.tent_batch,
-                       collapse_tol=args.collapse_tol if args.collapse_tol >= 0 else None, batch_size=args.batch_size)
+                       learn_params=args.learn_params, learn_ensemble=args.learn_ensemble,
+                       collapse_tol=args.collapse_tol if args.collapse_tol >= 0 else None,
+                       max_disagree=args.max_disagree if args.max_disagree >= 0 else None, batch_size=args.batch_size)
 
 
 if __name__ == "__main__":

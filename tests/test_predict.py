@@ -313,13 +313,144 @@ def test_the_collapse_guard_falls_back_to_bn_on_a_slice_built_to_collapse(run):
     pred = P.Predictor(model, data_cfg, Accelerator(cpu=True), T.parse_tta("flip"), batch_size=16)
     rows = np.arange(64)
     wild = {"steps": 20, "lr": 5.0, "batch": 16}
-    unguarded, fell = pred.predict_learned(images, rows, "tent", guard=None, **wild)
+    unguarded, fell = pred.predict_learned(images, rows, "tent", guard=None, disagree=None, **wild)
     bn = pred.predict_adapted(images, rows)
     assert not fell and A.collapsed(unguarded.argmax(1), bn.argmax(1), 10)  # it did collapse
-    guarded, fell = pred.predict_learned(images, rows, "tent", guard=0.1, **wild)
-    assert fell and np.allclose(guarded, bn, atol=1e-5)
+    guarded, fell = pred.predict_learned(images, rows, "tent", guard=0.1, disagree=None, **wild)
+    assert fell == "collapsed" and np.allclose(guarded, bn, atol=1e-5)
+    _, fell = pred.predict_learned(images, rows, "tent", guard=0.1, **wild)  # both guards: collapse is named first
+    assert fell == "collapsed"
     mild, fell = pred.predict_learned(images, rows, "tent", guard=0.1, steps=1, lr=1e-4, batch=16)
     assert not fell
+
+
+@pytest.mark.parametrize("params", A.PARAMS)
+def test_only_the_parameters_each_choice_names_learn(params):
+    model = bn_model()
+    model(torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        model[5].weight.mul_(30)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    claimed = {"bn": {"1.weight", "1.bias"}, "norm+head": {"1.weight", "1.bias", "5.weight", "5.bias"},
+               "all": {n for n, _ in model.named_parameters()}}[params]
+    assert {n for n, p in model.named_parameters() if any(p is q for q in A.learnable(model, params))} == claimed
+    batches = [torch.randn(16, 3, 8, 8) * 2 + 1 for _ in range(3)]
+    with A.source_weights(model):
+        A.learn(model, lambda: iter(batches), "tent", steps=2, lr=1e-1, params=params)
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed <= claimed  # every other parameter bit-identical while adapted
+    assert {"bn": "1.weight", "norm+head": "5.weight", "all": "0.weight"}[params] in changed  # and the claim learned
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_the_classifier_is_timms_head_or_the_last_linear():
+    from competition import models
+
+    seq = bn_model()
+    seq(torch.randn(2, 3, 8, 8))
+    assert A.classifier(seq) is seq[5]
+    net = models.build_model("resnet18", 3, channels=(4, 4, 4, 4))
+    assert A.classifier(net) is net.get_classifier() is net.fc
+
+    class Aux(nn.Module):  # the head registered before another Linear: get_classifier decides, not the order
+        def __init__(self):
+            super().__init__()
+            self.head, self.aux = nn.Linear(4, 3), nn.Linear(4, 2)
+
+        def get_classifier(self):
+            return self.head
+
+    aux = Aux()
+    assert A.classifier(aux) is aux.head
+    with pytest.raises(ValueError, match="no classifier"):
+        A.classifier(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+
+
+@pytest.mark.parametrize("params", A.PARAMS)
+def test_weight_ensembling_alpha_0_keeps_the_source_and_1_is_off(params):
+    """ROID's ensembling, params <- alpha * params + (1 - alpha) * source after each update."""
+    batches = [torch.randn(16, 3, 8, 8) * 2 + 1 for _ in range(3)]
+
+    def learned(alpha):
+        model = bn_model()
+        model(torch.randn(2, 3, 8, 8))
+        source = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with A.source_weights(model):
+            A.learn(model, lambda: iter(batches), "tent", steps=2, lr=1e-1, params=params, ensemble_alpha=alpha)
+            return source, {k: v.clone() for k, v in model.state_dict().items()}
+
+    source, off = learned(None)
+    _, one = learned(1.0)
+    _, zero = learned(0.0)
+    _, half = learned(0.5)
+    assert all(torch.equal(one[k], off[k]) for k in off)  # alpha 1: exactly no ensembling
+    assert all(torch.equal(zero[n], source[n]) for n in source)  # alpha 0: the source parameters exactly
+    assert not torch.equal(half["1.weight"], off["1.weight"]) and not torch.equal(half["1.weight"], source["1.weight"])
+    with pytest.raises(ValueError, match="must lie in 0..1"):
+        learned(1.5)
+
+
+def test_the_drift_guard_falls_back_to_bn_on_a_slice_built_to_drift(run):
+    """SHOT-IM at a large learning rate keeps the class histogram (its diversity term) while
+    rewriting most labels: the entropy guard cannot see it, the disagreement guard (no labels: BN's
+    own predictions as reference) does, and it never fires on BN adaptation itself (alpha 0)."""
+    run_dir, _ = run
+    model, cfg, data_cfg = RunDir(run_dir).load_model()
+    from accelerate import Accelerator
+
+    images = np.random.default_rng(2).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    pred = P.Predictor(model, data_cfg, Accelerator(cpu=True), T.parse_tta("flip"), batch_size=16)
+    rows = np.arange(64)
+    wild = {"steps": 5, "lr": 0.3, "batch": 16}
+    unguarded, why = pred.predict_learned(images, rows, "shot", guard=None, disagree=None, **wild)
+    bn = pred.predict_adapted(images, rows)
+    assert why is None and not A.collapsed(unguarded.argmax(1), bn.argmax(1), 10)  # no collapse to see
+    assert A.disagreement(unguarded.argmax(1), bn.argmax(1)) > 0.3  # but it did drift
+    guarded, why = pred.predict_learned(images, rows, "shot", guard=0.1, disagree=0.15, **wild)
+    assert why == "drifted" and np.allclose(guarded, bn, atol=1e-5)
+    itself, why = pred.predict_learned(images, rows, "shot", guard=0.1, disagree=0.0, ensemble=0.0, **wild)
+    assert why is None and np.allclose(itself, bn, atol=1e-5)  # BN itself: nothing differs, nothing fires
+    assert A.disagreement(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 0])) == 0.25
+    assert A.drifted(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 0]), 0.2)
+    assert not A.drifted(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 0]), 0.25)
+
+
+def test_learned_slices_with_the_new_options_do_not_depend_on_their_order(run):
+    run_dir, _ = run
+    model, cfg, data_cfg = RunDir(run_dir).load_model()
+    from accelerate import Accelerator
+
+    images = np.random.default_rng(1).integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    pred = P.Predictor(model, data_cfg, Accelerator(cpu=True), T.parse_tta("flip"), batch_size=16)
+    args = {"steps": 2, "lr": 1e-1, "batch": 4, "guard": 0.1, "params": "all", "ensemble": 0.9, "disagree": 0.15}
+    whole = pred.predict_ood(images, "tent", learn_args=args).astype(np.float32)
+    last_alone, _ = pred.predict_learned(images, np.arange(32, 40), "tent", **args)
+    np.testing.assert_allclose(whole[32:], last_alone, atol=2e-2, rtol=1e-2)
+    again = pred.predict_ood(np.concatenate([images[32:], images[:32]]), "tent", learn_args=args).astype(np.float32)
+    np.testing.assert_allclose(again[:8], whole[32:], atol=2e-2, rtol=1e-2)
+    assert pred.fallbacks[0] == 10 and pred.fallbacks[1] == sum(pred.fallback_reasons.values())
+
+
+def test_learn_params_and_ensemble_are_in_predict_json_and_the_name_only_when_not_default(run):
+    run_dir, ood = run
+    common = [str(run_dir), "--ood-dir", str(ood), "--tta", "none", "--adapt", "tent", "--learn-batch", "16",
+              "--no-test", "--no-oof"]
+    P.main(common + ["--learn-params", "norm+head", "--learn-ensemble", "0.99", "--max-disagree", "0.2"])
+    P.main(common)
+    rel = RunDir.ood_rel(data.OodSet(ood), data.OodSet(ood).files[0])
+    record = RunDir(run_dir).manifest("none+tent-norm_head-ens0.99")[rel]
+    assert (record["adapt"], record["tent_params"], record["tent_ensemble"], record["tent_disagree"]) == \
+        ("tent", "norm+head", 0.99, 0.2)
+    default = RunDir(run_dir).manifest("none+tent")[rel]  # the defaults keep the folder's old name
+    assert (default["tent_params"], default["tent_ensemble"], default["tent_disagree"]) == ("bn", None, 0.15)
+    assert PredictSpec().max_disagree == A.MAX_DISAGREE  # predict's default is the guard's documented one
+    assert out(run_dir, ood, 0, "none+tent-norm_head-ens0.99").exists()
+    with pytest.raises(CompetitionError, match="--learn-ensemble 1.5: must lie in 0..1"):
+        PredictSpec(learn_ensemble=1.5)
+    with pytest.raises(CompetitionError, match="--learn-params head"):
+        P.predict_run(run_dir, [ood], PredictSpec(adapts=["tent"], learn_params="head"), test=False, oof=False)
 
 
 def test_adapting_a_model_without_batch_norm_is_one_error(run, monkeypatch):
