@@ -29,10 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from competition import corruptions, folds, predict, score, train
-from competition.config import resolve
-from competition.runs import RunDir
-from competition.specs import PredictSpec
+from bench import protocol  # noqa: E402
+from competition import corruptions, predict, score, train  # noqa: E402
+from competition.config import resolve  # noqa: E402
+from competition.runs import RunDir  # noqa: E402
+from competition.specs import PredictSpec  # noqa: E402
 
 DEFAULT_VARIANTS = [  # overrides on part1_cpu, whose own recipe is noise_blur 0.5
     "base:",
@@ -50,31 +51,17 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpg-train.tar.gz"))
-    p.add_argument("--preset", default="part1_cpu")
+    protocol.add_args(p, out="bench-robustness")
     p.add_argument("--variant", action="append", help="NAME:KEY=VALUE ... (repeatable; default: the five recipes)")
-    p.add_argument("--measure-n", type=int, default=2000, help="the measure reserve, corrupted 19 x 5: the same images "
-                   "under every corruption and severity (as in CIFAR-C), so every figure carries their sampling "
-                   "noise: +-1.6 points (one s.e., measured at 78%%) with 500, +-0.8 with 2,000")
-    p.add_argument("--k", type=int, default=10, help="folds besides the reserve (0: choose, 1: excluded)")
-    p.add_argument("--folds-seed", type=int, default=0, help="another seed: an independent repeat (other images)")
     p.add_argument("--seed", type=int, default=0, help="every variant's training seed")
-    p.add_argument("--tta", default="shift1")
     p.add_argument("--retrain", action="store_true")
-    p.add_argument("--out", default=str(ROOT / "models" / "bench-robustness"))
     args = p.parse_args(argv)
 
-    out = Path(args.out)
-    fdir, suite = out / "folds", out / f"measure-n{args.measure_n}"
-    folds.main(["--dataset", "imagefolder", "--data", args.data, "--k", str(args.k), "--seed", str(args.folds_seed),
-                "--folds-dir", str(fdir), "--measure-n", str(args.measure_n)])
-    base = ["dataset=imagefolder", f"data={args.data}", "exclude_folds=[1]", f"folds_dir={fdir}",
-            f"models_dir={out / 'models'}"]
-    cfg0 = resolve(None, [args.preset], base, fold=0)
-    score.build_suite(suite, "imagefolder", args.data, cfg0["data_dir"], str(fdir), args.measure_n)
+    proto = protocol.prepare(args)
+    out, suite = proto.out, proto.measure
     rows = []
     for name, overrides in map(parse_variant, args.variant or DEFAULT_VARIANTS):
-        cfg = resolve(None, [args.preset], base + [f"seed={args.seed}"] + overrides, fold=0, name=name)
+        cfg = resolve(None, [args.preset], proto.member() + [f"seed={args.seed}"] + overrides, fold=0, name=name)
         run = RunDir(train.train(cfg, force=args.retrain))
         predict.predict_run(run, [suite], PredictSpec(args.tta, adapts=["bn"]), test=False)
         seen = corruptions.trained_on(cfg)

@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # as the other bench scripts: runs from a checkout without the package installed
 
+from bench import protocol  # noqa: E402
 from competition import submit  # noqa: E402
 
 
@@ -65,75 +66,37 @@ def _csv_accuracy(csv: Path, pool: Path) -> float:
     return float((sub["label"].astype(int).to_numpy() == labels[row]).mean())
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cifar10-jpg-train.tar.gz"))
-    p.add_argument("--preset", default="part1_cpu")
-    p.add_argument("--measure-n", type=int, default=2000, help="the measure reserve, and its suite: images no member "
-                   "trains on and no choice sees, the same ones under "
-                   "every corruption and severity (as in CIFAR-C): the figure carries their sampling noise, +-1.6 "
-                   "points (one s.e., measured at 78%%) with 500, +-0.8 with 2,000")
-    p.add_argument("--pool-n", type=int, default=500, help="unlabelled pool: images per corruption and severity")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--seeds", type=int, default=1, help="members trained with seeds 0..K-1 on the same folds; K > 1 "
-                                                        "adds the ensemble's rows (no adaptation, then --adapt)")
-    p.add_argument("--k", type=int, default=10, help="folds of the bench's own split besides the measure reserve "
-                   "(fold 0: the choose images, 1: the pool)")
-    p.add_argument("--folds-seed", type=int, default=0, help="seed of that split: another seed draws other images "
-                   "for members, pool and measure (an independent repeat of the whole table)")
-    p.add_argument("--tta", default="shift1")
-    p.add_argument("--no-tent", action="store_true", help="skip TENT (its predictions are the slowest step)")
-    p.add_argument("--adapt", default="auto", choices=("auto", "bn", "none"),
-                   help="the ensemble's adaptation, the one self-training starts from (auto: per member, on its "
-                        "corrupted out-of-fold images)")
-    p.add_argument("--train-args", default="", help="extra KEY=VALUE overrides for the members, e.g. 'epochs=11'")
-    p.add_argument("--selftrain-args", default="", help="extra selftrain flags, e.g. '--lr 0.01 --epochs 1'")
-    p.add_argument("--out", default=str(ROOT / "models" / "bench-test-time"))
-    args = p.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "log.txt", "a")
-    data = ["--dataset", "imagefolder", "--data", args.data]
-    fdir = out / "folds"
-    sh(["-m", "competition.folds", *data, "--k", str(args.k), "--seed", str(args.folds_seed), "--folds-dir", str(fdir),
-        "--measure-n", str(args.measure_n)], log)
-    data += ["--folds-dir", str(fdir)]
-    measure, pool = out / f"measure-n{args.measure_n}", out / f"pool-f1-n{args.pool_n}"
-    run = out / "models" / "base"
-    seeds = [run] + [out / "models" / f"base-s{k}" for k in range(1, args.seeds)]
-    times = {}
-    times["train"] = sum(sh(["-m", "competition.train", "--preset", args.preset, "--fold", "0", "dataset=imagefolder",
-                             f"data={args.data}", "exclude_folds=[1]", f"folds_dir={fdir}",
-                             f"models_dir={out / 'models'}",
-                             f"name={r.name}", f"seed={k}", *args.train_args.split()], log)
-                         for k, r in enumerate(seeds))
-    suite = ["-m", "competition.score", "suite", *data, "--out"]
-    times["suites"] = (sh([*suite, str(measure), "--n", str(args.measure_n)], log)  # the whole measure reserve
-                       + sh([*suite, str(pool), "--fold", "1", "--n", str(args.pool_n), "--seed", "1"], log))
-    modes = ("none", "bn") if args.no_tent else ("none", "bn", "tent")
-    for adapt in modes:
-        how = ["--adapt", adapt] if adapt != "none" else []
-        times[adapt] = sum(sh(["-m", "competition.predict", str(r), "--ood-dir", str(measure), "--ood-dir",
-                               str(pool), "--tta", args.tta, *how, "--no-test"], log) for r in seeds)
-    rows = []
+def train_members(args, proto: protocol.Protocol, log) -> tuple[list[Path], float]:
+    """Seed 0's member (`base`) and seeds 1..K-1 (`base-sK`) on the protocol's folds, fold 0 held out."""
+    runs = [proto.models_dir / "base"] + [proto.models_dir / f"base-s{k}" for k in range(1, args.seeds)]
+    secs = sum(sh(["-m", "competition.train", "--preset", args.preset, "--fold", "0", *proto.member(),
+                   f"name={r.name}", f"seed={k}", *args.train_args.split()], log) for k, r in enumerate(runs))
+    return runs, secs
+
+
+def single_rows(args, run: Path, measure: Path, modes, times: dict, log) -> list[tuple]:
+    """Seed 0's model alone, one row per adaptation, scored on the measure."""
     for adapt in modes:
         sh(["-m", "competition.score", str(run), "--ood-dir", str(measure), "--tta", args.tta, "--adapt", adapt], log)
     scores = {s["settings"][0]: s for s in (json.loads(p.read_text()) for p in run.rglob("score.json"))
               if Path(s["ood_dir"]).name == measure.name}
     summary = json.loads((run / "summary.json").read_text())
-    for adapt in modes:
-        s, t = scores[args.tta if adapt == "none" else f"{args.tta}+{adapt}"], times[adapt]
-        rows.append((f"part1_cpu, {'no adaptation' if adapt == 'none' else adapt}", summary["oof_tta_accuracy"],
-                     s["ood_accuracy"], None, t))
-    subs = out / "subs"
-    ensembles = [("plain", "none")] if len(seeds) > 1 else []  # one model alone has its own rows above
+    return [(f"{args.preset}, {'no adaptation' if adapt == 'none' else adapt}", summary["oof_tta_accuracy"],
+             scores[args.tta if adapt == "none" else f"{args.tta}+{adapt}"]["ood_accuracy"], None, times[adapt])
+            for adapt in modes]
+
+
+def ensemble_rows(args, runs: list[Path], measure: Path, pool: Path, subs: Path, log) -> list[tuple]:
+    """The plain ensemble (with several seeds), the one self-training starts from, then each round."""
+    rows = []
+    ensembles = [("plain", "none")] if len(runs) > 1 else []  # one model alone has its own rows
     for name, adapt in ensembles + [("st", args.adapt)]:
-        t = sh(["-m", "competition.ensemble", *map(str, seeds), "--name", name, "--ood-dir", str(pool), "--tta",
+        t = sh(["-m", "competition.ensemble", *map(str, runs), "--name", name, "--ood-dir", str(pool), "--tta",
                 args.tta, "--adapt", adapt, "--out-dir", str(subs), "--overwrite"], log)
-        if len(seeds) > 1:  # the ensemble scored on the measuring suite (its JSON's own score is the pool's)
+        if len(runs) > 1:  # the ensemble scored on the measuring suite (its JSON's own score is the pool's)
             sh(["-m", "competition.score", str(subs / f"{name}.json"), "--ood-dir", str(measure)], log)
             info = json.loads((subs / f"{name}.json").read_text())
-            rows.append((f"ensemble of {len(seeds)} seeds, {', '.join(m['setting'] for m in info['members'])}",
+            rows.append((f"ensemble of {len(runs)} seeds, {', '.join(m['setting'] for m in info['members'])}",
                          info["oof"]["accuracy"], _suite_score(info, measure)["ood_accuracy"],
                          _csv_accuracy(subs / f"{name}.csv", pool), t))
     for r in range(1, args.rounds + 1):
@@ -147,7 +110,38 @@ def main(argv=None):
                      f"{', '.join(m['setting'] for m in info['members'])})",
                      info["oof"]["accuracy"], _suite_score(info, measure)["ood_accuracy"],
                      _csv_accuracy(subs / f"st-st{r}.csv", pool), t))
-    print(f"\n{args.preset} ({len(seeds)} seed(s)) trained on folds 2-{args.k - 1} of {args.k} (fold 1 excluded: "
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    protocol.add_args(p, out="bench-test-time")
+    p.add_argument("--pool-n", type=int, default=500, help="unlabelled pool: images per corruption and severity")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=1, help="members trained with seeds 0..K-1 on the same folds; K > 1 "
+                                                        "adds the ensemble's rows (no adaptation, then --adapt)")
+    p.add_argument("--no-tent", action="store_true", help="skip TENT (its predictions are the slowest step)")
+    p.add_argument("--adapt", default="auto", choices=("auto", "bn", "none"),
+                   help="the ensemble's adaptation, the one self-training starts from (auto: per member, on its "
+                        "corrupted out-of-fold images)")
+    p.add_argument("--train-args", default="", help="extra KEY=VALUE overrides for the members, e.g. 'epochs=11'")
+    p.add_argument("--selftrain-args", default="", help="extra selftrain flags, e.g. '--lr 0.01 --epochs 1'")
+    args = p.parse_args(argv)
+    t0 = time.time()
+    proto = protocol.prepare(args)
+    log = open(proto.out / "log.txt", "a")
+    measure, pool = proto.measure, proto.out / f"pool-f1-n{args.pool_n}"
+    runs, train_s = train_members(args, proto, log)
+    suites_s = time.time() - t0 - train_s + sh(["-m", "competition.score", "suite", "--dataset", "imagefolder",
+                                                "--data", args.data, "--folds-dir", str(proto.folds_dir), "--out",
+                                                str(pool), "--fold", "1", "--n", str(args.pool_n), "--seed", "1"], log)
+    modes = ("none", "bn") if args.no_tent else ("none", "bn", "tent")
+    times = {adapt: sum(sh(["-m", "competition.predict", str(r), "--ood-dir", str(measure), "--ood-dir", str(pool),
+                            "--tta", args.tta, *(["--adapt", adapt] if adapt != "none" else []), "--no-test"], log)
+                        for r in runs) for adapt in modes}
+    rows = single_rows(args, runs[0], measure, modes, times, log) + \
+        ensemble_rows(args, runs, measure, pool, proto.out / "subs", log)
+    print(f"\n{args.preset} ({len(runs)} seed(s)) trained on folds 2-{args.k - 1} of {args.k} (fold 1 excluded: "
           f"the unlabelled pool), fold 0 held out (choose: best epoch, weights, adaptation); measure: {measure.name}, "
           f"the folds' measure reserve (no member trained on it, no choice saw it); TTA {args.tta}; the first rows\n"
           f"are seed 0's model, their times every member's; an ensemble's clean figure is its own (its members' TTA "
@@ -157,7 +151,7 @@ def main(argv=None):
     for name, clean, ood, on_pool, secs in rows:
         cell = "" if on_pool is None else f"{100 * on_pool:.2f}"
         print(f"| {name} | {100 * clean:.2f} | {100 * ood:.2f} | {cell} | {secs:.0f} |")
-    print(f"\n(training {times['train']:.0f} s, suites {times['suites']:.0f} s)")
+    print(f"\n(training {train_s:.0f} s, suites {suites_s:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ last line, and the only one on stdout, is the absolute path of the submission CS
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -65,6 +66,7 @@ class Plan:
     run_prefix: str
     retrain: bool
     overwrite: bool
+    threads: int = 0
     overrides: list[str] = field(default_factory=list)
 
     @property
@@ -141,6 +143,9 @@ def parse(argv=None) -> tuple[Plan, bool]:
     p.add_argument("--retrain", action="store_true", help="retrain finished runs (train --force); the submission "
                    "gets a new name")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission of the same name")
+    p.add_argument("--threads", type=int, default=0, help="compute threads of every stage; the figures repeat "
+                   "exactly for the same count (it is part of the rounding) [OMP_NUM_THREADS if set, else the cores "
+                   "free when the pipeline starts]")
     p.add_argument("--dry-run", action="store_true", help="print the stage commands, run nothing")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for every training run "
                    "(e.g. epochs=2 batch_size=64)")
@@ -178,6 +183,8 @@ def plan_from(args) -> Plan:
         raise bad("--selftrain needs --ood-dir (the unlabelled test files to pseudo-label; the local suite measures)")
     if not 1 <= args.folds <= args.k:
         raise bad(f"--folds must be 1..{args.k}")
+    if args.threads < 0:
+        raise bad("--threads takes a positive count (0: decide from the free cores)")
     preset = preset if args.preset is None else args.preset
     name = args.name or f"{dsname}-{preset or 'full'}-p{parts.replace(',', '')}"
     if not NAME_RULE.fullmatch(name) or name in (".", ".."):  # files.check_name's rule
@@ -187,7 +194,7 @@ def plan_from(args) -> Plan:
                 n=args.n if args.n is not None else n, tta=args.tta or tta, adapt=args.tta_adapt,
                 measure_n=args.measure_n if args.measure_n is not None else measure, ood_dir=ood_dir,
                 selftrain=args.selftrain, name=name, run_prefix=args.name, retrain=args.retrain,
-                overwrite=args.overwrite, overrides=list(args.overrides))
+                overwrite=args.overwrite, threads=args.threads, overrides=list(args.overrides))
 
 
 def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
@@ -249,6 +256,20 @@ def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
     return out, sub
 
 
+def stage_env(threads: int) -> dict[str, str]:
+    """Every stage computes on one thread count, decided once: each stage deciding for itself from
+    the cores free at its own start (competition/__init__.py) gave one run a mix of counts, and the
+    count changes the floating-point rounding, so the demo's table differed on a busy machine."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # other jobs may hold cores: waiting threads sleep
+    elif "OMP_NUM_THREADS" not in env:  # set by the user, or by the package when cores were busy at start
+        env["OMP_NUM_THREADS"] = str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                     else os.cpu_count() or 1)
+    return env
+
+
 def main(argv=None) -> int:
     plan, dry_run = parse(argv)
     todo, sub = steps(plan)
@@ -261,6 +282,9 @@ def main(argv=None) -> int:
     if 3 in plan.parts:  # offline without weights: say so now, not after Parts 1-2 have trained
         models.check_weights_source(train_spec(resolve(3, plan.presets(3), plan.train_overrides(3))).model)
     t0 = time.time()
+    env = stage_env(plan.threads)
+    print(f"every stage computes on {env['OMP_NUM_THREADS']} thread(s); the figures repeat exactly for the same "
+          f"count and precision (--threads N)", file=sys.stderr)
     if plan.dataset == "cifar100" and not plan.suite:
         print("no measure reserve (--measure-n 0): no local estimate this time; the choices are made on "
               "out-of-fold images", file=sys.stderr)
@@ -269,7 +293,7 @@ def main(argv=None) -> int:
               f"files)", file=sys.stderr)
     for title, cmd in todo:
         print(f"\n==== [{time.time() - t0:3.0f}s] {title}", file=sys.stderr, flush=True)
-        rc = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, stdout=sys.stderr).returncode
+        rc = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, stdout=sys.stderr, env=env).returncode
         if rc:
             print(f"pipeline: stopped: `python -m {' '.join(cmd[:2])} ...` exited with {rc} (its message is above)",
                   file=sys.stderr)

@@ -96,3 +96,25 @@ def test_a_preset_per_part():
     assert str(RunDir.for_config(resolve(2, ["part2_cpu"], ["dataset=cifar10"], fold=0, seed=0)).path) in predict
     demo, _ = pipeline.parse(["--preset", "demo", "--parts", "1,2"])
     assert demo.presets(1) == demo.presets(2) == ["demo"]
+
+
+def test_every_stage_gets_one_thread_count(monkeypatch, capsys):
+    # The count is part of the rounding: the pipeline decides it once and every stage computes on
+    # it (before, each stage read the free cores at its own start and one run mixed counts).
+    from competition import pipeline
+
+    seen = []
+
+    class Done:
+        returncode = 0
+
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, **k: seen.append(k["env"]["OMP_NUM_THREADS"]) or Done)
+    monkeypatch.setattr(pipeline, "steps", lambda plan: ([("a", ["x"]), ("b", ["y"])], "sub"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert pipeline.main(["--threads", "3"]) == 0 and seen == ["3", "3"]
+    assert "every stage computes on 3 thread(s)" in capsys.readouterr().err
+    seen.clear()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's (or the package's, on busy cores) wins by default
+    assert pipeline.main([]) == 0 and seen == ["1", "1"]
+    with pytest.raises(Exception, match="--threads"):
+        pipeline.main(["--threads", "-1"])
