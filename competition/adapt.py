@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import torch
 from torch import nn
@@ -177,6 +178,28 @@ def variant(objective: str, params: str = "bn", ensemble_alpha: float | None = N
     '-norm_head' / '-all' and '-ens<alpha>' otherwise ('+' would split the setting name)."""
     return (objective + (f"-{params.replace('+', '_')}" if params != "bn" else "")
             + (f"-ens{ensemble_alpha:g}" if ensemble_alpha is not None else ""))
+
+
+def parse_variant(name: str) -> tuple[str, str, float | None]:
+    """The inverse of `variant`, and the one reader of the names it writes: 'tent' -> ('tent',
+    'bn', None), 'shot-norm_head-ens0.99' -> ('shot', 'norm+head', 0.99); 'bn' -> ('bn', 'bn',
+    None). ValueError for any other name, including spellings of a real variant that predict
+    never writes ('tent-ens0.990', 'tent-bn', 'bn-all'): those would name no folder."""
+    # the alpha last and read to the end: '-ens1e-05' is what variant writes for 1e-5
+    spelled = [p.replace("+", "_") for p in PARAMS if p != "bn"]
+    parts = re.fullmatch(rf"([a-z]+)(?:-({'|'.join(map(re.escape, spelled))}))?(?:-ens(.+))?", name)
+    adaptation, params, alpha = parts.groups() if parts else ("", None, None)
+    params = (params or "bn").replace("_", "+")
+    try:
+        alpha = None if alpha is None else float(alpha)
+    except ValueError:
+        alpha = math.nan  # refused below, with every other malformed name
+    if (adaptation not in ADAPTATIONS or (adaptation not in OBJECTIVES and (params != "bn" or alpha is not None))
+            or (alpha is not None and not 0.0 <= alpha <= 1.0) or variant(adaptation, params, alpha) != name):
+        raise ValueError(f"{name!r} is not an adaptation a prediction setting carries: bn, or "
+                         f"{'|'.join(OBJECTIVES)} with -{'/-'.join(spelled)} "
+                         f"and/or -ens<alpha in 0..1> (e.g. tent-all, shot-norm_head-ens0.99)")
+    return adaptation, params, alpha
 
 
 def learn(model: nn.Module, batches, objective: str = "tent", steps: int = 1, lr: float = 1e-3,

@@ -27,9 +27,8 @@ from pathlib import Path
 import pandas as pd
 
 from competition import plots
-from competition.adapt import ADAPTATIONS
 from competition.files import CompetitionError, cli, read_json, save_text
-from competition.runs import RunDir, adaptation, base_setting
+from competition.runs import RunDir, adaptation, base_setting, is_adaptation
 
 RUN_SORTS = {"ood": "local OOD", "ood_adapted": "local OOD adapted", "ood_bn": "local OOD adapted",
              "clean": "held-out acc", "tta": "held-out acc TTA", "time": "train s", "name": "run"}
@@ -67,7 +66,7 @@ def unscored(models_dir) -> list[str]:
                     continue
                 ood_dir = (read_json(score_json) or {}).get("ood_dir", "SUITE")
                 how = (f"python -m competition.score {run.path} --ood-dir {ood_dir} --tta {setting} --adapt "
-                       f"{adaptation(name)}" if adaptation(name) in ADAPTATIONS and "-prob" not in setting
+                       f"{adaptation(name)}" if is_adaptation(adaptation(name)) and "-prob" not in setting
                        else "competition.score it with that adaptation")
                 out.append(f"{run.path.relative_to(models_dir)}: {name} was predicted on {Path(ood_dir).name} but "
                            f"not scored, so the board has no adapted figure for it: {how}")

@@ -10,8 +10,9 @@ Runs that differ only in their fold (`<preset>-<dataset>-f<k>-s<seed>`) form one
 out-of-fold logits are the union of its runs' held-out folds (rows of the folds CSV), and its
 test and OOD logits the mean of its fold models (the usual k-fold bagging). Each member uses one
 prediction setting (predict's pred/<setting>/): its TTA (--tta, default the run's own) and, with
---adapt, adapted OOD logits (bn, tent: always; auto: per member, whichever of plain, BN and
-TENT is best on its corrupted out-of-fold images, printed as one line per member).
+--adapt, adapted OOD logits (bn, tent, a variant such as tent-all: always; auto: per member,
+whichever of plain and every adapted setting predicted for it (variants included) is best on its
+corrupted out-of-fold images, printed as one line per member).
 
 Three roles for labelled images (README): members *train* on their training folds; every choice
 here (weights with --fit-on ood, --adapt auto) is made on the *choose* images, the corrupted
@@ -42,12 +43,12 @@ from pathlib import Path
 import numpy as np
 
 from competition import data, runtime, submit
-from competition.adapt import ADAPTATIONS  # the adaptations predict can write
+from competition.adapt import ADAPTATIONS, PARAMS
 from competition.files import CompetitionError, check_name, cli, count, read_json, save_json
 from competition.metrics import accuracy, file_accuracy, log_loss, table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, combine, expand_runs, file_hash, \
-    group_members, load_oof, member_oof_ood, member_test, num_classes, ood_logits, oof_labels, setting_name, \
-    test_logits
+    group_members, load_oof, member_oof_ood, member_test, num_classes, ood_logits, oof_labels, \
+    parse_adaptation, setting_name, test_logits
 from competition.specs import EnsembleSpec
 
 # ---------------------------------------------------------------------------- weights
@@ -136,10 +137,32 @@ def _predicted(m: Member, setting: str, ood: data.OodSet | None) -> bool:
     return True
 
 
+def adapted_settings(m: Member, base: str) -> list[str]:
+    """Every adapted setting of `base` that predict wrote for all of the member's runs (bn, tent,
+    ... and their variants: tent-all, shot-norm_head-ens0.99, bn0.5), cheapest first: BN before
+    the learned objectives, fewer learning parameters first, weight ensembling after none. A
+    folder whose name predict never writes is not a candidate."""
+    shared = set.intersection(*({s for s in r.settings() if base_setting(s) == base and s != base}
+                                for r in m.runs))
+    parsed = {}
+    for s in shared:
+        try:
+            parsed[s] = parse_adaptation(adaptation(s))
+        except CompetitionError:
+            continue  # a name predict never writes (a folder made by hand?): no command could redo it
+
+    def cost(s):
+        method, params, alpha, blend = parsed[s]
+        return ADAPTATIONS.index(method), PARAMS.index(params), alpha is not None, alpha or 0.0, -blend, s
+
+    return sorted(parsed, key=cost)
+
+
 def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray | None = None, say=print,
                       ood: data.OodSet | None = None) -> dict:
-    """Set each member's setting for `adapt`: none | bn | tent | shot | eata (always that), or auto:
-    per member, the setting (plain, or adapted: those predicted for every run of it) with the best accuracy
+    """Set each member's setting for `adapt`: none, an adaptation predict writes (bn, tent, shot,
+    eata, or a variant: tent-all, ...; always that), or auto: per member, the setting (plain, or
+    adapted: every one predicted for all its runs, variants included) with the best accuracy
     on its corrupted out-of-fold images (oof_ood, the *choose* images: copies of its held-out
     fold, 19 x 5 slices each adapted alone), printed as one line. Never on a local suite: that
     is the *measure*, and a choice made on it would make its figure optimistic. Returns the
@@ -160,8 +183,8 @@ def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray 
             say(f"  {m.name}: no corrupted out-of-fold images to choose on (trained with ood_check=0): "
                 f"{adaptation(m.setting)} by default (train with ood_check > 0 to choose)")
             continue
-        candidates = [base] + [f"{base}+{a}" for a in ADAPTATIONS
-                               if all(r.has_oof_ood(f"{base}+{a}") for r in m.runs) and _predicted(m, f"{base}+{a}", ood)]
+        candidates = [base] + [s for s in adapted_settings(m, base)
+                               if all(r.has_oof_ood(s) for r in m.runs) and _predicted(m, s, ood)]
         est, rows = {}, 0
         for s in candidates:
             idx, z = member_oof_ood(Member(m.name, m.runs, s))
@@ -288,8 +311,11 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", spec: EnsembleS
     method, rounds, adapt, fit_on = spec.method, spec.rounds, spec.adapt, spec.fit_on
     t0 = time.time()
     check_name(name, "--name")
-    if adapt not in ("none", *ADAPTATIONS, "auto"):
-        raise CompetitionError(f"--adapt must be one of {', '.join(('none', *ADAPTATIONS, 'auto'))}, not {adapt!r}")
+    if adapt not in ("none", "auto"):
+        try:
+            parse_adaptation(adapt)
+        except CompetitionError as e:
+            raise CompetitionError(f"--adapt must be none, auto or an adaptation predict writes: {e}") from None
     members = group_members([r if isinstance(r, RunDir) else RunDir(r) for r in runs],
                             setting_name(spec.tta) if spec.tta else None)
     datasets = [c.get("dataset") for m in members for c in m.cfgs]
@@ -331,10 +357,11 @@ def main(argv=None):
     p.add_argument("--name", required=True, help="submission name: submissions/NAME.csv and NAME.json")
     p.add_argument("--ood-dir", default="data/ood-test", help="the distortionNN.npy files the CSV is for")
     p.add_argument("--tta", default=None, help="the TTA setting to use (default: each run's own, as predict's)")
-    p.add_argument("--adapt", default=default.adapt, choices=("none", *ADAPTATIONS, "auto"),
-                   help="adapted OOD logits (predict --adapt): none, bn, tent, shot, eata, or auto: per member, what "
-                        "pays on its "
-                        "corrupted out-of-fold images (the choose images; never a local suite, which measures)")
+    p.add_argument("--adapt", default=default.adapt,
+                   help="adapted OOD logits (predict --adapt): none, bn, tent, shot, eata, a variant as predict names "
+                        "it (tent-all, shot-norm_head-ens0.99, bn0.5), or auto: per member, whichever setting it "
+                        "was predicted with pays on its corrupted out-of-fold images (the choose images; never a "
+                        "local suite, which measures)")
     p.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
     p.add_argument("--fit-on", default=default.fit_on, choices=("auto", "clean", "ood"),
                    help="weights fitted on clean or corrupted out-of-fold images (auto: corrupted when every run "

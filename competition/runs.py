@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from competition import data, folds
+from competition import adapt, data, folds
 from competition.config import comparable, read_yaml, save_config
 from competition.files import CompetitionError, atomic_path, check_inside, check_name, check_writable, read_json, save_json, save_npy
 
@@ -103,6 +103,42 @@ def base_setting(setting: str) -> str:
 
 def adaptation(setting: str) -> str:
     return setting.split("+")[1] if "+" in setting else "none"
+
+
+def parse_adaptation(part: str) -> tuple[str, str, float | None, float]:
+    """A setting's adaptation part (what follows its '+') as (adaptation, params, ensemble_alpha,
+    BN blend): 'bn0.5' -> ('bn', 'bn', None, 0.5), 'tent-all' -> ('tent', 'all', None, 1.0). The
+    blend is the suffix setting_name writes after bn; the rest is adapt.parse_variant's. One
+    CompetitionError naming the valid forms for anything else (a flag's value or a folder's name)."""
+    blend = part[2:] if part.startswith("bn") and part[2:3].isdigit() else None
+    try:
+        if blend is None:
+            return (*adapt.parse_variant(part), 1.0)
+        value = float(blend)
+        if 0.0 <= value < 1.0 and f"{value:g}" == blend:  # blend 1 has no suffix: 'bn1' names no folder
+            return "bn", "bn", None, value
+        raise ValueError(f"{part!r} is not an adaptation a prediction setting carries")
+    except ValueError as e:
+        raise CompetitionError(f"{e}; or bn<blend below 1>, e.g. bn0.5 (predict --bn-blend)") from None
+
+
+def is_adaptation(part: str) -> bool:
+    """Whether `part` is an adaptation predict can write (parse_adaptation accepts it)."""
+    try:
+        parse_adaptation(part)
+    except CompetitionError:
+        return False
+    return True
+
+
+def predict_flags(part: str) -> str:
+    """predict's flags that write a setting with the adaptation part `part` (the inverse of how
+    predict names it): 'tent-norm_head-ens0.99' -> '--adapt tent --learn-params norm+head
+    --learn-ensemble 0.99', 'bn0.5' -> '--adapt bn --bn-blend 0.5'."""
+    method, params, alpha, blend = parse_adaptation(part)
+    return (f"--adapt {method}" + (f" --learn-params {params}" if params != "bn" else "")
+            + (f" --learn-ensemble {alpha:g}" if alpha is not None else "")
+            + (f" --bn-blend {blend:g}" if blend != 1.0 else ""))
 
 
 class RunDir:
@@ -515,11 +551,14 @@ class RunDir:
 
     def how(self, setting: str, ood: data.OodSet | None = None) -> str:
         """The predict command that writes `setting`'s outputs."""
-        tta_name, _, adapt = setting.partition("+")
+        tta_name, _, part = setting.partition("+")
         tta_name, _, average = tta_name.partition("-")
+        try:
+            flags = f" {predict_flags(part)}" if part else ""
+        except CompetitionError as e:  # a hint, never the error: the caller's message still says what is wrong
+            return f"no predict command writes {setting} ({e})"
         return (f"run `python -m competition.predict {self.path}{f' --ood-dir {ood.path}' if ood else ''} --tta "
-                f"{tta_name}{' --average prob' if average else ''}{' --adapt ' + adapt.rstrip('0123456789.') if adapt else ''}` "
-                f"first")
+                f"{tta_name}{' --average prob' if average else ''}{flags}` first")
 
     def ood_logits_paths(self, ood: data.OodSet, setting: str) -> list[Path]:
         """The run's logits for every file of `ood` under `setting`, checked: present, predicted

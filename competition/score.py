@@ -43,7 +43,7 @@ from competition.corruptions import trained_on
 from competition.files import CompetitionError, cli, count, count0, read_json, save_json, save_text
 from competition.metrics import Calibration, accuracy, ece, file_right, image_standard_error, table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, default_setting, expand_runs, file_hash, \
-    members_from_json, ood_logits, oof_labels, setting_name, test_logits
+    members_from_json, ood_logits, oof_labels, parse_adaptation, setting_name, test_logits
 
 SEV = data.SEVERITIES
 
@@ -234,6 +234,8 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
     or a submission JSON (under the settings it recorded) on a labelled suite; writes the
     markdown report, heat map and JSON, and returns the numbers."""
     target, path = Path(target), Path(getattr(ood_dir, "path", ood_dir))
+    if adapt != "none":
+        parse_adaptation(adapt)  # a misspelt variant: its own message, not a missing folder's
     if not (path / "labels.npy").exists():
         raise CompetitionError(f"{path}/labels.npy is missing: score needs a labelled local suite "
                                f"(python -m competition.score suite --out {path} ...), not the competition's files")
@@ -389,8 +391,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("targets", nargs="+", help="run folders (or quoted globs) and/or submissions/<name>.json")
     r.add_argument("--ood-dir", required=True, help="the labelled local suite (score suite --out DIR)")
     r.add_argument("--tta", default=None, help="runs: the TTA setting to score (default: each run's own)")
-    r.add_argument("--adapt", default="none", choices=("none", "bn", "tent", "shot", "eata"),
-                   help="runs: score the adapted logits (predict --adapt)")
+    r.add_argument("--adapt", default="none",
+                   help="runs: score the adapted logits (predict --adapt): none, bn, tent, shot, eata, or a setting's "
+                        "variant of them as predict names it (tent-all, shot-norm_head-ens0.99, bn0.5)")
     r.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
     r.add_argument("--bins", type=count, default=15, help="confidence bins of the calibration error")
     return p

@@ -31,7 +31,7 @@ from competition import data, ensemble, folds, predict, score, train
 from competition.config import complete
 from competition.files import CompetitionError, cli, count, read_json, save_json
 from competition.metrics import softmax
-from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits
+from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits, parse_adaptation
 from competition.specs import EnsembleSpec, PredictSpec
 
 # Defaults measured on the stand-in (bench/NOTES.md, test-time learning, fifth sitting): five
@@ -146,6 +146,21 @@ def labelled_images(run: RunDir) -> int:
     return min(len(rows), cfg.get("train_subset") or len(rows))  # train samples train_subset of them
 
 
+def member_predict_spec(setting: str, record: dict) -> PredictSpec:
+    """How a fine-tuned member is predicted: as the member it replaces was (its setting's TTA,
+    averaging and adaptation, a learned one with the steps, lr and batch its predict.json
+    recorded), so a round changes the weights and nothing else."""
+    part = adaptation(setting)
+    if part == "none":
+        return PredictSpec(record.get("tta", "flip"), average=record.get("average", "logits"))
+    how, params, alpha, blend = parse_adaptation(part)
+    keys = {"steps": "learn_steps", "lr": "learn_lr", "batch": "learn_batch", "guard": "collapse_tol",
+            "disagree": "max_disagree"}  # predict.json's {objective}_{key} -> PredictSpec's field
+    learned = {field: record[f"{how}_{k}"] for k, field in keys.items() if f"{how}_{k}" in record}
+    return PredictSpec(record.get("tta", "flip"), average=record.get("average", "logits"), adapts=[how],
+                       bn_blend=blend, learn_params=params, learn_ensemble=alpha, **learned)
+
+
 def fine_tune(run: RunDir, pseudo: Path, chain: str, round_: int, epochs: int, lr: float | None,
               force: bool) -> RunDir:
     """The run fine-tuned on its training folds + the pseudo-labelled images: a new run folder,
@@ -188,10 +203,10 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
     for m in members:
         for run in m.runs:
             new = fine_tune(run, pseudo, chain, round_, args.epochs, args.lr, args.force)
-            record = next(iter(run.manifest(base_setting(m.setting)).values()), {})
-            adapts = [adaptation(m.setting)] if adaptation(m.setting) != "none" else []
+            record = next(iter(run.manifest(m.setting).values()), None) or \
+                next(iter(run.manifest(base_setting(m.setting)).values()), {})
             dirs = [spec["ood_dir"]] + ([args.suite] if args.suite else [])
-            predict.predict_run(new, dirs, PredictSpec(record.get("tta", "flip"), adapts=adapts), allow_partial=True)
+            predict.predict_run(new, dirs, member_predict_spec(m.setting, record), allow_partial=True)
             new_runs.append(new)
     chosen = spec.get("adaptation", "none")
     how = EnsembleSpec(method=spec["method"], rounds=spec.get("rounds") or 40, tta=record.get("tta"),

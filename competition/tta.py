@@ -136,10 +136,27 @@ def setting_words(setting) -> str:
     if prob:
         words += ", probabilities averaged"
     if adapt:
-        name = adapt.rstrip("0123456789.")
-        blend = adapt[len(name):]
-        words += " + " + _ADAPT_WORDS.get(name, f"{name} adaptation") + (f" (blend {blend})" if blend else "")
+        words += " + " + _adaptation_words(adapt)
     return words
+
+
+_PARAM_WORDS = {"norm+head": "BN affine and classifier learn", "all": "every weight learns"}
+
+
+def _adaptation_words(part: str) -> str:
+    """'bn0.5' -> 'BN adaptation (blend 0.5)'; 'tent-all-ens0.99' -> 'TENT adaptation (every weight
+    learns; weights pulled back to the source, alpha 0.99)'; an unknown part is named as it is."""
+    from competition.adapt import parse_variant
+
+    if part.startswith("bn") and part[2:3].isdigit():
+        return f"{_ADAPT_WORDS['bn']} (blend {part[2:]})"
+    try:
+        objective, params, alpha = parse_variant(part)
+    except ValueError:
+        return f"{part} adaptation"
+    extra = ([_PARAM_WORDS[params]] if params in _PARAM_WORDS else []) + \
+        ([f"weights pulled back to the source, alpha {alpha:g}"] if alpha is not None else [])
+    return _ADAPT_WORDS.get(objective, f"{objective} adaptation") + (f" ({'; '.join(extra)})" if extra else "")
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, data_cfg: dict, accelerator, views=None):

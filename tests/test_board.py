@@ -5,6 +5,8 @@ after another TTA is predicted; provenance is recorded; trackers write real even
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import shutil
 
 import numpy as np
@@ -160,6 +162,32 @@ def test_adapted_predictions_reach_the_board_once_scored(world, tmp_path):
     assert row["local OOD adapted"] == pytest.approx(adapted["ood_accuracy"])
     assert row["adapted setting"] == "flip+bn" and row["local OOD adapted s.e."] == pytest.approx(adapted["ood_se"])
     assert row["local OOD s.e."] > 0 and not board.unscored(tmp_path / "models")
+
+
+def test_a_learned_variant_folder_is_hinted_listed_scored_and_drawn(world, tmp_path):
+    """pred/flip+tent-all (predict --learn-params all) breaks nothing: the hint for the missing
+    setting is a predict command that, run as written, writes it; the board then says how to
+    score it, and shows it beside the plain figure once scored."""
+    tmp, a, b, suite = world
+    shutil.copytree(tmp / "models", tmp_path / "models")
+    run = tmp_path / "models" / "a"
+    with pytest.raises(CompetitionError, match="flip\\+tent-all/.* is missing") as missing:
+        RunDir(run).ood_logits_paths(data.OodSet(suite), "flip+tent-all")
+    command = shlex.split(re.search(r"`python -m competition.predict (.*)`", str(missing.value)).group(1))
+    predict.main(command + ["--no-test", "--no-oof"])  # only which outputs: the setting is the hint's
+    assert RunDir(run).ood_logits_paths(data.OodSet(suite), "flip+tent-all")
+    args = ["--models-dir", str(tmp_path / "models"), "--submissions-dir", str(tmp_path / "subs")]
+    board.main(args)
+    notes = board.unscored(tmp_path / "models")
+    assert len(notes) == 1 and "flip+tent-all was predicted on suite but not scored" in notes[0]
+    hint = f"competition.score {run} --ood-dir {suite} --tta flip --adapt tent-all"
+    assert notes[0].endswith(hint)
+    adapted = score.main(shlex.split(hint)[1:])[0]
+    runs, _ = board.main(args + ["--sort", "ood_adapted", "--out", str(tmp_path / "board")])
+    row = runs[runs["run"] == "a"].iloc[0]
+    assert row["adapted setting"] == "flip+tent-all"
+    assert row["local OOD adapted"] == pytest.approx(adapted["ood_accuracy"])
+    assert not board.unscored(tmp_path / "models") and (tmp_path / "board.png").exists()
 
 
 def _frames(kaggle=None):

@@ -155,3 +155,92 @@ def test_cli_with_glob(world, monkeypatch, capsys):
     csv = E.main(["models/*", "--name", "g", "--ood-dir", "ood", "--method", "equal"])
     assert csv.exists() and "wrote" in capsys.readouterr().out
     assert json.loads((tmp / "submissions/g.json").read_text())["weights"] == {"a-s0": 0.5, "b-s0": 0.5}
+
+
+# ---------------------------------------------------------------------------- learned adaptation variants
+
+def test_variant_names_round_trip():
+    from competition import adapt as A
+
+    for objective in A.ADAPTATIONS:
+        options = [(p, e) for p in A.PARAMS for e in (None, 0.0, 0.99, 1.0, 1e-05)] if objective in A.OBJECTIVES \
+            else [("bn", None)]
+        for params, alpha in options:
+            name = A.variant(objective, params, alpha)
+            assert A.parse_variant(name) == (objective, params, alpha), name
+            assert R.parse_adaptation(name) == (objective, params, alpha, 1.0)
+            assert R.setting_name("flip", "logits", name) == f"flip+{name}" and R.adaptation(f"flip+{name}") == name
+    assert A.parse_variant("tent-norm_head-ens0.99") == ("tent", "norm+head", 0.99)
+    for blend in (0.0, 0.5, 1e-05):  # bn's blend is setting_name's suffix, read by parse_adaptation alone
+        assert R.parse_adaptation(R.adaptation(R.setting_name("flip", "logits", "bn", blend))) == \
+            ("bn", "bn", None, blend)
+    # spellings predict never writes name no folder: refused, never read as something near
+    for name in ("none", "", "tent-bn", "tent-ens0.990", "tent-ens1.5", "tent-ens", "tent-all-norm_head",
+                 "tent-ens0.5-all", "bn-all", "bn-ens0.5", "bn0.5", "TENT", "tent-"):
+        with pytest.raises(ValueError, match="not an adaptation a prediction setting carries"):
+            A.parse_variant(name)
+    for part in ("bn1", "bn0.50", "bn1.5", "tent-x"):
+        with pytest.raises(CompetitionError, match="not an adaptation a prediction setting carries"):
+            R.parse_adaptation(part)
+
+
+def test_how_suggests_predict_flags_that_write_the_variant():
+    run = R.RunDir("models/r")
+    assert run.how("flip+tent-all") == "run `python -m competition.predict models/r --tta flip --adapt tent " \
+                                       "--learn-params all` first"
+    assert run.how("shift1-prob+shot-norm_head-ens0.99") == (
+        "run `python -m competition.predict models/r --tta shift1 --average prob --adapt shot --learn-params "
+        "norm+head --learn-ensemble 0.99` first")
+    assert run.how("flip+eata-ens1e-05").endswith("--adapt eata --learn-ensemble 1e-05` first")
+    assert run.how("flip+bn0.5").endswith("--tta flip --adapt bn --bn-blend 0.5` first")
+    assert run.how("flip+tent").endswith("--tta flip --adapt tent` first")
+    assert run.how("flip").endswith("--tta flip` first")
+    assert run.how("flip+tent-bogus").startswith("no predict command writes flip+tent-bogus ('tent-bogus' is not")
+
+
+def add_setting(run, setting, labels, right, seed):
+    """predict's outputs of an adapted `setting` for a fake run of the world: OOD logits, and the
+    corrupted out-of-fold ones (19 x 5 cells of the same 10 held-out rows), right on the first
+    `right` rows of each cell and wrong on the rest: accuracy right / 10 on the choose images."""
+    rd, r = R.RunDir(run), np.random.default_rng(seed)
+    rows = rd.oof_index()[:10]
+    np.save(run / R.RunDir.OOF_OOD_INDEX, rows)
+    guess = (labels[rows] + (np.arange(10) >= right)) % C
+    z = np.tile(np.eye(C)[guess] * 5, (19 * 5, 1)).astype(np.float16)
+    rd.write_output(setting, R.RunDir.PRED_OOF_OOD, z, {"weights": rd.weights_hash()})
+    oodset = data.OodSet(run.parent.parent / "ood")
+    for src in oodset.files:
+        rd.write_output(setting, R.RunDir.ood_rel(oodset, src), r.normal(size=(OOD_ROWS[0], C)).astype(np.float16),
+                        {"source": R.source_stamp(src), "weights": rd.weights_hash(), "ood_files": len(oodset.files)})
+
+
+def test_adapt_auto_picks_a_variant_best_on_the_choose_images(world, capsys):
+    tmp, labels, ood, make = world
+    a = make("a-f0-s0", 0, 1.0, 0)
+    b0, b1 = make("b-f0-s0", 0, 1.0, 1), make("b-f1-s0", 1, 1.0, 2)
+    for setting, right in [("flip", 5), ("flip+bn", 6), ("flip+tent", 6), ("flip+tent-all", 8),
+                           ("flip+tent-norm_head-ens0.99", 7), ("flip+tent-bogus", 10)]:
+        add_setting(a, setting, labels, right, 0)
+    for run in (b0, b1):
+        for setting, right in [("flip", 5), ("flip+bn", 7)]:
+            add_setting(run, setting, labels, right, 0)
+    add_setting(b0, "flip+tent-all", labels, 10, 0)  # one run of b only: b can't use it
+    members = R.group_members([R.RunDir(x) for x in (a, b0, b1)], "flip")
+    assert E.adapted_settings(members[0], "flip") == ["flip+bn", "flip+tent", "flip+tent-norm_head-ens0.99",
+                                                      "flip+tent-all"]  # cheapest first; no folder predict never names
+    csv = E.build([a, b0, b1], "auto", ood, tmp / "subs", EnsembleSpec(adapt="auto"))
+    info = json.loads(csv.with_suffix(".json").read_text())
+    assert info["adaptation"]["a-s0"] == {**info["adaptation"]["a-s0"], "none": 0.5, "bn": 0.6, "tent": 0.6,
+                                          "tent-all": 0.8, "tent-norm_head-ens0.99": 0.7, "chosen": "tent-all"}
+    assert "tent-bogus" not in info["adaptation"]["a-s0"]
+    assert info["adaptation"]["b-s0"]["chosen"] == "bn" and "tent-all" not in info["adaptation"]["b-s0"]
+    assert [m["setting"] for m in info["members"]] == ["flip+tent-all", "flip+bn"]
+    assert "0.8000 tent-all" in capsys.readouterr().out
+    # one variant for everyone, by name, through the command line too
+    E.main([str(a), "--name", "named", "--ood-dir", str(ood), "--adapt", "tent-norm_head-ens0.99",
+            "--out-dir", str(tmp / "subs")])
+    named = json.loads((tmp / "subs/named.json").read_text())
+    assert named["members"][0]["setting"] == "flip+tent-norm_head-ens0.99"
+    with pytest.raises(CompetitionError, match="--adapt must be none, auto or an adaptation predict writes: "
+                                               "'tent-bogus' is not"):
+        E.build([a], "bad", ood, tmp / "subs", EnsembleSpec(adapt="tent-bogus"))

@@ -112,6 +112,26 @@ def test_scoring_needs_labels_and_predictions(scored, tmp_path):
         S.score_target(run, suite, adapt="bn")
 
 
+def test_score_a_learned_variant_setting(scored, capsys):
+    """A setting predict named after its options (pred/flip+tent-all/) is scored by that name, and a
+    name predict never writes is refused as such, not searched for."""
+    suite, run = scored
+    rd, oodset = runs.RunDir(run), data.OodSet(suite)
+    perfect = (np.eye(C)[np.tile(oodset.labels, 5)] * 20).astype(np.float16)  # the plain logits miss a cell
+    for src in oodset.files:
+        rel = runs.RunDir.ood_rel(oodset, src)
+        rd.write_output("flip+tent-all", rel, perfect, rd.manifest("flip")[rel])
+    r = S.main([str(run), "--ood-dir", str(suite), "--tta", "flip", "--adapt", "tent-all"])[0]
+    assert r["settings"] == ["flip+tent-all"] and r["ood_accuracy"] == 1
+    assert rd.score_prefix("flip+tent-all", oodset).with_suffix(".json").exists()
+    with pytest.raises(CompetitionError, match=r"'tent-bogus' is not an adaptation a prediction setting carries"):
+        S.score_target(run, suite, "flip", adapt="tent-bogus")
+    with pytest.raises(CompetitionError, match=r"pred/flip\+tent-norm_head-ens0.99/ood/.* is missing: run `python -m "
+                                               r"competition.predict .* --tta flip --adapt tent --learn-params "
+                                               r"norm\+head --learn-ensemble 0.99` first"):
+        S.score_target(run, suite, "flip", adapt="tent-norm_head-ens0.99")
+
+
 def test_build_suite_from_the_test_split(tmp_path):
     out = S.main(["suite", "--out", str(tmp_path / "s"), "--dataset", "digits", "--n", "6",
                   "--names", "brightness,contrast", "--workers", "1"])

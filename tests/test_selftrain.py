@@ -154,3 +154,20 @@ def test_adapt_auto_without_choose_images_takes_bn_by_default_and_says_so(world,
                       .with_suffix(".json").read_text())
     assert spec["adaptation"]["bare"]["chosen"] == "bn" and "ood_check=0" in spec["adaptation"]["bare"]["chosen_on"]
     assert "no corrupted out-of-fold images to choose on" in capsys.readouterr().out
+
+
+def test_a_fine_tuned_member_is_predicted_as_the_member_it_replaces():
+    # A round changes the weights and nothing else: the member's TTA, averaging and adaptation,
+    # a learned variant's parameters and its recorded steps/lr/guards, are predict's settings again.
+    from competition.selftrain import member_predict_spec
+
+    plain = member_predict_spec("flip-prob", {"tta": "flip", "average": "prob"})
+    assert (plain.tta, plain.average, plain.adapts) == ("flip", "prob", ())
+    record = {"tta": "shift1", "average": "logits", "tent_steps": 3, "tent_lr": 0.01, "tent_batch": 64,
+              "tent_guard": None, "tent_disagree": 0.2}
+    spec = member_predict_spec("shift1+tent-norm_head-ens0.99", record)
+    assert (spec.adapts, spec.learn_params, spec.learn_ensemble) == (("tent",), "norm+head", 0.99)
+    assert (spec.learn_steps, spec.learn_lr, spec.learn_batch, spec.collapse_tol, spec.max_disagree) == \
+        (3, 0.01, 64, None, 0.2)
+    bn = member_predict_spec("flip+bn0.5", {"tta": "flip"})
+    assert (bn.adapts, bn.bn_blend) == (("bn",), 0.5)
