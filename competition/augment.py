@@ -37,6 +37,9 @@ def input_stats(images: np.ndarray, norm: str, max_images: int = 10_000) -> tupl
         return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     if norm != "data":
         raise CompetitionError(f"norm must be data, imagenet or none, not {norm!r}")
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:  # the histograms below index by value
+        raise CompetitionError(f"input_stats: the training images are {getattr(images, 'dtype', type(images))}, "
+                               f"not uint8 (a pseudo-label file of another type joined them?)")
     step = max(1, len(images) // max_images)  # a strided subset estimates the statistics to <0.1%
     x = images[::step].reshape(-1, 3)
     # From per-channel histograms of the uint8 values: exact, and 10x faster than a float64 copy.

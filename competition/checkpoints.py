@@ -60,10 +60,11 @@ class LoopState:
         self.processes = None  # how many processes trained up to the checkpoint
 
     def state_dict(self):
-        return dict(vars(self))
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def load_state_dict(self, state):
-        vars(self).update(state)
+        # Only the loop's own fields: a key of a sent state.json never replaces a method or adds one.
+        vars(self).update({k: v for k, v in state.items() if k in self.state_dict()})
 
 
 def restore(run: RunDir, learner: Learner, accelerator, resume: bool) -> LoopState:
@@ -71,18 +72,21 @@ def restore(run: RunDir, learner: Learner, accelerator, resume: bool) -> LoopSta
     loaded into it and into the learner (model, optimizer, schedule, EMA) and the RNGs."""
     state = LoopState()
     if resume:
-        ckpt = newest_complete_checkpoint(run, learner.ema is not None, accelerator)
+        ckpt = newest_complete_checkpoint(run, learner, accelerator)
         try:
             if RunDir.is_legacy_checkpoint(ckpt):
                 load_legacy_checkpoint(ckpt, learner, state, accelerator)
             else:
                 load_checkpoint(ckpt, learner, state, accelerator)
-        except ValueError as e:
-            if "parameter group" not in str(e):
-                raise
+        except CompetitionError:
+            raise
+        except Exception as e:
+            if not (isinstance(e, ValueError) and "parameter group" in str(e)):
+                raise damaged(ckpt, f"{type(e).__name__}: {e}") from None
             raise CompetitionError(f"--resume: {ckpt} holds optimizer state for other parameter groups than this "
                                    f"code makes (saved before one-lr-per-stage layer_decay?): it cannot continue "
                                    f"exactly; retrain with --force") from None
+        state._source = ckpt  # for epoch_batches' message; not saved (state_dict leaves out _names)
         where = f"epoch {state.epoch + 1} step {state.step}" if state.step else f"the end of epoch {state.epoch}"
         accelerator.print(f"resumed from {ckpt} at {where}")
         if state.processes not in (None, accelerator.num_processes):
@@ -154,6 +158,17 @@ def stop_message(run: RunDir, state: LoopState, signal: str, command: str | None
     return (f"{signal} in epoch {state.epoch + (1 if state.step else 0)}"
             f"{f' at step {state.step}' if state.step else ''}; checkpoint saved in "
             f"{run.latest_checkpoint()}; continue exactly with {resume_hint}")
+
+
+def damaged(ckpt: Path, why: str) -> CompetitionError:
+    """The one line for a checkpoint that passed every check and still failed to load (or to
+    continue), with the way back to the one before it, if any."""
+    number = int(ckpt.name.split("_")[-1])
+    run = RunDir(ckpt.parent.parent)
+    older = [c for c in run.checkpoints() if int(c.name.split("_")[-1]) < number]
+    back = f"move {ckpt.name} into {run.broken_checkpoint_dir} to resume from {older[-1].name}, or " if older else ""
+    return CompetitionError(f"--resume: checkpoint {ckpt} is damaged or from another run: {' '.join(why.split())[:300]}"
+                            f"; {back}start again with --force")
 
 
 def load_checkpoint(ckpt: Path, learner: Learner, state: LoopState, accelerator) -> None:
@@ -292,13 +307,18 @@ def _read_json(path: Path):
     return json.loads(path.read_text(), object_hook=_untag)
 
 
-def newest_complete_checkpoint(run: RunDir, ema: bool, accelerator) -> Path:
-    """The newest checkpoint whose every file loads; newer broken ones (a crash mid-save, a
-    truncated copy) are moved to broken-checkpoints/ with a message, so the next save cannot
-    collide with them and nothing is silently resumed inexactly."""
+def newest_complete_checkpoint(run: RunDir, learner: Learner, accelerator) -> Path:
+    """The newest checkpoint whose every file loads and fits this run (fit_problem); newer broken
+    ones (a crash mid-save, a truncated copy, a sent one of another run) are moved to
+    broken-checkpoints/ with a message, so the next save cannot collide with them and nothing is
+    silently resumed inexactly."""
     found = [run.own(c) for c in run.checkpoints()]  # refused before anything is moved: none may link outside
     run.own(run.broken_checkpoint_dir)
-    problems = {c: RunDir.checkpoint_problem(c, ema) for c in reversed(found)}
+    problems = {}
+    for c in reversed(found):
+        problems[c] = RunDir.checkpoint_problem(c, learner.ema is not None)
+        if problems[c] is None and not RunDir.is_legacy_checkpoint(c):
+            problems[c] = fit_problem(c, learner, accelerator)
     good = next((c for c, why in problems.items() if why is None), None)
     broken = [c for c, why in problems.items() if why is not None and (good is None or c.name > good.name)]
     for c in broken:
@@ -316,6 +336,178 @@ def newest_complete_checkpoint(run: RunDir, ema: bool, accelerator) -> Path:
     return good
 
 
+def fit_problem(ckpt: Path, learner: Learner, accelerator) -> str | None:
+    """Why a checkpoint whose files all read (RunDir.checkpoint_problem) would still not continue
+    this run, or None: state.json values of another type or out of range, tensors of other names
+    or shapes than this run's network, EMA and optimizer, RNG states the generators refuse. A
+    checkpoint may be a folder someone sent: checked before anything of it is loaded, so a bad
+    one is passed over like a cut one, never half loaded, nor found out mid-training."""
+    try:
+        saved = _read_json(ckpt / RunDir.CKPT_STATE)
+        _check_loop(saved["loop"], learner.spec.loop.epochs)
+        groups = _read_json(ckpt / RunDir.CKPT_OPTIMIZER_JSON)["param_groups"]
+        if _same_groups(groups, learner.optimizer):  # else load_state_dict says so, and restore explains it
+            _check_like(learner.scheduler.state_dict(), saved["scheduler"], "state.json scheduler", exact=True)
+            _check_optimizer(ckpt, learner.optimizer)
+        _whole(saved.get("accelerator_step", 0), 0, 10 ** 12, "accelerator_step")
+        if saved.get("scaler") is not None and accelerator.scaler is not None:
+            _check_like(accelerator.scaler.state_dict(), saved["scaler"], "state.json scaler")
+        _check_shapes(ckpt / RunDir.CKPT_MODEL, {bare_name(k): v.shape for k, v in learner.net.state_dict().items()},
+                      bare=True)
+        if learner.ema is not None:
+            _check_shapes(ckpt / RunDir.CKPT_EMA, {k: v.shape for k, v in learner.ema.state_dict().items()})
+        for rng in RunDir.checkpoint_rngs(ckpt):
+            _check_rng(rng)
+    except ValueError as e:
+        return " ".join(str(e).split())[:300]
+    except Exception as e:  # anything else a crafted file can provoke: the same verdict, with its kind
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+    return None
+
+
+def _whole(value, low: int, high: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{RunDir.CKPT_STATE}: {what} is {json.dumps(value)[:40]}, not a whole number in "
+                         f"{low}..{high}")
+    return value
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_loop(loop, epochs: int) -> None:
+    """LoopState's values: the epoch within the run's epochs (the epoch's step bound is
+    epoch_batches', which knows its loader), one history row per finished epoch."""
+    if not isinstance(loop, dict):
+        raise ValueError(f"{RunDir.CKPT_STATE}: loop is a {type(loop).__name__}, not the loop's state")
+    fresh = LoopState().state_dict()
+    get = {**fresh, **{k: v for k, v in loop.items() if k in fresh}}.get
+    epoch = _whole(get("epoch"), 0, epochs, "loop.epoch")
+    _whole(get("step"), 0, 0 if epoch == epochs else 10 ** 9, "loop.step")
+    _whole(get("updates"), 0, 10 ** 12, "loop.updates")
+    _whole(get("bad_epochs"), 0, epoch, "loop.bad_epochs")
+    _whole(get("best_epoch"), -1, epoch, "loop.best_epoch")
+    if get("processes") is not None:
+        _whole(get("processes"), 1, 10 ** 4, "loop.processes")
+    for key in ("best_acc", "loop_s"):
+        if not _number(get(key)):
+            raise ValueError(f"{RunDir.CKPT_STATE}: loop.{key} is {json.dumps(get(key))[:40]}, not a number")
+    history, partial = get("history"), get("partial")
+    if not (isinstance(history, list) and len(history) == epoch and all(
+            isinstance(row, dict) and all(v is None or isinstance(v, (int, float, str)) for v in row.values())
+            for row in history)):
+        raise ValueError(f"{RunDir.CKPT_STATE}: loop.history is not {epoch} metrics rows (one per finished epoch)")
+    if not (isinstance(partial, dict) and set(partial) <= {"seen", "loss_sum", "correct"}
+            and all(_number(v) for v in partial.values())):
+        raise ValueError(f"{RunDir.CKPT_STATE}: loop.partial is {json.dumps(partial)[:60]}, not the running sums "
+                         f"of a stopped epoch")
+
+
+def _like(current, saved) -> bool:
+    if isinstance(current, bool):
+        return isinstance(saved, bool)
+    if isinstance(current, (int, float)):
+        return _number(saved)
+    if isinstance(current, str):
+        return isinstance(saved, str)
+    if isinstance(current, (list, tuple)):
+        return isinstance(saved, (list, tuple)) and len(saved) == len(current)
+    if isinstance(current, dict):
+        return isinstance(saved, dict)
+    return saved is None or isinstance(saved, (bool, int, float, str))  # e.g. `fused`: None or a device's choice
+
+
+def _check_like(current, saved, where: str, exact: bool = False) -> None:
+    """`saved` of the kind this code's own `current` value is (a number for a number, a list of
+    the same length, a mapping; exact: with no keys `current` lacks, for objects that take every
+    key as an attribute, timm's schedulers): a value that would only fail mid-training (an lr
+    "fast") fails here, naming where."""
+    if not _like(current, saved) or (exact and isinstance(current, dict) and not set(saved) <= set(current)):
+        raise ValueError(f"{where} is {json.dumps(saved, default=str)[:60]}, where this run has "
+                         f"{json.dumps(current, default=str)[:60]}")
+    if isinstance(current, dict):
+        for k in set(current) & set(saved):
+            _check_like(current[k], saved[k], f"{where}.{k}")
+    elif isinstance(current, (list, tuple)):
+        for i, (a, b) in enumerate(zip(current, saved)):
+            _check_like(a, b, f"{where}[{i}]")
+
+
+def _same_groups(groups, optimizer) -> bool:
+    """Whether optimizer.json's parameter groups have this optimizer's sizes."""
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise ValueError(f"{RunDir.CKPT_OPTIMIZER_JSON}: param_groups is not a list of parameter groups")
+    return [len(g["params"]) for g in groups] == [len(g["params"]) for g in optimizer.param_groups]
+
+
+def _check_optimizer(ckpt: Path, optimizer) -> None:
+    """optimizer.json and optimizer.safetensors against this optimizer: its groups' settings, and
+    per-parameter state under the saved parameter indices, tensors of the parameter's shape (or
+    one number, a step count)."""
+    from safetensors import safe_open
+
+    saved = _read_json(ckpt / RunDir.CKPT_OPTIMIZER_JSON)
+    _check_like(optimizer.state_dict()["param_groups"], saved["param_groups"], "optimizer.json param_groups")
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    shapes = dict(zip(ids, (tuple(p.shape) for g in optimizer.param_groups for p in g["params"])))
+    if len(shapes) != len(ids):
+        raise ValueError(f"{RunDir.CKPT_OPTIMIZER_JSON}: param_groups name a parameter twice")
+
+    def index(text: str, where: str) -> int:
+        if not (text.isascii() and text.isdigit() and int(text) in shapes):
+            raise ValueError(f"{where}: {text[:40]!r} is not a parameter index of its param_groups")
+        return int(text)
+
+    if not isinstance(saved["state"], dict):
+        raise ValueError(f"{RunDir.CKPT_OPTIMIZER_JSON}: state is not a mapping of parameter indices")
+    for key, values in saved["state"].items():
+        index(key, RunDir.CKPT_OPTIMIZER_JSON)
+        if not isinstance(values, dict) or not all(v is None or isinstance(v, (bool, int, float, str))
+                                                   for v in values.values()):
+            raise ValueError(f"{RunDir.CKPT_OPTIMIZER_JSON}: state {key!r} is not a mapping of plain values")
+    with safe_open(str(ckpt / RunDir.CKPT_OPTIMIZER), framework="pt") as f:
+        for key in f.keys():
+            number, _, name = key.partition(".")
+            if not name:
+                raise ValueError(f"{RunDir.CKPT_OPTIMIZER}: {key[:40]!r} is not named <parameter index>.<state name>")
+            want, shape = shapes[index(number, RunDir.CKPT_OPTIMIZER)], tuple(f.get_slice(key).get_shape())
+            if shape != want and int(np.prod(shape)) != 1:  # one number: a step count
+                raise ValueError(f"{RunDir.CKPT_OPTIMIZER}: {key[:40]!r} has shape {shape}, its parameter {want}")
+
+
+def _check_shapes(path: Path, expected: dict, bare: bool = False) -> None:
+    """A weights file's tensors: this run's names (bare: without wrapper prefixes) and shapes."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        shapes = {(bare_name(k) if bare else k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    odd = sorted(set(shapes) ^ set(expected))
+    if odd:
+        raise ValueError(f"{path.name}: {len(odd)} tensor name(s) differ from this run's network, e.g. {odd[0][:60]!r}")
+    for k, shape in shapes.items():
+        if shape != tuple(expected[k]):
+            raise ValueError(f"{path.name}: {k} has shape {shape}, this run's network {tuple(expected[k])}")
+
+
+def _check_rng(path: Path) -> None:
+    """One process's RNG states, set into scratch generators (each refuses a state of the wrong
+    size or kind); CUDA's are only checked when loaded."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, names = f.metadata() or {}, set(f.keys())
+        tensor = f.get_tensor("torch") if "torch" in names else None
+    try:
+        random.Random().setstate(json.loads(meta["python"], object_hook=_untag))
+        name, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
+        np.random.RandomState().set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+        torch.Generator().set_state(tensor)
+    except Exception as e:
+        raise ValueError(f"{path.name}: its RNG states do not load ({type(e).__name__}: {str(e)[:120]})") from None
+
+
 def epoch_batches(loader, state: LoopState, accelerator):
     """The epoch's batches, from the step a mid-epoch checkpoint stopped at. Starting a
     DataLoader iterator (its first batch) draws its workers' base seed from the global RNG; the
@@ -324,6 +516,9 @@ def epoch_batches(loader, state: LoopState, accelerator):
     if not state.step:
         yield from loader
         return
+    if state.step >= len(loader):  # skipping them all would call an epoch finished that never trained
+        raise damaged(state._source, f"its {RunDir.CKPT_STATE} stopped at step {state.step} of epoch {state.epoch + 1}, which has "
+                      f"{len(loader)} steps")
     batches = iter(accelerator.skip_first_batches(loader, state.step))
     rng = torch.get_rng_state()
     first = next(batches, None)

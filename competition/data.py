@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import sys
 import tarfile
 import urllib.request
@@ -245,16 +246,16 @@ def _unpickle(path: Path) -> dict:
 def load_imagefolder(path, split: str = "train", cache_dir=None) -> ImageSet | None:
     """Images under `[split/]<class>/<image>` in a directory or a .tar/.tar.gz; classes sorted.
 
-    Decoded arrays are cached as .npz in `cache_dir`, keyed by the source's path, size and
-    mtime, so the second load of CIFAR-10's 50,000 JPEGs takes a second instead of ~20.
+    Decoded arrays are cached as .npz in `cache_dir`, keyed by the source's path and the stat
+    of every file it reads (_source_stamp), so the second load of CIFAR-10's 50,000 JPEGs takes
+    a second instead of ~20.
     """
     path = Path(path)
     if not path.exists():
         raise CompetitionError(f"{path} does not exist: give a folder or .tar.gz of <class>/<image> files")
     cache = None
     if cache_dir is not None:
-        # "|None" ends the key as in earlier versions (which had a size option), so their caches stay valid.
-        key = hashlib.sha1(f"{path.resolve()}|{_source_stamp(path)}|{split}|None".encode()).hexdigest()[:16]
+        key = hashlib.sha1(f"{path.resolve()}|{_source_stamp(path)}|{split}".encode()).hexdigest()[:16]
         cache = Path(cache_dir) / f"{path.name.split('.')[0]}-{split}-{key}.npz"
         if cache.exists():
             try:
@@ -289,39 +290,52 @@ def load_imagefolder(path, split: str = "train", cache_dir=None) -> ImageSet | N
 
 
 def _source_stamp(path: Path) -> str:
-    """What the cache key changes with: an archive's size and mtime; for a folder, every image
-    file's path, size and mtime (a file added to train/cat/ leaves the top folder's mtime alone)."""
+    """What the cache key changes with: the archive's, or every image file's (a file added to
+    train/cat/ leaves the top folder's mtime alone), path, size, mtime, ctime and inode.
+
+    Not a hash of the contents: reading 50,000 small JPEGs adds ~1 s to the ~1.5 s of listing and
+    stat-ing them (measured on 2 cores), and their first and last bytes (JFIF header, end marker)
+    are nearly the same in every file anyway. The assumption instead: the filesystem keeps ctime,
+    which no program sets (utime sets only atime and mtime; writing a file, `touch -d`, `cp -p` or
+    `tar -x` restoring an old mtime, a rename over it all move ctime to now), so an image changed in
+    place with its size and mtime put back still changes the key; the inode catches a file replaced
+    by another. On a mount that does not keep ctime the key is size + mtime, as before."""
+    def stamp(st: os.stat_result) -> str:
+        return f"{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+
     if not path.is_dir():
-        st = path.stat()
-        return f"{st.st_size}|{st.st_mtime_ns}"
+        return stamp(path.stat())
     h = hashlib.sha1()
     for p in sorted(path.rglob("*")):
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-            st = p.stat()
-            h.update(f"{p.relative_to(path)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{p.relative_to(path)}|{stamp(p.stat())}\n".encode())
     return h.hexdigest()
 
 
 def _iter_image_files(path: Path):
     if path.is_dir():
-        for p in sorted(path.rglob("*")):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                yield p.relative_to(path).parts, p.read_bytes()
+        for p in _folder_images(path):
+            yield p.relative_to(path).parts, p.read_bytes()
         return
-    check_archive_complete(path)
+    data_end = check_archive_complete(path)
     refused: dict[str, list[str]] = {}
+    seen: set[tuple] = set()
     try:
         # Streaming mode ("r|*") reads the archive once, front to back: no index of 50k members.
         with tarfile.open(path, "r|*") as tar:
             for m in tar:
                 if Path(m.name).suffix.lower() not in IMAGE_SUFFIXES or m.isdir():
                     continue
-                why = _refused_member(m)
+                parts = tuple(p for p in PurePosixPath(m.name).parts if p not in (".", ""))
+                # `tar -r` of an updated file appends a second member of the same path: both would be
+                # read, the old image beside the new one (tar -x keeps only the last)
+                why = _refused_member(m) or ("paths held twice" if parts in seen else None)
+                seen.add(parts)
                 if why:
                     refused.setdefault(why, []).append(m.name)
                     continue
-                parts = tuple(p for p in PurePosixPath(m.name).parts if p not in (".", ""))
                 yield parts, tar.extractfile(m).read()
+            end = tar.offset  # where the first end-of-archive block starts
     except (tarfile.TarError, EOFError, OSError) as e:
         raise CompetitionError(f"{path} is not a readable folder or .tar/.tar.gz archive ({e})") from None
     if refused:
@@ -331,9 +345,49 @@ def _iter_image_files(path: Path):
         n = sum(map(len, refused.values()))
         kinds = "; ".join(f"{len(names)} {why}, e.g. {names[0]!r}" for why, names in refused.items())
         raise CompetitionError(
-            f"{path}: {n} image member(s) refused ({kinds}): an image archive holds plain files at relative "
-            f"<class>/<image> paths; recreate it from the image files themselves (tar -h --hard-dereference stores "
-            f"what links point at), then rerun (nothing was read from it)")
+            f"{path}: {n} image member(s) refused ({kinds}): an image archive holds each image once, as a plain "
+            f"file at a relative <class>/<image> path; recreate it from the image files themselves (tar -h "
+            f"--hard-dereference stores what links point at), then rerun (nothing was read from it)")
+    if data_end > end:
+        # tarfile stops at the first end-of-archive block, and its gzip reader at the first gzip
+        # member: `cat a.tar.gz b.tar.gz` trained on a.tar.gz's classes alone without a word.
+        raise CompetitionError(
+            f"{path} holds {data_end - end} bytes of data after its tar end-of-archive (archives joined with cat, or "
+            f"a gzip of several members?), which a tar reader never reads: recreate one archive from the image files "
+            f"themselves (tar czf all.tar.gz train/), then rerun (nothing was read from it)")
+
+
+def _folder_images(path: Path) -> list[Path]:
+    """The image files of a folder, sorted, once none is refused: the folder's images are its own
+    plain files, as an archive's must be (_refused_member). A link out of the folder could read
+    any file on this machine into the data set; a pipe blocks the reader forever; a linked folder
+    is never entered (rglob), so its images would be left out without a word."""
+    root, files, refused = path.resolve(), [], {}
+    for p in sorted(path.rglob("*")):
+        if p.is_symlink() and p.is_dir():
+            refused.setdefault("links to folders", []).append(p)
+            continue
+        if p.suffix.lower() not in IMAGE_SUFFIXES or p.is_dir():
+            continue
+        why = None
+        if p.is_symlink() and not p.resolve().is_relative_to(root):
+            why = "links to files outside the folder"
+        elif not p.exists():
+            why = "links to missing files"
+        elif not stat.S_ISREG(p.stat().st_mode):
+            why = "devices or pipes"
+        if why:
+            refused.setdefault(why, []).append(p)
+        else:
+            files.append(p)
+    if refused:
+        n = sum(map(len, refused.values()))
+        kinds = "; ".join(f"{len(ps)} {why}, e.g. {str(ps[0].relative_to(path))!r}" for why, ps in refused.items())
+        raise CompetitionError(
+            f"{path}: {n} image file(s) refused ({kinds}): an image folder holds its images as its own plain files; "
+            f"copy what the links point at into it (cp -rL FOLDER COPY makes such a copy) and point --data at that, "
+            f"then rerun (nothing was read from it)")
+    return files
 
 
 def _refused_member(m: tarfile.TarInfo) -> str | None:
@@ -354,7 +408,9 @@ def check_archive_complete(path: Path) -> None:
     """Refuse an archive that was cut short. tarfile's stream mode takes a header block cut in
     the middle for the end of the archive and stops without a word (one cut of CIFAR-10's tarball
     trained on 33,772 of 50,000 images), so the whole stream is read first: the compression must
-    reach its end marker, and the tar must end with its two zero blocks."""
+    reach its end marker, and the tar must end with its two zero blocks. Returns where the
+    uncompressed stream's last non-zero byte ends (_iter_image_files: no data may follow the
+    tar's end-of-archive)."""
     import bz2
     import gzip
     import lzma
@@ -364,10 +420,12 @@ def check_archive_complete(path: Path) -> None:
         magic = f.read(6)
     opener = gzip.open if magic[:2] == b"\x1f\x8b" else bz2.open if magic[:3] == b"BZh" else \
         lzma.open if magic[:6] == b"\xfd7zXZ\x00" else open
-    total, tail = 0, b""
+    total, tail, data_end = 0, b"", 0
     try:
-        with opener(path, "rb") as f:
+        with opener(path, "rb") as f:  # gzip.open reads every member of a concatenated stream
             while chunk := f.read(1 << 22):
+                used = len(chunk.rstrip(b"\0"))
+                data_end = total + used if used else data_end
                 total, tail = total + len(chunk), (tail + chunk)[-1024:]
     except (EOFError, OSError, lzma.LZMAError, zlib.error) as e:
         raise CompetitionError(f"{path} is cut short or damaged ({type(e).__name__}: {e}); download or copy it "
@@ -375,6 +433,7 @@ def check_archive_complete(path: Path) -> None:
     if total % 512 or tail != bytes(1024):
         raise CompetitionError(f"{path} ends without the tar end-of-archive blocks ({total} bytes): it was cut "
                                f"short; download or copy it again (nothing was read from it)")
+    return data_end
 
 
 def _select_split(entries, split: str, path: Path):
@@ -434,6 +493,7 @@ def open_ood(path, image_shape: tuple[int, int] | None = (32, 32)) -> np.ndarray
     Memory-mapped so that predicting 19 x 50,000 images never holds more than a batch.
     """
     path = Path(path)
+    check_npy(path)
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
@@ -449,6 +509,57 @@ def open_ood(path, image_shape: tuple[int, int] | None = (32, 32)) -> np.ndarray
     if arr.shape[0] == 0 or arr.shape[0] % SEVERITIES:
         raise CompetitionError(f"{path}: {arr.shape[0]} rows is not a positive multiple of {SEVERITIES} severities")
     return arr
+
+
+def check_regular(path) -> None:
+    """Refuse a path that is there but is not a regular file, before anything opens it: opening a
+    named pipe blocks until something writes into it (a FIFO sent as distortion05.npy hung
+    predict), and a device is read without end. A link to a regular file is one."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # the caller's own "missing" message
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device")
+        raise CompetitionError(f"{path} is {kind}, not a regular file (nothing was read from it): replace it with "
+                               f"the file itself")
+
+
+def check_npy(path) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of a .npy file, from its header, once the file holds exactly that array: np.load
+    reads the declared bytes and ignores whatever follows, so two files joined (or a download with
+    something appended) would pass for the first; a cut one is refused here as well."""
+    from numpy.lib import format as npy
+
+    path = Path(path)
+    check_regular(path)
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    try:
+        with open(path, "rb") as f:
+            version = npy.read_magic(f)
+            if version not in readers:
+                raise ValueError(f"format version {version[0]}.{version[1]}, which np.save writes only for "
+                                 f"structured arrays")
+            shape, _, dtype = readers[version](f)
+            offset, size = f.tell(), os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        raise CompetitionError(f"{path} is missing") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise CompetitionError(f"{path} is not a readable .npy file ({type(e).__name__}: {e}); it is probably "
+                               f"truncated: download or rebuild it") from None
+    if dtype.hasobject:
+        raise CompetitionError(f"{path} is not a readable .npy file: it holds Python objects (a pickle, refused "
+                               f"unread), not numbers")
+    want = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if size < want:
+        raise CompetitionError(f"{path} is truncated: {size} bytes, but its header declares a {dtype} array of "
+                               f"shape {shape} ({want} bytes): download or rebuild it")
+    if size > want:
+        raise CompetitionError(f"{path} holds {size - want} bytes after the {dtype} array of shape {shape} its "
+                               f"header declares (two files joined, or something appended?), which np.load would "
+                               f"ignore: download or rebuild it (nothing was read from it)")
+    return shape, dtype
 
 
 COMPETITION_SHAPE = (OOD_FILES, SEVERITIES * 10_000)  # 19 files of 50,000 rows (5 severities x 10,000 images)
@@ -523,6 +634,7 @@ class OodSet:
         p = self.path / "labels.npy"
         if not p.exists():
             return None
+        check_npy(p)
         try:
             labels = np.load(p, allow_pickle=False)
         except Exception as e:
@@ -539,6 +651,7 @@ class OodSet:
             # Missing: the competition's files, or a suite made before suite.json; unreadable: refused,
             # since a cut or edited suite.json would otherwise be scored as "images of unknown origin".
             path = self.path / name
+            check_regular(path)
             try:
                 out = json.loads(path.read_text())
                 why = None if isinstance(out, dict) else f"it holds a JSON {type(out).__name__}"
@@ -551,7 +664,8 @@ class OodSet:
                                        f"suite with python -m competition.score suite, or restore the file")
             return out
 
-        return {**read("suite.json"), "names": read("corruptions.json").get("names", {})}
+        return {**read("suite.json"), "names": _suite_names(read("corruptions.json").get("names", {}),
+                                                             self.path / "corruptions.json")}
 
     def role(self) -> str:
         """Which of the three roles (train / choose / measure) this folder's labelled images play,
@@ -561,6 +675,20 @@ class OodSet:
     def images(self, k: int) -> np.ndarray:
         """File k, memory-mapped."""
         return open_ood(self.files[k], image_shape=None)
+
+
+def _suite_names(names, path: Path) -> dict:
+    """corruptions.json's "names", checked: {"distortion00.npy": corruption name, ...} for files 00.. in
+    order, as make_suite writes it (OodSet counts the files by it, and reports name them)."""
+    ok = isinstance(names, dict) and list(names) == [ood_name(i) for i in range(len(names))] and \
+        all(isinstance(v, str) for v in names.values())
+    if not ok:
+        what = (f"a JSON {type(names).__name__}" if not isinstance(names, dict) else
+                f"keys {', '.join(list(map(str, names))[:3])}..." if names else "no names")
+        raise CompetitionError(f"{path}: \"names\" is {what}, not the object `score suite` writes "
+                               f"({{\"distortion00.npy\": \"gaussian_noise\", ...}} for every file in order): "
+                               f"rebuild the suite with python -m competition.score suite, or restore the file")
+    return names
 
 
 def fingerprint(array: np.ndarray) -> str:
@@ -608,6 +736,42 @@ def sample_rows(rows, n: int | None, seed: int) -> np.ndarray:
     if not n or n >= len(rows):
         return rows
     return np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+
+
+def check_rows(path, rows, n: int, fix: str) -> np.ndarray:
+    """The rows an index file names in an array of `n` (images, labels), checked: whole numbers in
+    0..n-1. numpy takes -1 for the last row (another image and label, without a word) and fails only
+    past n, half-way through the work; `fix` says what to do about it."""
+    rows = np.asarray(rows)
+    if rows.dtype.kind not in "iu":
+        raise CompetitionError(f"{path} holds {rows.dtype} values, not row numbers: {fix}")
+    if rows.size and (rows.min() < 0 or rows.max() >= n):
+        bad = rows.min() if rows.min() < 0 else rows.max()
+        raise CompetitionError(f"{path} names row {bad}, but the rows it indexes are 0..{n - 1}: {fix}")
+    return rows
+
+
+def check_pseudo(path, images: np.ndarray, probs: np.ndarray, image_shape: tuple, n_classes: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """A pseudo-label file's images and soft targets (what competition.selftrain writes: uint8
+    images of the data set's size, and each image's class probabilities), checked where training
+    reads them, naming the file: appended to the uint8 training images, a float copy turned the
+    whole set float and failed far away (corrupted_copies, input_stats) or trained on garbage."""
+    images, probs = np.asarray(images), np.asarray(probs)
+    what = "a pseudo-label file written by competition.selftrain"
+    if images.dtype != np.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != tuple(image_shape):
+        raise CompetitionError(f"{path}: images are {images.dtype} {images.shape}, but {what} holds uint8 images of "
+                               f"this data set's shape (N, {', '.join(map(str, image_shape))}) (a converted copy?): "
+                               f"rerun competition.selftrain to write it again")
+    if probs.dtype.kind != "f" or probs.shape != (len(images), n_classes):
+        raise CompetitionError(f"{path}: probs are {probs.dtype} {probs.shape}, but {what} holds one row of "
+                               f"{n_classes} class probabilities per image ({len(images)}, {n_classes}): rerun "
+                               f"competition.selftrain to write it again")
+    if not np.isfinite(probs).all() or probs.min(initial=0) < 0 or \
+            not np.allclose(probs.sum(1, dtype=np.float64), 1, atol=1e-3):
+        raise CompetitionError(f"{path}: probs are not probabilities (each row >= 0, finite, summing to 1): rerun "
+                               f"competition.selftrain to write it again")
+    return images, probs.astype(np.float32)
 
 
 def _download_ood(ood_dir: Path, name: str) -> None:

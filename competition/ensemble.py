@@ -44,7 +44,7 @@ import numpy as np
 
 from competition import data, runtime, submit
 from competition.adapt import ADAPTATIONS, PARAMS
-from competition.files import CompetitionError, check_name, cli, count, read_json, save_json
+from competition.files import CompetitionError, atomic_path, check_name, cli, count, read_json, save_json
 from competition.metrics import accuracy, file_accuracy, log_loss, table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, combine, expand_runs, file_hash, \
     group_members, load_oof, member_oof_ood, member_test, num_classes, ood_logits, oof_labels, \
@@ -198,18 +198,69 @@ def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray 
     return choices
 
 
-def write_csv(members: list[Member], weights, ood: data.OodSet, csv: Path, n_classes: int) -> np.ndarray | None:
-    """The submission CSV (argmax of the ensembled OOD logits), validated; returns the accuracy
-    table (files x severities) when the OOD folder is a labelled local suite."""
+def predictions(members: list[Member], weights, ood: data.OodSet, n_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the submission's labels: argmax of the ensembled OOD logits, file after file; the accuracy
+    table (files x severities) when the OOD folder is a labelled local suite), checked before
+    anything is written: logits of another class count than the runs' data config says would make
+    a CSV of labels the check refuses only after writing it."""
     labels = ood.labels
     preds, table = [], []
-    for _, z in ood_logits(members, weights, ood):
+    for src, z in ood_logits(members, weights, ood):
+        if z.shape[1] != n_classes:
+            raise CompetitionError(f"{members[0].runs[0] / RunDir.DATA_CONFIG} says num_classes {n_classes}, but the "
+                                   f"members' logits for {src.name} have {z.shape[1]} classes (edited?): restore it "
+                                   f"from the run's copy, or retrain the run")
         preds.append(z.argmax(1).astype(np.int64))
         if labels is not None:
             table.append(file_accuracy(z, labels))
-    submit.write_submission(csv, np.concatenate(preds), ood.rows)
-    submit.check_submission(csv, ood_dir=ood.path, num_classes=n_classes, shape=ood.shape)
-    return np.stack(table) if table else None
+    return np.concatenate(preds), (np.stack(table) if table else None)
+
+
+def write_files(csv: Path, preds: np.ndarray, ood: data.OodSet, n_classes: int, info: dict) -> None:
+    """The CSV and its JSON, both or neither: each is written and the CSV checked under a temporary
+    name, then the JSON goes into place and the CSV last. A failure before leaves neither (the CSV
+    used to stay behind without its JSON when its check failed); the JSON pins the CSV's sha1, so
+    a CSV left from before beside a new JSON (a kill between the two renames) is told apart."""
+    with atomic_path(csv) as tmp_csv, atomic_path(csv.with_suffix(".json")) as tmp_json:
+        submit.write_submission(tmp_csv, preds, ood.rows)
+        try:
+            submit.check_submission(tmp_csv, ood_dir=ood.path, num_classes=n_classes, shape=ood.shape)
+        except CompetitionError as e:  # the message names the file the user will look for
+            raise CompetitionError(str(e).replace(str(tmp_csv), str(csv))) from None
+        save_json(tmp_json, {**info, "csv_sha1": file_hash(tmp_csv)})
+
+
+def checked_num_classes(members: list[Member]) -> int:
+    """The runs' class count (runs.num_classes), once every run's data config states it as a whole
+    number: "ten" or 3.5 in a data_config.yaml was a traceback."""
+    for m in members:
+        for run in m.runs:
+            k = run.data_config()["num_classes"]
+            if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+                where = run / (RunDir.DATA_CONFIG if (run / RunDir.DATA_CONFIG).exists() else RunDir.CONFIG)
+                raise CompetitionError(f"{where}: num_classes is {k!r}, not a whole number of classes >= 2 (train "
+                                       f"writes it): restore it from the run's copy, or retrain the run")
+    return num_classes(members)
+
+
+def check_rows(members: list[Member], labels_all: np.ndarray) -> None:
+    """Every run's out-of-fold index files name rows of the folds CSV, before any choice is made on
+    them: labels_all[-1] is the last image's label, taken without a word."""
+    for m in members:
+        for run in m.runs:
+            fix = f"restore it from the run's copy, or retrain {run.path} (then predict it)"
+            for name, rows in ((RunDir.OOF_INDEX, run.oof_index()), (RunDir.OOF_OOD_INDEX, run.oof_ood_index())):
+                if rows is not None:
+                    data.check_rows(run / name, rows, len(labels_all), fix)
+
+
+def check_classes(members: list[Member], n_classes: int) -> None:
+    """Every member's out-of-fold logits have the runs' class count (their data config's)."""
+    for m in members:
+        if m.oof_logits.shape[1] != n_classes:
+            raise CompetitionError(f"{m.runs[0] / RunDir.DATA_CONFIG} says num_classes {n_classes}, but the run's "
+                                   f"out-of-fold logits have {m.oof_logits.shape[1]} classes (edited?): restore it "
+                                   f"from the run's copy, or retrain the run")
 
 
 def pinned_hashes(members: list[Member], ood: data.OodSet) -> dict:
@@ -278,11 +329,30 @@ def roles(method: str, fit_on: str, adapt: str, ood: data.OodSet, oof_rows, ood_
             "measure": ood.role()}
 
 
-def same_submission(old: dict, new: dict) -> bool:
+def same_submission(old, new: dict) -> bool:
     """The same runs, settings, weights and logits: rewriting the CSV would change nothing."""
+    if not isinstance(old, dict):
+        return False
     keys = ("runs", "weights", "logits_sha1", "ood_dir", "fit_on", "method")
     return all(old.get(k) == new.get(k) for k in keys) and [m.get("setting") for m in old.get("members", [])] == \
         [m.get("setting") for m in new.get("members", [])]
+
+
+def may_write(csv: Path, info: dict, overwrite: bool, say=print) -> bool:
+    """Whether build writes `csv` and its JSON: not when they already hold this very submission; an
+    existing different one only with overwrite, unless it is the remains of an interrupted write."""
+    old = read_json(csv.with_suffix(".json"))
+    if csv.exists() and same_submission(old, info):
+        if old.get("csv_sha1") in (None, file_hash(csv)):  # None: written before the JSON pinned its CSV
+            say(f"{csv}: unchanged (the same runs, settings, weights and logits); not rewritten")
+            return False
+        say(f"note: {csv} is not the CSV its JSON describes (a write interrupted between the two): replaced")
+    elif csv.exists() and not csv.with_suffix(".json").exists():  # left by a version that wrote the JSON last
+        say(f"note: {csv} has no {csv.with_suffix('.json').name} (a write interrupted before it): replaced")
+    elif csv.exists() and not overwrite:
+        raise CompetitionError(f"{csv} already exists and holds another submission: choose a new --name, or pass "
+                               f"--overwrite to replace it (its JSON is replaced too)")
+    return True
 
 
 def fit(members: list[Member], labels_all: np.ndarray, method: str, rounds: int, fit_on: str, say=print):
@@ -320,9 +390,10 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", spec: EnsembleS
                             setting_name(spec.tta) if spec.tta else None)
     datasets = [c.get("dataset") for m in members for c in m.cfgs]
     ood = data.OodSet(ood_dir, data.OodSet.required_shape(ood_dir, datasets, allow_partial))
-    labels_all, n_classes = oof_labels(members), num_classes(members)
+    labels_all, n_classes = oof_labels(members), checked_num_classes(members)
+    check_rows(members, labels_all)
     choices = choose_adaptation(members, adapt, labels_all, say, ood)
-    load_oof(members)
+    check_classes(load_oof(members), n_classes)
     if fit_on == "auto":  # the leaderboard scores corrupted images: fit there when every run has them
         fit_on = "ood" if all(r.oof_ood_index() is not None for m in members for r in m.runs) else "clean"
     weights, oof_fit, ood_figures = fit(members, labels_all, method, rounds, fit_on, say)
@@ -330,19 +401,12 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", spec: EnsembleS
     info = sidecar(name, csv, ood, members, weights, oof_fit, labels_all, n_classes, method, rounds, fit_on)
     info.update(adaptation=choices or adapt, **({"oof_ood": ood_figures} if ood_figures else {}),
                 roles=roles(method, fit_on, adapt, ood, oof_fit[0], ood_figures))
-    old = read_json(csv.with_suffix(".json"))
-    if csv.exists() and old is not None and same_submission(old, info):
-        say(f"{csv}: unchanged (the same runs, settings, weights and logits); not rewritten")
+    if not may_write(csv, info, overwrite, say):
         return csv
-    if csv.exists() and not csv.with_suffix(".json").exists():  # the JSON is written last: an interrupted write
-        say(f"note: {csv} has no {csv.with_suffix('.json').name} (a write interrupted before it): replaced")
-    elif csv.exists() and not overwrite:
-        raise CompetitionError(f"{csv} already exists and holds another submission: choose a new --name, or pass "
-                               f"--overwrite to replace it (its JSON is replaced too)")
-    table = write_csv(members, weights, ood, csv, n_classes)
+    preds, table = predictions(members, weights, ood, n_classes)
     if table is not None:
         info["local_score"] = {**table_summary(table), "ood_dir": str(ood.path), "role": ood.role()}
-    save_json(csv.with_suffix(".json"), info)
+    write_files(csv, preds, ood, n_classes, info)
     report(info, say)
     say(f"wrote {csv} ({sum(ood.rows)} rows, valid) and {csv.with_suffix('.json')} in {time.time() - t0:.1f} s")
     return csv

@@ -53,17 +53,20 @@ def cli(main):
     return wrapper
 
 
-NAME_RULE = re.compile(r"[A-Za-z0-9._+-]+")
+# Never a leading dot: `.` and `..` would write into, or with --force delete, the folder above, and
+# hidden names are this code's own (the copy of a run --force sets aside, a run's .lock), so no run
+# or submission can be named like one of them.
+NAME_RULE = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]*")
 
 
 def check_name(value, what: str, nested: bool = False) -> str:
     """A run or submission name becomes a file or folder name: letters, digits and . _ + -, not
-    `.` or `..` (which would write into, or with --force delete, the folder above). `nested`:
-    several such parts joined by / (a run under models/ablations/<study>/), never absolute."""
+    starting with '.' (NAME_RULE). `nested`: several such parts joined by / (a run under
+    models/ablations/<study>/), never absolute."""
     parts = value.split("/") if isinstance(value, str) and nested else [value]
-    if not all(isinstance(x, str) and NAME_RULE.fullmatch(x) and x not in (".", "..") for x in parts):
+    if not all(isinstance(x, str) and NAME_RULE.fullmatch(x) for x in parts):
         raise CompetitionError(f"{what} {value!r}: use letters, digits and . _ + - (a file or folder name, not "
-                               f"'.' or '..'; no spaces{', no leading or doubled /' if nested else ', no /'})")
+                               f"starting with '.'; no spaces{', no leading or doubled /' if nested else ', no /'})")
     return value
 
 
@@ -142,13 +145,15 @@ def save_json(path, obj) -> None:
     save_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def read_json(path, default=None):
+def read_json(path, default=None, kind: type | None = None):
     """A JSON file's content, or `default` when it is missing or unreadable (a half-written or
-    hand-edited bookkeeping file is then rebuilt, never trusted)."""
+    hand-edited bookkeeping file is then rebuilt, never trusted). `kind` (dict, list): content of
+    another type counts as unreadable too, so a caller that expects a mapping never gets a list."""
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, ValueError, UnicodeDecodeError):
+        out = json.loads(Path(path).read_text())
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, ValueError, UnicodeDecodeError):
         return default
+    return default if kind is not None and not isinstance(out, kind) else out
 
 
 def read_npz(path, keys, what: str) -> dict:

@@ -13,6 +13,22 @@ from competition.data import SEVERITIES
 from competition.files import CompetitionError
 
 
+def member_weights(values, where) -> np.ndarray:
+    """An ensemble's member weights (a submission JSON's, `where`) as floats, checked: finite, >= 0,
+    not all 0. JSON reads 1e999 as inf, which made NaN logits (a traceback in the calibration
+    bins); all 0 left no logits at all."""
+    try:
+        weights = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        weights = None
+    if weights is None or weights.ndim != 1 or not len(weights) or not np.isfinite(weights).all() or \
+            (weights < 0).any() or not weights.sum() > 0:
+        shown = ", ".join(f"{w:g}" for w in weights.ravel()) if weights is not None else repr(values)
+        raise CompetitionError(f"{where}: member weights [{shown}] are not an ensemble's (finite numbers >= 0, not "
+                               f"all 0): restore the file, or rebuild it with competition.ensemble")
+    return weights
+
+
 def softmax(z: np.ndarray) -> np.ndarray:
     return _softmax(np.asarray(z, np.float64), axis=1)
 

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +55,7 @@ from torch import nn
 from competition import adapt, augment, data, files, runtime, tta
 from competition.files import CompetitionError, cli, count
 from competition.loader import eval_loader
-from competition.runs import RunDir, expand_runs, setting_name, source_stamp
+from competition.runs import RunDir, expand_runs, load_weights, setting_name, source_stamp
 from competition.specs import PredictSpec
 
 
@@ -271,16 +273,68 @@ def _extra_passes(adapt_mode: str, learn_args: dict | None) -> int:
 
 
 def oof_ood_images(run: RunDir, cfg: dict, train_set, rows: np.ndarray) -> np.ndarray:
-    """The run's corrupted held-out copies (train's ood_check): the same generator, seed and cache."""
+    """The run's corrupted held-out copies (train's ood_check): the same generator, seed and cache.
+    A cache file that holds other than one image per row of `rows` (replaced by hand, or written by
+    another version) is made again: predicted as it was, it gave an oof_ood.npy of the wrong shape
+    that only the ensemble tripped over."""
     from competition import corruptions
 
     seed = run.data_config("ood_check_seed")["ood_check_seed"]
-    return corruptions.corrupted_copies(train_set.images, seed, cache_dir=Path(cfg["data_dir"]) / "cache", cells=rows)
+    cache = Path(cfg["data_dir"]) / "cache"
+    out = corruptions.corrupted_copies(train_set.images, seed, cache_dir=cache, cells=rows)
+    want = (rows.size, *train_set.images.shape[1:])
+    if out.shape != want or out.dtype != np.uint8:
+        print(f"note: the corrupted-copies cache in {cache} held {out.dtype} {out.shape}, not this run's {want} check "
+              f"images: made again", file=sys.stderr)
+        # Made in a folder of its own, then moved over the bad file: its name depends on the key alone.
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".rebuild-") as tmp:
+            out = corruptions.corrupted_copies(train_set.images, seed, cache_dir=tmp, cells=rows)
+            for made in Path(tmp).iterdir():
+                os.replace(made, cache / made.name)
+    return out
 
 
-def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: float, main: bool) -> None:
-    """Predict every job and write its output (main process only)."""
-    train_set = None
+def check_weights(run: RunDir, model: nn.Module) -> None:
+    """Refuse best weights that would make a submission of garbage with exit status 0, naming the
+    file: a tensor that is not floating point where the network holds floats (load_state_dict
+    casts an int64 copy without a word) or one holding NaN or inf (every logit NaN: class 0)."""
+    path = run.weights("best")
+    state, own = load_weights(path)["model"], model.state_dict()
+    ints = [k for k, v in state.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if ints:
+        raise CompetitionError(f"{path}: {len(ints)} of {len(state)} tensors are not floating point ({ints[0]!r} is "
+                               f"{state[ints[0]].dtype}): a network's weights are floats, so the file was converted "
+                               f"or edited; restore the run's own file, or retrain the run")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CompetitionError(f"{path}: {len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. "
+                               f"{bad[0]!r}): training diverged or the file was edited; retrain the run (a lower lr), "
+                               f"or restore its file")
+
+
+def checked_train_set(run: RunDir, cfg: dict, jobs: list[Job], acc):
+    """The train split the out-of-fold jobs predict from (None when no job does), once the run's
+    index files fit it, before any output is written: rows in 0..N-1 (numpy would take -1 for
+    the last image without a word), and oof_ood_index one row of images per corruption and severity."""
+    if not any(j.kind in ("oof", "oof_ood") for j in jobs):
+        return None
+    with acc.main_process_first():
+        train_set = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
+    n, fix = len(train_set.labels), f"the run was trained on other data, or the file was edited: retrain {run.path}"
+    if run.oof_index() is not None:
+        data.check_rows(run / RunDir.OOF_INDEX, run.oof_index(), n, fix)
+    cells = run.oof_ood_index()
+    if cells is not None:
+        if cells.ndim != 2 or len(cells) != data.OOD_FILES * data.SEVERITIES:
+            raise CompetitionError(f"{run / RunDir.OOF_OOD_INDEX}: shape {cells.shape}, but it holds one row of "
+                                   f"images per corruption and severity ({data.OOD_FILES * data.SEVERITIES}, n): {fix}")
+        data.check_rows(run / RunDir.OOF_OOD_INDEX, cells, n, fix)
+    return train_set
+
+
+def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: float, main: bool,
+            train_set=None) -> None:
+    """Predict every job and write its output (main process only); train_set: checked_train_set's."""
     for job in jobs:
         mode = job.record.get("adapt", "none")
         learn_args = {k: job.record[f"{mode}_{k}"] for k in LEARN_KEYS} if mode in adapt.OBJECTIVES else None
@@ -290,12 +344,6 @@ def execute(run: RunDir, cfg: dict, pred: Predictor, jobs: list[Job], bn_blend: 
             if main:
                 run.save_test(job.setting, logits, job.source.labels, job.record)
             continue
-        if job.kind in ("oof", "oof_ood") and train_set is None:
-            with pred.acc.main_process_first():
-                train_set = data.load(cfg["dataset"], "train", cfg["data_dir"], cfg.get("data"))
-            if run.oof_index() is not None and run.oof_index().max(initial=-1) >= len(train_set.labels):
-                raise CompetitionError(f"{run / RunDir.OOF_INDEX} names row {run.oof_index().max()} but the train "
-                                       f"split has {len(train_set.labels)} images: the run was trained on other data")
         if job.kind == "oof":
             logits = pred.predict(train_set.images, job.source)
         elif job.kind == "oof_ood":  # 95 slices of n images: each (corruption, severity) adapted alone
@@ -327,6 +375,7 @@ def predict_run(run_dir, ood_dirs=(), spec: PredictSpec | None = None, test: boo
     run.check_unlocked("predicting with it")
     acc = accelerator or runtime.make_accelerator()
     model, cfg, data_cfg = run.load_model(map_location="cpu")
+    check_weights(run, model)
     files.check_writable(run.path, "run folder")
     if spec.tta:
         views = tta.parse_tta(spec.tta)
@@ -360,10 +409,11 @@ def predict_run(run_dir, ood_dirs=(), spec: PredictSpec | None = None, test: boo
     if not jobs:
         acc.print(f"{run}: all {len(current)} outputs up to date (--force redoes them)")
         return status
+    train_set = checked_train_set(run, cfg, jobs, acc)
     bar = runtime.progress(sum(j.passes for j in jobs), f"predict {run.name}", acc.is_main_process, unit="img")
     t0 = time.time()
     execute(run, cfg, Predictor(model, data_cfg, acc, views, average, spec.batch_size, bar), jobs, spec.bn_blend,
-            acc.is_main_process)
+            acc.is_main_process, train_set)
     bar.close()
     acc.wait_for_everyone()
     status.update({str(run.pred_dir(j.setting) / j.rel): "written" for j in jobs})

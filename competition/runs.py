@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
-from competition import adapt, data, folds
-from competition.config import comparable, read_yaml, save_config
+from competition import adapt, data, folds, metrics
+from competition.config import base_config, comparable, read_yaml, save_config
 from competition.files import CompetitionError, atomic_path, check_inside, check_name, check_writable, read_json, save_json, save_npy
 
 _FOLD_TAG = re.compile(r"-f\d+(?=-|$)")
@@ -58,6 +58,17 @@ def run_name(cfg: dict) -> str:
     the name, so the same preset on two data sets makes two runs, not a refusal)."""
     dataset = folds.dataset_name(cfg["dataset"], cfg.get("data"))
     return cfg.get("name") or f"{cfg['preset']}-{dataset}-f{cfg['fold']}-s{cfg['seed']}"
+
+
+def project_paths(cfg: dict, run: "RunDir") -> dict:
+    """A config read from a run's own files (config.yaml, the weights' metadata) with the folders
+    that decide where things are written taken from this project, never from the file (a run
+    folder someone sent may name any folder): data_dir (downloads, decoded and corrupted-copy
+    caches) is base.yaml's, relative to where the command runs; models_dir is the folder the run
+    lies in (the one its nested name hangs from). folds_dir stays: its CSV is only read."""
+    name = Path(cfg["name"]).parts if isinstance(cfg.get("name"), str) and cfg["name"] else ()
+    depth = len(name) if name and len(name) <= len(run.path.parts) and run.path.parts[-len(name):] == name else 1
+    return {**cfg, "data_dir": base_config()["data_dir"], "models_dir": str(run.path.parents[depth - 1])}
 
 
 def member_key(name: str) -> str:
@@ -231,6 +242,11 @@ class RunDir:
         """One process's RNG states: torch and CUDA as uint8 tensors, Python's and numpy's as JSON metadata."""
         return ckpt / f"random_states_{rank}.safetensors"
 
+    @staticmethod
+    def checkpoint_rngs(ckpt: Path) -> list[Path]:
+        """Every process's RNG states file a checkpoint folder holds."""
+        return sorted(ckpt.glob("random_states_*.safetensors"))
+
     CHECKPOINT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # Accelerate's names, newest first
 
     @staticmethod
@@ -262,10 +278,15 @@ class RunDir:
 
         needed = [RunDir.CKPT_STATE, RunDir.CKPT_MODEL, RunDir.CKPT_OPTIMIZER, RunDir.CKPT_OPTIMIZER_JSON] + \
             ([RunDir.CKPT_EMA] if ema else [])
-        try:  # every process that wrote the checkpoint left its RNG states (Accelerate would go on without)
-            processes = json.loads((ckpt / RunDir.CKPT_STATE).read_text())["loop"].get("processes") or 1
-        except Exception:
-            processes = 1  # state.json itself is reported below
+        # Every process that wrote the checkpoint left its RNG states (Accelerate would go on without).
+        # The count comes from a file that may have been sent: checked against the files there before
+        # any name is built from it (ten million names filled the memory).
+        loop = (read_json(ckpt / RunDir.CKPT_STATE, {}, kind=dict)).get("loop")
+        processes = (loop.get("processes") if isinstance(loop, dict) else None) or 1  # state.json: reported below
+        present = len(RunDir.checkpoint_rngs(ckpt))
+        if isinstance(processes, bool) or not isinstance(processes, int) or not 1 <= processes <= max(present, 1):
+            return (f"{RunDir.CKPT_STATE} says {processes!r} processes wrote it, but {present} "
+                    f"random_states_<rank>.safetensors are there")
         needed += [RunDir.checkpoint_rng(ckpt, r).name for r in range(processes)]
         missing = [n for n in needed if not (ckpt / n).exists()]
         if missing:
@@ -333,12 +354,18 @@ class RunDir:
         return path
 
     def move_aside(self, what: str) -> Path:
-        """Rename the folder to a hidden sibling (for --force, or a broken checkpoint); returns it."""
-        aside = self.path.with_name(f".{self.name}.{what}")
-        if aside.exists():
-            import shutil
-            shutil.rmtree(aside)
-        self.path.rename(aside)
+        """Rename the folder to a new hidden sibling `.<name>.<what>-<random>` (for --force); returns it.
+        The name is made here, new (mkdtemp) and hidden, and no run name starts with a dot
+        (files.NAME_RULE): the folder the caller deletes later is only ever this copy, never a run
+        or a copy an earlier, killed process left (that one stays, for a look)."""
+        import tempfile
+
+        aside = Path(tempfile.mkdtemp(prefix=f".{self.name}.{what}-", dir=self.path.parent))
+        try:
+            os.rename(self.path, aside)  # onto the empty folder mkdtemp made: replaced in one step
+        except OSError:
+            aside.rmdir()
+            raise
         return aside
 
     @property
@@ -349,13 +376,24 @@ class RunDir:
     def curves_png(self) -> Path:
         return self.path / "curves.png"
 
+    # Keys every config train.py saved holds, which every later stage indexes (its folds file); an
+    # empty or cut file lacks them.
+    CONFIG_KEYS = ("dataset", "folds_dir", "fold")
+
     def config(self) -> dict:
-        """The resolved config the run was trained with."""
+        """The resolved config the run was trained with, as this project reads it (project_paths:
+        its data_dir is this project's, never the one the file names)."""
         path = self.path / self.CONFIG
         if not path.exists():
             raise CompetitionError(f"{path} is missing: {self.path} is not a run folder written by "
                                    f"competition/train.py")
-        return read_yaml(path)
+        cfg = read_yaml(path)
+        missing = [k for k in self.CONFIG_KEYS if k not in cfg]
+        if missing:
+            raise CompetitionError(f"{path} is {'empty' if not cfg else 'not a whole run config'} (no "
+                                   f"{', '.join(missing)}): restore the run's own config.yaml, or retrain the run "
+                                   f"with --force")
+        return project_paths(cfg, self)
 
     def data_config(self, *need: str) -> dict:
         """classes, num_classes, mean, std, image_size, channels_last (older runs kept them in config.yaml);
@@ -406,7 +444,7 @@ class RunDir:
                                    f"or check the run folder name")
         try:
             ckpt = load_weights(path, map_location)
-            cfg = ckpt.get("config") or self.config()
+            cfg = project_paths(ckpt["config"], self) if isinstance(ckpt.get("config"), dict) else self.config()
             data_cfg = ckpt.get("data_config") or {k: cfg.get(k) for k in ("num_classes", "classes", "mean", "std",
                                                                            "image_size", "channels_last")}
             model = models.model_from_config({**cfg, "pretrained": False, "weights": None}, data_cfg["num_classes"])
@@ -443,11 +481,17 @@ class RunDir:
 
     def lock_holder(self, take_over: bool = True) -> dict | None:
         """{pid, host, since} of the live process holding the lock, or None. A lock left by a dead
-        process on this host is stale: removed with a message (take_over), or just ignored."""
+        process on this host is stale: removed with a message (take_over), or just ignored; one that
+        is not a lock this code wrote is refused with the fix (take_over), or just ignored."""
         path = self.path / self.LOCK
-        holder = read_json(path) if path.exists() else None
-        if holder is None:
+        if not path.exists():
             return None
+        holder = read_json(path, kind=dict)
+        if holder is None and not take_over:
+            return None
+        if holder is None:  # not one acquire_lock wrote: whose it is cannot be told, so it is not taken over
+            raise CompetitionError(f"{path} is not a lock this code wrote (no JSON mapping of pid and host): if no "
+                                   f"process is training {self.path}, delete {path}, then rerun")
         if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
             if not take_over:
                 return None
@@ -471,7 +515,7 @@ class RunDir:
         try:
             fd = os.open(self.path / self.LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            if read_json(self.path / self.LOCK, {}).get("pid") == os.getpid():
+            if read_json(self.path / self.LOCK, {}, kind=dict).get("pid") == os.getpid():
                 return
             self.check_unlocked("starting another")
             return self.acquire_lock()
@@ -481,7 +525,7 @@ class RunDir:
 
     def release_lock(self) -> None:
         path = self.path / self.LOCK
-        if read_json(path, {}).get("pid") == os.getpid():
+        if read_json(path, {}, kind=dict).get("pid") == os.getpid():
             path.unlink(missing_ok=True)
 
     def weights_hash(self) -> str:
@@ -514,8 +558,9 @@ class RunDir:
 
     def manifest(self, setting: str) -> dict:
         """pred/<setting>/predict.json: {output path relative to it: {source, weights, ...}}; {} if
-        absent or unreadable (everything is then redone)."""
-        return read_json(self.pred_dir(setting) / self.MANIFEST, {})
+        absent or unreadable (everything is then redone), and entries that are not records left out."""
+        found = read_json(self.pred_dir(setting) / self.MANIFEST, {}, kind=dict)
+        return {rel: record for rel, record in found.items() if isinstance(record, dict)}
 
     def write_output(self, setting: str, rel: str, array: np.ndarray, record: dict) -> None:
         """Save one prediction output and record how it was made (the array first: a crash between
@@ -636,7 +681,7 @@ class RunDir:
 
     def scores(self) -> list[dict]:
         """Every local score written for this run (score.json files), newest first."""
-        found = [read_json(p) for p in (self.path / self.PRED).glob(f"*/ood/*/{self.SCORE_JSON}")]
+        found = [read_json(p, kind=dict) for p in (self.path / self.PRED).glob(f"*/ood/*/{self.SCORE_JSON}")]
         return sorted((f for f in found if f), key=lambda r: r.get("scored", ""), reverse=True)
 
     def save_oof_ood(self, index: np.ndarray, logits: np.ndarray) -> None:
@@ -812,7 +857,7 @@ def members_from_json(path) -> tuple[list[Member], np.ndarray, dict]:
         for m in spec["members"]:
             runs = [RunDir(r) for r in m["runs"]]
             members.append(Member(m["name"], runs, m["setting"], cfgs=[r.config() for r in runs]))
-        weights = np.asarray([m["weight"] for m in spec["members"]], float)
+        weights = metrics.member_weights([m["weight"] for m in spec["members"]], path)
         # selftrain writes <out-dir>/selftrain/<name>-st<r>/: a name like ../../x would write outside it
         if "name" in spec:
             check_name(spec["name"], f"the \"name\" in {path} (a submission name)")
@@ -844,6 +889,7 @@ def load_array(path, logits: bool = False) -> np.ndarray:
     array (a pickle) is never loaded, and logits must be finite (a NaN row would argmax to class 0
     and pass as a valid submission)."""
     try:
+        data.check_npy(path)  # a regular file holding exactly the array its header declares
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise CompetitionError(f"{path} is not a plain numeric .npy file ({str(e)[:120]}): delete it and rerun "
@@ -930,6 +976,7 @@ def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force:
     refused unless --resume (continue from the last good checkpoint, same config only) or
     --force. One process at a time: the folder's lock names the one training it."""
     main = accelerator.is_main_process
+    check_place(run, cfg)
     if main:
         check_writable(run.path.parent, "models_dir")
         if run.path.exists():
@@ -966,6 +1013,25 @@ def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force:
         run.acquire_lock()
     accelerator.wait_for_everyone()
     return aside
+
+
+def check_place(run: RunDir, cfg: dict) -> None:
+    """Refuse a run folder inside another run's folder (name=<run>/pred would train over, and with
+    --force delete, that run's predictions) and a folder that is not a run but holds files (a
+    study's folder, anything else): a run trains into, and --force replaces, run folders only.
+    Before anything is created (check_writable makes the parent folders)."""
+    parts = Path(run_name(cfg)).parts
+    for i in range(1, len(parts)):
+        outer = Path(cfg["models_dir"]).joinpath(*parts[:i])
+        if (outer / RunDir.CONFIG).exists():
+            raise CompetitionError(f"config name {run_name(cfg)!r}: {outer} is a run folder, and a run never lies "
+                                   f"inside another run's folder; choose a name outside it (nothing was written)")
+    if run.path.is_dir() and not (run / RunDir.CONFIG).exists():
+        held = sorted(p.name for p in run.path.iterdir() if p.name != RunDir.LOCK)
+        if held:
+            raise CompetitionError(f"{run.path} is not a run folder (no {RunDir.CONFIG}) but holds "
+                                   f"{', '.join(held[:3])}{', ...' if len(held) > 3 else ''}: a run never trains into, "
+                                   f"nor --force replaces, another folder; choose another name=, or move it away")
 
 
 def check_same_data(run: RunDir, cfg: dict, current: str | None = None) -> None:

@@ -41,7 +41,8 @@ import numpy as np
 from competition import data, folds, plots, tta
 from competition.corruptions import trained_on
 from competition.files import CompetitionError, cli, count, count0, read_json, save_json, save_text
-from competition.metrics import Calibration, accuracy, ece, file_right, image_standard_error, table_summary
+from competition.metrics import Calibration, accuracy, ece, file_right, image_standard_error, member_weights, \
+    table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, default_setting, expand_runs, file_hash, \
     members_from_json, ood_logits, oof_labels, parse_adaptation, setting_name, test_logits
 
@@ -95,6 +96,7 @@ def held_out_images(dataset: str, path=None, data_dir="data", folds_dir="folds",
 
 def images_from_file(path) -> tuple[np.ndarray, None, dict]:
     """(images, no labels, source) from a uint8 (N, H, W, 3) .npy."""
+    data.check_npy(path)
     try:
         images = np.load(path, allow_pickle=False)
     except Exception as e:
@@ -209,6 +211,7 @@ def check_pinned(spec: dict, members, ood: data.OodSet, path: Path) -> None:
 def submission_target(target: Path, ood: data.OodSet):
     """(members, weights, clean (logits, labels) or None, OOF accuracy) of a submission JSON."""
     members, weights, spec = members_from_json(target)
+    weights = member_weights(weights, target)
     check_pinned(spec, members, ood, target)
     return members, weights, test_logits(members, weights), (spec.get("oof") or {}).get("accuracy")
 
@@ -219,7 +222,9 @@ def run_target(run: RunDir, setting: str):
     oof_acc = None
     if (run.pred_dir(base_setting(setting)) / RunDir.PRED_OOF).exists():
         idx, logits = run.oof_tta(setting)
-        oof_acc = accuracy(logits, oof_labels([member])[idx])
+        labels = oof_labels([member])
+        data.check_rows(run / RunDir.OOF_INDEX, idx, len(labels), f"restore it from the run's copy, or retrain {run}")
+        oof_acc = accuracy(logits, labels[idx])
     return [member], np.ones(1), test_logits([member], np.ones(1)), oof_acc
 
 

@@ -21,6 +21,7 @@ never tuned on the suite.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import time
 from pathlib import Path
@@ -77,13 +78,7 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
     """(images, soft targets, report) from a submission's ensembled OOD predictions. max_images
     None: PSEUDO_FRACTION of the fewest labelled images a member trained on; 0: no cap."""
     members, weights, spec = members_from_json(spec_path)
-    # members_from_json serves board and score too, which need no name; self-training names its
-    # runs and files after it and reads the rest, so a hand-made or older JSON fails here, unwritten.
-    missing = [key for key in ("name", "ood_dir", "method") if key not in spec]
-    if missing:
-        raise CompetitionError(f"{spec_path} lacks {', '.join(map(repr, missing))}: self-training reads the JSON "
-                               f"competition.ensemble writes next to its CSV; rebuild it with competition.ensemble "
-                               f"(or add the key)")
+    check_spec(spec, spec_path)
     if max_images is None:
         max_images = int(PSEUDO_FRACTION * min(labelled_images(source_run(r)) for m in members for r in m.runs))
     ood = data.OodSet(spec["ood_dir"])
@@ -125,6 +120,55 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
     return members, spec, images, probs, rep
 
 
+# What self-training reads of a submission's JSON besides its members, and the types it needs:
+# members_from_json serves board and score too, which need no name; self-training names its runs
+# and files after it and reads the rest, so a hand-made, older or edited JSON fails here, unwritten.
+SPEC_KEYS = {"name": str, "ood_dir": str, "method": str}
+SPEC_OPTIONAL = {"rounds": (int, type(None)), "fit_on": str, "adaptation": (str, dict), "selftrain": dict}
+
+
+def check_spec(spec: dict, path: Path) -> None:
+    """One error naming the JSON and the key when a key self-training reads is absent or of another type."""
+    missing = [key for key in SPEC_KEYS if key not in spec]
+    if missing:
+        raise CompetitionError(f"{path} lacks {', '.join(map(repr, missing))}: self-training reads the JSON "
+                               f"competition.ensemble writes next to its CSV; rebuild it with competition.ensemble "
+                               f"(or add the key)")
+    for key, kind in {**SPEC_KEYS, **SPEC_OPTIONAL}.items():
+        if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], kind)):
+            raise CompetitionError(f"{path}: {key!r} is {json.dumps(spec[key])[:60]}, not what competition.ensemble "
+                                   f"writes there; rebuild the JSON with competition.ensemble (or restore it)")
+
+
+def previous_round(path: Path) -> int:
+    """The self-training round a submission's JSON records (0: none), checked before any round
+    starts: each new round is numbered after it."""
+    spec = read_json(path, kind=dict)
+    if spec is None:
+        if path.exists():
+            raise CompetitionError(f"{path} is not a JSON mapping: self-training reads the JSON competition.ensemble "
+                                   f"writes next to its CSV; rebuild it with competition.ensemble")
+        return 0  # members_from_json says it is missing
+    record = spec.get("selftrain", {})
+    done = record.get("round", 0) if isinstance(record, dict) else None
+    if isinstance(done, bool) or not isinstance(done, int) or not 0 <= done <= 1000:
+        raise CompetitionError(f"{path}: 'selftrain' is {json.dumps(record)[:60]}, not the record competition."
+                               f"selftrain writes ({{\"round\": N, ...}} with a whole round number); rebuild the JSON "
+                               f"with competition.ensemble, or restore it")
+    return done
+
+
+def folds_csv(run: RunDir) -> Path:
+    """The folds file `run` trained on, which must exist: training would write a new split there
+    (another held-out fold) if it were missing."""
+    cfg = run.config()
+    path = folds.folds_path(folds.dataset_name(cfg["dataset"], cfg.get("data")), cfg["folds_dir"])
+    if not path.is_file():
+        raise CompetitionError(f"{path} (the folds {run} trained on) is missing: restore it (fine-tuning on another "
+                               f"split would train on the run's held-out images)")
+    return path
+
+
 def source_run(run: RunDir) -> RunDir:
     """The run a self-trained run descends from (itself when it is not one): its lr and its
     training images are the reference for every round's defaults."""
@@ -138,10 +182,7 @@ def source_run(run: RunDir) -> RunDir:
 def labelled_images(run: RunDir) -> int:
     """How many labelled images `run` trained on: its folds file's training rows (its fold and
     exclude_folds left out), at most train_subset."""
-    cfg = run.config()
-    path = folds.folds_path(folds.dataset_name(cfg["dataset"], cfg.get("data")), cfg["folds_dir"])
-    if not path.exists():
-        raise CompetitionError(f"{path} (the folds {run} trained on) is missing: pass --max-images, or restore it")
+    cfg, path = run.config(), folds_csv(run)
     rows, _ = folds.fold_rows(folds.read_folds(path)["fold"].to_numpy(), cfg["fold"], path, cfg.get("exclude_folds"))
     return min(len(rows), cfg.get("train_subset") or len(rows))  # train samples train_subset of them
 
@@ -164,12 +205,16 @@ def member_predict_spec(setting: str, record: dict) -> PredictSpec:
 def fine_tune(run: RunDir, pseudo: Path, chain: str, round_: int, epochs: int, lr: float | None,
               force: bool) -> RunDir:
     """The run fine-tuned on its training folds + the pseudo-labelled images: a new run folder,
-    <run>-<submission>-st<round> (round 2 continues from round 1's run, named after the original).
-    lr None: LR_FRACTION of the original run's peak lr."""
+    <run>-<submission>-st<round> beside it (round 2 continues from round 1's run, named after the
+    original). lr None: LR_FRACTION of the original run's peak lr."""
     base = re.sub(rf"-{re.escape(chain)}-st\d+$", "", run.name)
     lr = lr if lr is not None else LR_FRACTION * float(source_run(run).config()["lr"])
-    # complete: a run saved before some key existed trains with its default, as config.comparable reads it
-    cfg = {**complete(run.config()), "name": f"{base}-{chain}-st{round_}", "init_from": str(run.path),
+    folds_csv(run)
+    # complete: a run saved before some key existed trains with its default, as config.comparable reads it.
+    # models_dir: the folder the run lies in, so the new run (and what --force replaces) is its sibling;
+    # the run's own config may name any folder (a run someone sent), and data_dir is the project's (RunDir.config).
+    cfg = {**complete(run.config()), "models_dir": str(run.path.parent), "name": f"{base}-{chain}-st{round_}",
+           "init_from": str(run.path),
            "pseudo": str(pseudo), "epochs": epochs, "lr": lr, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0,
            "jsd": 0.0, "stop_after": None, "unfreeze": None}
     return RunDir(train.train(cfg, force=force))
@@ -247,7 +292,7 @@ def main(argv=None):
     if (args.max_images is not None and args.max_images < 0) or (args.lr is not None and not args.lr > 0):
         raise CompetitionError("--max-images must be >= 0 (0: no cap) and --lr > 0")
     spec = Path(args.submission)
-    done = (read_json(spec) or {}).get("selftrain", {}).get("round", 0)  # continuing a self-trained submission
+    done = previous_round(spec)  # continuing a self-trained submission
     for r in range(done + 1, done + args.rounds + 1):
         spec = one_round(spec, r, args)
     print(spec.with_suffix(".csv"))

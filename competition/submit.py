@@ -217,6 +217,7 @@ def kaggle_submit(path, message: str, competition: str | None = None) -> str:
     path = Path(path)
     if not path.is_file():
         raise CompetitionError(f"{path} does not exist")
+    read_sidecar(path)  # record_upload appends to it once the upload is spent: a bad one is refused first
     api = _kaggle_api()
     try:
         reply = api.competition_submit(str(path), message, competition)
@@ -255,10 +256,10 @@ def record_upload(csv: Path, competition: str, message: str, reply: str) -> None
     """Append the upload to <csv>.json (a minimal one when the CSV has no sidecar)."""
     import time
 
-    from competition.files import read_json, save_json
+    from competition.files import save_json
 
     sidecar = Path(csv).with_suffix(".json")
-    spec = read_json(sidecar) or {"name": Path(csv).stem, "csv": str(csv)}
+    spec = read_sidecar(csv) or {"name": Path(csv).stem, "csv": str(csv)}
     spec.setdefault("kaggle", []).append({"competition": competition, "file": Path(csv).name, "message": message,
                                           "uploaded": time.strftime("%Y-%m-%d %H:%M:%S"), "reply": reply,
                                           "public_score": None, "private_score": None})
@@ -276,7 +277,7 @@ def _field(obj, *names):
 def fetch_scores(submissions_dir="submissions", competition: str | None = None, api=None) -> str:
     """Read your submissions' scores back from Kaggle (`kaggle competitions submissions`) into
     every sidecar that recorded an upload of that file and message; returns a summary line."""
-    from competition.files import read_json, save_json
+    from competition.files import save_json
 
     competition = resolve_competition(competition)
     api = api or _kaggle_api()
@@ -290,7 +291,7 @@ def fetch_scores(submissions_dir="submissions", competition: str | None = None, 
         found.setdefault(key, r)  # newest first: Kaggle lists the latest upload of a file first
     updated = 0
     for sidecar in sorted(Path(submissions_dir).glob("*.json")):
-        spec = read_json(sidecar)
+        spec = read_sidecar(sidecar)
         if not spec or not spec.get("kaggle"):
             continue
         changed = False
@@ -309,14 +310,37 @@ def fetch_scores(submissions_dir="submissions", competition: str | None = None, 
     return f"Kaggle: {len(remote or [])} submission(s) of {competition}; scores written into {updated} sidecar(s)"
 
 
+def read_sidecar(csv) -> dict | None:
+    """The CSV's JSON sidecar (competition.ensemble writes it), or None when there is none or it is
+    not JSON (as before); JSON of another shape is one error naming it, not a traceback where a
+    key is used: an object, "runs" a list of run folders, "ood_dir" a folder, "kaggle" a list of
+    upload records."""
+    from competition.files import read_json
+
+    path = Path(csv).with_suffix(".json")
+    spec = read_json(path)
+    if spec is None:
+        return None
+    why = None if isinstance(spec, dict) else f"it holds a JSON {type(spec).__name__}"
+    for key, kind, item in (("runs", list, str), ("ood_dir", str, None), ("kaggle", list, dict)):
+        value = spec.get(key) if why is None else None
+        if value is not None and not isinstance(value, kind):
+            why = f"its {key!r} is a JSON {type(value).__name__}, not a {kind.__name__}"
+        elif item is not None and value is not None and not all(isinstance(v, item) for v in value):
+            why = f"its {key!r} holds other than {'folder names' if item is str else 'objects'}"
+    if why:
+        raise CompetitionError(f"{path} is not the JSON competition.ensemble writes beside a submission CSV ({why}): "
+                               f"restore it, rebuild the submission with competition.ensemble, or delete it (the CSV "
+                               f"is then checked on its own)")
+    return spec
+
+
 def expected_shape(csv, ood_dir, allow_partial: bool, submitting: bool) -> tuple[int, int] | None:
     """The competition's shape, when the CSV is for it: its sidecar JSON names runs trained on
     cifar100, or it goes to Kaggle without a sidecar (this pipeline's competition is CIFAR-100's)."""
-    from competition.files import read_json
-
     if submitting and not allow_partial:  # an upload spends a daily submission: only the real test set's shape
         return COMPETITION_SHAPE
-    sidecar = read_json(Path(csv).with_suffix(".json"))
+    sidecar = read_sidecar(csv)
     if sidecar is None:
         return None if allow_partial or not submitting or (ood_dir and OodSet(ood_dir).is_suite) else COMPETITION_SHAPE
     from competition.runs import RunDir

@@ -121,10 +121,8 @@ class TrainData:
         from competition.files import read_npz
 
         z = read_npz(path, ("images", "probs"), "a pseudo-label file written by competition.selftrain")
-        images, probs = z["images"], z["probs"].astype(np.float32)
-        if images.shape[1:] != self.images.shape[1:] or probs.shape != (len(images), n_classes):
-            raise CompetitionError(f"{path}: images {images.shape} / targets {probs.shape} do not fit this data set "
-                                   f"({self.images.shape[1:]} images, {n_classes} classes)")
+        images, probs = data.check_pseudo(path, z["images"], z["probs"], self.images.shape[1:], n_classes)
+        probs = probs.astype(np.float32)
         n = len(self.images)
         self.soft = np.concatenate([np.eye(n_classes, dtype=np.float32)[self.labels], probs])
         self.images = np.concatenate([self.images, images])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -520,3 +522,251 @@ def test_a_stop_at_an_epochs_first_step_claims_no_new_checkpoint(tmp_path, monke
     with pytest.raises(Interrupted, match=r"checkpoint saved in .*checkpoint_0; continue exactly with"):
         train.main(TINY + dirs + ["name=second"])
     assert [c.name for c in RunDir(tmp_path / "models" / "second").checkpoints()] == ["checkpoint_0"]
+
+
+# ---------------------------------------------------------------------------- a sent run decides nothing of where things go
+
+
+def _send_elsewhere(run_dir: Path, outside: Path) -> None:
+    """What a run folder someone sent may hold: its config.yaml and its weights' metadata naming
+    folders outside the project as its data_dir and models_dir."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from competition.config import read_yaml, save_config
+
+    where = {"data_dir": str(outside / "data"), "models_dir": str(outside / "models")}
+    save_config({**read_yaml(run_dir / "config.yaml"), **where}, run_dir / "config.yaml")
+    best = run_dir / "best.safetensors"
+    with safe_open(str(best), framework="pt") as f:
+        meta = f.metadata()
+    meta["config"] = json.dumps({**json.loads(meta["config"]), **where})
+    save_file(load_file(best), str(best), metadata=meta)
+
+
+def test_a_sent_run_never_decides_where_predict_writes(run_copy, tmp_path, monkeypatch):
+    from competition import corruptions, predict
+    from competition.config import base_config
+
+    run_dir, _ = run_copy
+    outside = tmp_path / "outside"
+    _send_elsewhere(run_dir, outside)
+    project = base_config()["data_dir"]
+    run = RunDir(run_dir)
+    assert run.config()["data_dir"] == project and run.config()["models_dir"] == str(run_dir.parent)
+    assert run.load_model()[1]["data_dir"] == project
+    caches = []
+
+    def stop(*args, cache_dir=None, **kwargs):  # where predict would write the corrupted copies' cache
+        caches.append(Path(cache_dir))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(corruptions, "corrupted_copies", stop)
+    with pytest.raises(RuntimeError, match="stop here"):
+        predict.predict_run(run_dir, [], test=False)
+    assert caches == [Path(project) / "cache"] and not outside.exists()
+
+
+def test_selftrain_fine_tunes_beside_the_run_whatever_its_config_names(run_copy, tmp_path, monkeypatch):
+    from competition import selftrain
+    from competition.config import base_config
+
+    run_dir, _ = run_copy
+    outside = tmp_path / "outside"
+    _send_elsewhere(run_dir, outside)
+    asked = {}
+    monkeypatch.setattr(train, "train", lambda cfg, force=False: asked.update(cfg) or RunDir.for_config(cfg).path)
+    new = selftrain.fine_tune(RunDir(run_dir), tmp_path / "pseudo.npz", "sub", 1, 1, None, force=True)
+    assert new.path == run_dir.parent / f"{run_dir.name}-sub-st1" and asked["models_dir"] == str(run_dir.parent)
+    assert asked["data_dir"] == base_config()["data_dir"] and not outside.exists()
+    from competition.config import read_yaml, save_config
+
+    # its folds file gone (or a sent config naming a folder without one): training would write a
+    # new split there, with other held-out images
+    save_config({**read_yaml(run_dir / "config.yaml"), "folds_dir": str(tmp_path / "no-folds")}, run_dir / "config.yaml")
+    with pytest.raises(CompetitionError, match=r"digits.csv \(the folds .* trained on\) is missing: restore it"):
+        selftrain.fine_tune(RunDir(run_dir), tmp_path / "pseudo.npz", "sub", 1, 1, None, force=True)
+
+
+def test_no_run_name_is_an_aside_and_force_moves_aside_to_a_new_name(run_copy):
+    run_dir, dirs = run_copy
+    with pytest.raises(CompetitionError, match=r"config name .*: use letters, .*not starting with '\.'"):
+        train.main(TINY + dirs + [f"name=.{run_dir.name}.replaced"])
+    # a run of that name from before the rule, or the copy a killed --force left: never deleted
+    older = run_dir.parent / f".{run_dir.name}.replaced"
+    older.mkdir()
+    (older / "keep.txt").write_text("kept")
+    aside = RunDir(run_dir).move_aside("replaced")
+    assert aside != older and aside.parent == run_dir.parent and aside.name.startswith(f".{run_dir.name}.replaced")
+    assert (aside / "config.yaml").exists() and not run_dir.exists() and (older / "keep.txt").read_text() == "kept"
+
+
+def test_a_run_never_lies_inside_another_run_nor_replaces_a_folder_that_is_not_one(run_copy):
+    run_dir, dirs = run_copy
+    pred = run_dir / "pred" / "flip"
+    pred.mkdir(parents=True)
+    (pred / "oof.npy").write_bytes(b"another run's predictions")
+    with pytest.raises(CompetitionError, match=f"{run_dir.name} is a run folder, and a run never lies inside"):
+        train.main(TINY + dirs + [f"name={run_dir.name}/pred", "--force"])
+    victim = run_dir.parent / "victim"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("precious")
+    with pytest.raises(CompetitionError, match=r"victim is not a run folder \(no config.yaml\) but holds precious.txt"):
+        train.main(TINY + dirs + ["name=victim", "--force"])
+    assert (pred / "oof.npy").read_bytes() == b"another run's predictions" and (victim / "precious.txt").exists()
+    assert sorted(p.name for p in (run_dir / "pred").iterdir()) == ["flip"]
+
+
+# ---------------------------------------------------------------------------- bookkeeping files of another shape
+
+
+def test_a_lock_manifest_or_config_of_another_shape_is_one_line(run_copy):
+    from competition import predict, runs
+    from competition.files import read_json
+
+    run_dir, dirs = run_copy
+    run = RunDir(run_dir)
+    (run_dir / ".lock").write_text("[1, 2]")
+    with pytest.raises(CompetitionError, match=r"\.lock is not a lock this code wrote .*delete .*\.lock, then rerun"):
+        predict.predict_run(run_dir, [], test=False)
+    with pytest.raises(CompetitionError, match=r"\.lock is not a lock this code wrote"):
+        train.main(TINY + dirs + ["--force"])
+    assert run.lock_holder(take_over=False) is None and (run_dir / ".lock").exists()  # a look (board) goes on
+    (run_dir / ".lock").unlink()
+    manifest = run.pred_dir("flip") / "predict.json"
+    manifest.parent.mkdir(parents=True)
+    for text in ('["x"]', '{"oof.npy": 5}', ""):
+        manifest.write_text(text)
+        assert run.manifest("flip") == {} and read_json(manifest, {}, kind=dict) in ({}, {"oof.npy": 5})
+        with pytest.raises(CompetitionError, match=r"oof.npy is missing: run `python -m competition.predict"):
+            run.oof_tta("flip")
+    (run_dir / "config.yaml").write_text("")
+    with pytest.raises(CompetitionError, match=r"config.yaml is empty \(no dataset, .*\): restore the run's own"):
+        runs.load_members([run])
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"selftrain": 5}, r"'selftrain' is 5, not the record competition.selftrain writes"),
+    ({"selftrain": {"round": 1.5}}, r"'selftrain' is \{\"round\": 1.5\}, not the record"),
+    ({"ood_dir": 5}, r"'ood_dir' is 5, not what competition.ensemble writes there"),
+    ([{"name": "x"}], r"sub.json is not a JSON mapping")])
+def test_selftrain_checks_the_submission_json_types_before_any_write(run_copy, tmp_path, content, match):
+    from competition import selftrain
+
+    run_dir, _ = run_copy
+    spec = {"name": "sub", "ood_dir": str(tmp_path), "method": "equal",
+            "members": [{"name": "a", "runs": [str(run_dir)], "setting": "flip", "weight": 1.0}]}
+    path = tmp_path / "subs" / "sub.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**spec, **content} if isinstance(content, dict) else content))
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(CompetitionError, match=match) as e:
+        selftrain.main([str(path), "--out-dir", str(path.parent)])
+    assert "\n" not in str(e.value) and sorted(tmp_path.rglob("*")) == before
+
+
+# ---------------------------------------------------------------------------- a checkpoint someone sent
+
+
+def _json_edit(name: str, change):
+    def damage(ckpt: Path) -> None:
+        saved = json.loads((ckpt / name).read_text())
+        change(saved)
+        (ckpt / name).write_text(json.dumps(saved))
+    return damage
+
+
+def _tensor_edit(name: str, tensors=None, meta=None):
+    def damage(ckpt: Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        with safe_open(str(ckpt / name), framework="pt") as f:
+            saved_meta = f.metadata()
+        saved = load_file(ckpt / name)
+        save_file(tensors(saved) if tensors else saved, str(ckpt / name), metadata=meta(saved_meta) if meta else saved_meta)
+    return damage
+
+
+def _wider_head(t: dict) -> dict:
+    key = [k for k in t if t[k].ndim == 2][-1]
+    return {**t, key: torch.zeros(t[key].shape[0] + 1, t[key].shape[1])}
+
+
+def _loop(key, value):
+    return _json_edit("state.json", lambda s: s["loop"].update({key: value}))
+
+
+SENT_CHECKPOINTS = [  # (damage, what the checkpoint is passed over for): the reviewer's C11-C17 and kin
+    (_loop("processes", "two"), r"state.json says 'two' processes wrote it, but 1 random_states"),
+    (_loop("processes", 1.5), r"state.json says 1.5 processes"),
+    (_loop("processes", 10 ** 7), r"state.json says 10000000 processes wrote it, but 1 random_states"),
+    (_loop("epoch", "1"), r'state.json: loop.epoch is "1", not a whole number in 0..2'),
+    (_loop("step", 10 ** 6), r"state.json: loop.step is 1000000, not a whole number in 0..0"),
+    (_loop("partial", {"seen": "x"}), r"state.json: loop.partial is"),
+    (_loop("history", {"a": 1}), r"state.json: loop.history is not 2 metrics rows"),
+    (_json_edit("state.json", lambda s: s["scheduler"].update(step_update=1)), r"state.json scheduler is \{"),
+    (_json_edit("optimizer.json", lambda s: s["state"].update(abc={})), r"'abc' is not a parameter index"),
+    (_json_edit("optimizer.json", lambda s: s["param_groups"][0].update(lr="fast")),
+     r'optimizer.json param_groups\[0\].lr is "fast"'),
+    (_tensor_edit("optimizer.safetensors", lambda t: {**t, "momentum_buffer": torch.zeros(3)}),
+     r"'momentum_buffer' is not named <parameter index>.<state name>"),
+    (_tensor_edit("model.safetensors", _wider_head), r"model.safetensors: .* has shape \(11, 16\)"),
+    (_tensor_edit("random_states_0.safetensors", meta=lambda m: {**m, "python": json.dumps(
+        {"__tuple__": [3, {"__tuple__": [1, 2, 3]}, None]})}), r"random_states_0.safetensors: its RNG states do not"),
+    (_tensor_edit("random_states_0.safetensors", lambda t: {**t, "torch": t["torch"][:100]}),
+     r"random_states_0.safetensors: its RNG states do not load \(RuntimeError"),
+]
+
+
+def test_a_sent_checkpoint_is_checked_before_anything_of_it_is_loaded(run_copy, tmp_path):
+    from competition import checkpoints, runtime
+    from competition.learner import make_learner
+    from competition.specs import train_spec
+
+    run_dir, _ = run_copy
+    run, accelerator = RunDir(run_dir), runtime.make_accelerator("no")
+    learner = make_learner(train_spec(run.config()), run.data_config(), accelerator)
+    newest = run.checkpoints()[-1]
+
+    def problem(ckpt):
+        return RunDir.checkpoint_problem(ckpt, False) or checkpoints.fit_problem(ckpt, learner, accelerator)
+
+    assert problem(newest) is None
+    for i, (damage, why) in enumerate(SENT_CHECKPOINTS):
+        ckpt = tmp_path / str(i) / newest.name
+        shutil.copytree(newest, ckpt)
+        damage(ckpt)
+        found = problem(ckpt)
+        assert found is not None and re.search(why, found), (i, found)
+
+
+def test_a_resume_past_the_steps_of_its_epoch_is_one_line_and_trains_nothing(run_copy):
+    run_dir, dirs = run_copy
+    (run_dir / "summary.json").unlink()
+    older, newest = RunDir(run_dir).checkpoints()
+    shutil.rmtree(newest)
+    _loop("step", 10 ** 6)(older)  # skipping a million batches would call epoch 2 finished, untrained
+    metrics = (run_dir / "metrics.csv").read_text()
+    with pytest.raises(CompetitionError, match=rf"checkpoint .*{older.name} is damaged or from another run: its "
+                                               rf"state.json stopped at step 1000000 of epoch 2, which has \d+ steps; "
+                                               rf"start again with --force"):
+        train.main(TINY + dirs + ["--resume"])
+    assert (run_dir / "metrics.csv").read_text() == metrics and not RunDir(run_dir).finished
+
+
+def test_a_checkpoint_that_fails_to_load_anyway_is_one_line_naming_the_one_before(run_copy, monkeypatch):
+    from competition import checkpoints
+
+    run_dir, dirs = run_copy
+    (run_dir / "summary.json").unlink()
+    older, newest = RunDir(run_dir).checkpoints()
+    for ckpt in (older, newest):
+        _tensor_edit("model.safetensors", _wider_head)(ckpt)
+    monkeypatch.setattr(checkpoints, "fit_problem", lambda *a: None)  # a failure no check foresaw
+    with pytest.raises(CompetitionError, match=rf"checkpoint .*{newest.name} is damaged or from another run: "
+                                               rf"RuntimeError: .*size mismatch .*; move {newest.name} into "
+                                               rf".*broken-checkpoints to resume from {older.name}, or start again "
+                                               rf"with --force") as e:
+        train.main(TINY + dirs + ["--resume"])
+    assert "\n" not in str(e.value)
