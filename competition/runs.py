@@ -891,6 +891,10 @@ def load_array(path, logits: bool = False) -> np.ndarray:
     try:
         data.check_npy(path)  # a regular file holding exactly the array its header declares
         array = np.load(path, allow_pickle=False)
+    except CompetitionError as e:
+        why = str(e).removeprefix(f"{path} ").split(":")[0]
+        raise CompetitionError(f"{path} is not a plain numeric .npy file ({why}): delete it and rerun the step "
+                               f"that wrote it (train or predict)") from None
     except (ValueError, OSError, EOFError) as e:
         raise CompetitionError(f"{path} is not a plain numeric .npy file ({str(e)[:120]}): delete it and rerun "
                                f"the step that wrote it (train or predict)") from None
