@@ -342,10 +342,8 @@ def _iter_image_files(path: Path):
         # The whole archive is refused, not just these members: dropping them would train on part
         # of the data set without a word, and following a link could read any file on this
         # machine. load_imagefolder lists every member before it decodes one, so nothing was used.
-        n = sum(map(len, refused.values()))
-        kinds = "; ".join(f"{len(names)} {why}, e.g. {names[0]!r}" for why, names in refused.items())
         raise CompetitionError(
-            f"{path}: {n} image member(s) refused ({kinds}): an image archive holds each image once, as a plain "
+            f"{path}: {_refusals(refused, 'image member(s)')}: an image archive holds each image once, as a plain "
             f"file at a relative <class>/<image> path; recreate it from the image files themselves (tar -h "
             f"--hard-dereference stores what links point at), then rerun (nothing was read from it)")
     if data_end > end:
@@ -355,6 +353,13 @@ def _iter_image_files(path: Path):
             f"{path} holds {data_end - end} bytes of data after its tar end-of-archive (archives joined with cat, or "
             f"a gzip of several members?), which a tar reader never reads: recreate one archive from the image files "
             f"themselves (tar czf all.tar.gz train/), then rerun (nothing was read from it)")
+
+
+def _refusals(refused: dict[str, list[str]], what: str) -> str:
+    """'N <what> refused (k1 why1, e.g. 'name'; ...)': how many members or files were refused and
+    why (the one wording of an archive's and a folder's refusals)."""
+    kinds = "; ".join(f"{len(names)} {why}, e.g. {names[0]!r}" for why, names in refused.items())
+    return f"{sum(map(len, refused.values()))} {what} refused ({kinds})"
 
 
 def _folder_images(path: Path) -> list[Path]:
@@ -381,10 +386,9 @@ def _folder_images(path: Path) -> list[Path]:
         else:
             files.append(p)
     if refused:
-        n = sum(map(len, refused.values()))
-        kinds = "; ".join(f"{len(ps)} {why}, e.g. {str(ps[0].relative_to(path))!r}" for why, ps in refused.items())
+        shown = {why: [str(p.relative_to(path)) for p in ps] for why, ps in refused.items()}
         raise CompetitionError(
-            f"{path}: {n} image file(s) refused ({kinds}): an image folder holds its images as its own plain files; "
+            f"{path}: {_refusals(shown, 'image file(s)')}: an image folder holds its images as its own plain files; "
             f"copy what the links point at into it (cp -rL FOLDER COPY makes such a copy) and point --data at that, "
             f"then rerun (nothing was read from it)")
     return files
