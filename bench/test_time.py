@@ -102,7 +102,7 @@ def ensemble_rows(args, runs: list[Path], measure: Path, pool: Path, subs: Path,
     for r in range(1, args.rounds + 1):
         source = subs / ("st.json" if r == 1 else f"st-st{r - 1}.json")
         t = sh(["-m", "competition.selftrain", str(source), "--rounds", "1", "--suite", str(measure), "--out-dir",
-                str(subs), "--force", *args.selftrain_args.split()], log)
+                str(subs), "--models-dir", str(runs[0].parent), "--force", *args.selftrain_args.split()], log)
         info = json.loads((subs / f"st-st{r}.json").read_text())
         st = info["selftrain"]
         rows.append((f"self-training round {r} ({st['images']} pseudo-labels, "

@@ -71,6 +71,9 @@ def read_yaml(path) -> dict:
         raise CompetitionError(f"{path}: line {e.line} {e.why()}") from None
     except yaml.YAMLError as e:
         raise CompetitionError(f"{path} is not valid YAML: {e}") from None
+    except RecursionError:  # PyYAML composes nested [ or { recursively: thousands of them (a sent file) end here
+        raise CompetitionError(f"{path} nests lists or mappings too deeply to read (not a config this code wrote): "
+                               f"restore the file, or write it again") from None
     if not isinstance(out, dict):
         raise CompetitionError(f"{path}: expected a mapping of config keys")
     return out

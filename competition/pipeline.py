@@ -240,9 +240,12 @@ def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
                 f"adaptation: {plan.adapt})",
                 ["competition.ensemble", *runs, "--name", sub, "--ood-dir", target, "--tta", plan.tta, "--adapt",
                  plan.adapt, *(["--overwrite"] if plan.overwrite else [])]))
-    if plan.selftrain:
+    if plan.selftrain:  # --models-dir: the folder the runs above lie in (models_dir=... may move it)
+        first = plan.parts[0]
+        models_dir = resolve(first, plan.presets(first), plan.train_overrides(first))["models_dir"]
         out.append((f"self-training: {plan.selftrain} round(s) on the pseudo-labelled {target}",
                     ["competition.selftrain", f"submissions/{sub}.json", "--rounds", str(plan.selftrain),
+                     "--models-dir", str(models_dir),
                      *(["--suite", suite] if suite else []), *(["--force"] if plan.overwrite else [])]))
         sub = f"{sub}-st{plan.selftrain}"
     if suite:

@@ -356,8 +356,8 @@ class RunDir:
     def move_aside(self, what: str) -> Path:
         """Rename the folder to a new hidden sibling `.<name>.<what>-<random>` (for --force); returns it.
         The name is made here, new (mkdtemp) and hidden, and no run name starts with a dot
-        (files.NAME_RULE): the folder the caller deletes later is only ever this copy, never a run
-        or a copy an earlier, killed process left (that one stays, for a look)."""
+        (files.NAME_RULE): the folder the caller deletes later is only ever this copy, never a run.
+        A copy an earlier, killed --force left stays until the next --force of this run (asides)."""
         import tempfile
 
         aside = Path(tempfile.mkdtemp(prefix=f".{self.name}.{what}-", dir=self.path.parent))
@@ -367,6 +367,13 @@ class RunDir:
             aside.rmdir()
             raise
         return aside
+
+    def asides(self, what: str = "replaced") -> list[Path]:
+        """The copies of this run move_aside made beside it: folders (never links) named exactly
+        `.<name>.<what>-` and mkdtemp's 8 characters; nothing else (a run, a file) is ever one."""
+        rule = re.compile(re.escape(f".{self.name}.{what}-") + r"[a-z0-9_]{8}")
+        return sorted(p for p in self.path.parent.glob(f".{glob.escape(self.name)}.{what}-*")
+                      if rule.fullmatch(p.name) and p.is_dir() and not p.is_symlink())
 
     @property
     def metrics_csv(self) -> Path:
@@ -433,7 +440,8 @@ class RunDir:
 
     def load_model(self, which: str = "best", map_location="cpu"):
         """(model in eval mode, config, data config) of `best.pt` or `last.pt`. The architecture is
-        rebuilt from the config without fetching ImageNet weights: the file holds every parameter."""
+        rebuilt from the config without fetching ImageNet weights: the file holds every parameter,
+        each a finite float where the network holds floats (checked here, as the file is read once)."""
         import torch
 
         from competition import models
@@ -448,7 +456,21 @@ class RunDir:
             data_cfg = ckpt.get("data_config") or {k: cfg.get(k) for k in ("num_classes", "classes", "mean", "std",
                                                                            "image_size", "channels_last")}
             model = models.model_from_config({**cfg, "pretrained": False, "weights": None}, data_cfg["num_classes"])
-            model.load_state_dict(ckpt["model"])
+            # Refused, naming the file, rather than a submission of garbage with exit status 0: a tensor
+            # that is not floating point where the network holds floats (load_state_dict casts an int64
+            # copy without a word) or one holding NaN or inf (every logit NaN: class 0).
+            state, own = ckpt["model"], model.state_dict()
+            ints = [k for k, v in state.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+            if ints:
+                raise CompetitionError(f"{path}: {len(ints)} of {len(state)} tensors are not floating point ({ints[0]!r} "
+                                       f"is {state[ints[0]].dtype}): a network's weights are floats, so the file was "
+                                       f"converted or edited; restore the run's own file, or retrain the run")
+            bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise CompetitionError(f"{path}: {len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. "
+                                       f"{bad[0]!r}): training diverged or the file was edited; retrain the run (a "
+                                       f"lower lr), or restore its file")
+            model.load_state_dict(state)
         except CompetitionError:
             raise
         except Exception as e:
@@ -870,7 +892,8 @@ def members_from_json(path) -> tuple[list[Member], np.ndarray, dict]:
 
 def oof_labels(members: list[Member]) -> np.ndarray:
     """Labels of the folds CSV every run was trained with (they must all share it)."""
-    found = {run.folds_labels()[0]: run for m in members for run in m.runs}
+    # resolved: one file spelled relative by one run and absolute by another is one split
+    found = {run.folds_labels()[0].resolve(): run for m in members for run in m.runs}
     if len(found) != 1:
         raise CompetitionError(f"the runs were trained on different folds files ({', '.join(map(str, found))}): "
                                f"an ensemble needs one dataset and one split")
@@ -986,6 +1009,12 @@ def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force:
         if run.path.exists():
             run.check_unlocked("training it again")
     exists, aside = (run / RunDir.CONFIG).exists(), None
+    stale = run.asides() if main else []  # copies a killed --force left: deleted with the next --force's own
+    replacing = force and not resume and main and run.path.exists()
+    if stale and not replacing:
+        accelerator.print(f"{run}: {len(stale)} copy(ies) of it an interrupted --force set aside remain in "
+                          f"{run.path.parent} ({stale[0].name}{', ...' if len(stale) > 1 else ''}): the next --force "
+                          f"of the run deletes them once it has trained an epoch, or delete them yourself")
     if exists and not force:
         changed = changed_keys(run.config(), cfg)
         if run.finished and not changed:
@@ -1009,14 +1038,25 @@ def prepare_run_folder(run: RunDir, cfg: dict, accelerator, resume: bool, force:
     if resume and run.latest_checkpoint() is None:
         raise CompetitionError(f"--resume: {run.checkpoint_dir} holds no checkpoint (interrupted in its first "
                                f"epoch?); retrain with --force")
-    if force and not resume and main and run.path.exists():
+    if replacing:
         check_inside(run.path, cfg["models_dir"], "--force (the run folder to replace)")
         aside = run.move_aside("replaced")
-        accelerator.print(f"--force: {run} moved to {aside}; it is deleted once the new run has finished an epoch")
+        older = f" (with {len(stale)} older copy(ies) an interrupted --force left)" if stale else ""
+        accelerator.print(f"--force: {run} moved to {aside}; it is deleted{older} once the new run has finished an "
+                          f"epoch")
     if main:
         run.acquire_lock()
     accelerator.wait_for_everyone()
     return aside
+
+
+def drop_asides(run: RunDir, aside: Path, models_dir) -> None:
+    """--force: the new run has finished an epoch; the copy it set aside goes now, and with it any
+    copy an earlier, killed --force left (RunDir.asides), each checked to lie strictly inside models_dir."""
+    import shutil
+
+    for old in [aside] + [p for p in run.asides() if p != aside]:
+        shutil.rmtree(check_inside(old, models_dir, "--force (a copy of the replaced run)"))
 
 
 def check_place(run: RunDir, cfg: dict) -> None:

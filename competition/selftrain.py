@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from competition import data, ensemble, folds, predict, score, train
-from competition.config import complete
-from competition.files import CompetitionError, cli, count, read_json, save_json
+from competition.config import NOT_COMPARED, base_config, complete
+from competition.files import CompetitionError, check_inside, cli, count, read_json, save_json
 from competition.metrics import softmax
 from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits, parse_adaptation
 from competition.specs import EnsembleSpec, PredictSpec
@@ -74,11 +74,14 @@ def pool_info(ood: data.OodSet) -> dict:
     return {k: info[k] for k in ("dataset", "split", "fold", "reserve", "source_rows") if k in info}
 
 
-def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_images: int | None):
+def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_images: int | None,
+               models_dir=None):
     """(images, soft targets, report) from a submission's ensembled OOD predictions. max_images
-    None: PSEUDO_FRACTION of the fewest labelled images a member trained on; 0: no cap."""
+    None: PSEUDO_FRACTION of the fewest labelled images a member trained on; 0: no cap. Every
+    member run must lie inside models_dir (default: base.yaml's), see check_members."""
     members, weights, spec = members_from_json(spec_path)
     check_spec(spec, spec_path)
+    check_members(members, spec_path, base_config()["models_dir"] if models_dir is None else models_dir)
     if max_images is None:
         max_images = int(PSEUDO_FRACTION * min(labelled_images(source_run(r)) for m in members for r in m.runs))
     ood = data.OodSet(spec["ood_dir"])
@@ -138,6 +141,21 @@ def check_spec(spec: dict, path: Path) -> None:
         if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], kind)):
             raise CompetitionError(f"{path}: {key!r} is {json.dumps(spec[key])[:60]}, not what competition.ensemble "
                                    f"writes there; rebuild the JSON with competition.ensemble (or restore it)")
+
+
+def check_members(members, path: Path, models_dir) -> None:
+    """Every member run inside the project's models folder, before anything is written: a round
+    writes each fine-tuned run beside its member (fine_tune), so a submission JSON someone sent
+    that names a run elsewhere (an absolute path, ../) would have it write there."""
+    for run in (r for m in members for r in m.runs):
+        try:
+            check_inside(run.path, models_dir, f"{run} (a member run)")
+        except CompetitionError:
+            raise CompetitionError(f"{path}: member run {run.path} does not lie inside the models folder "
+                                   f"{Path(models_dir).resolve()}, and self-training writes each fine-tuned run "
+                                   f"beside its member: copy the run into it and rebuild the JSON with "
+                                   f"competition.ensemble, or pass --models-dir FOLDER that holds it; nothing was "
+                                   f"written") from None
 
 
 def previous_round(path: Path) -> int:
@@ -202,6 +220,14 @@ def member_predict_spec(setting: str, record: dict) -> PredictSpec:
                        bn_blend=blend, learn_params=params, learn_ensemble=alpha, **learned)
 
 
+# Keys a fine-tune takes from base.yaml, never from the run's config.yaml (a run someone sent may
+# carry any): how a run is run, not what it learns (config.NOT_COMPARED: log_with would start that
+# tracker, e.g. wandb, from here; data_dir would write elsewhere), less folds_dir (the folds the
+# run trained on, only read; folds_csv checks them); and where its starting weights come from
+# (pretrained: a download from the hub; weights: a file anywhere), which init_from replaces whole.
+LOCAL_KEYS = (NOT_COMPARED - {"folds_dir"}) | {"pretrained", "weights"}
+
+
 def fine_tune(run: RunDir, pseudo: Path, chain: str, round_: int, epochs: int, lr: float | None,
               force: bool) -> RunDir:
     """The run fine-tuned on its training folds + the pseudo-labelled images: a new run folder,
@@ -213,7 +239,9 @@ def fine_tune(run: RunDir, pseudo: Path, chain: str, round_: int, epochs: int, l
     # complete: a run saved before some key existed trains with its default, as config.comparable reads it.
     # models_dir: the folder the run lies in, so the new run (and what --force replaces) is its sibling;
     # the run's own config may name any folder (a run someone sent), and data_dir is the project's (RunDir.config).
-    cfg = {**complete(run.config()), "models_dir": str(run.path.parent), "name": f"{base}-{chain}-st{round_}",
+    # LOCAL_KEYS (how a run is run, log_with's tracker among them) are this project's defaults, never the run's.
+    local = {k: v for k, v in base_config().items() if k in LOCAL_KEYS}
+    cfg = {**complete(run.config()), **local, "models_dir": str(run.path.parent), "name": f"{base}-{chain}-st{round_}",
            "init_from": str(run.path),
            "pseudo": str(pseudo), "epochs": epochs, "lr": lr, "warmup_epochs": 0.0, "mixup": 0.0, "cutmix": 0.0,
            "jsd": 0.0, "stop_after": None, "unfreeze": None}
@@ -223,7 +251,8 @@ def fine_tune(run: RunDir, pseudo: Path, chain: str, round_: int, epochs: int, l
 def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
     """Pseudo-label, fine-tune every member run, predict and ensemble again; returns the new JSON."""
     t0 = time.time()
-    members, spec, images, probs, rep = pseudo_set(spec_path, args.threshold, args.per_class, args.max_images)
+    members, spec, images, probs, rep = pseudo_set(spec_path, args.threshold, args.per_class, args.max_images,
+                                                    args.models_dir)
     cap = rep["max_images"]
     chain = re.sub(r"-st\d+$", "", spec["name"])
     name = f"{chain}-st{round_}"
@@ -285,6 +314,8 @@ def main(argv=None):
                                    "labelled ones)")
     p.add_argument("--out-dir", default="submissions", help="where each round's <name>-st<r>.csv/.json and its "
                                                                 "selftrain/ folder (the pseudo-labels) go")
+    p.add_argument("--models-dir", default=base_config()["models_dir"], help="the folder the member runs lie in (the "
+                   "fine-tuned runs are written beside them); a JSON naming a run outside it is refused")
     p.add_argument("--force", action="store_true", help="retrain rounds that exist")
     args = p.parse_args(argv)
     if not 0 < args.threshold < 1 or args.rounds < 1:

@@ -49,7 +49,7 @@ from competition.checkpoints import LoopState, epoch_batches, restore, save_chec
 from competition.config import resolve, validate
 from competition.files import CompetitionError, cli
 from competition.learner import Learner, check_model, make_learner
-from competition.runs import MetricsWriter, RunDir, check_same_data, prepare_run_folder
+from competition.runs import MetricsWriter, RunDir, check_same_data, drop_asides, prepare_run_folder
 from competition.specs import TrainSpec, train_spec
 from competition.train_data import TrainData, process_batch, resolve_data_config
 
@@ -332,7 +332,7 @@ def run_training(run: RunDir, cfg: dict, spec: TrainSpec, accelerator, resume: b
         why = end_of_epoch(run, save_weights, data_cfg, td, learner, state, accelerator, stats, epoch_start, writer,
                            bs, kind, size)
         if aside is not None and aside.exists() and accelerator.is_main_process:
-            shutil.rmtree(aside)  # --force: the new run has finished an epoch; the old one goes now
+            drop_asides(run, aside, cfg["models_dir"])  # --force: the new run has finished an epoch; the old goes
         why = why or ("signal" if stop.name else None)
     if why == "signal":
         raise files.Interrupted(stop_message(run, state, stop.name, command, forced=aside is not None))

@@ -244,3 +244,20 @@ def test_adapt_auto_picks_a_variant_best_on_the_choose_images(world, capsys):
     with pytest.raises(CompetitionError, match="--adapt must be none, auto or an adaptation predict writes: "
                                                "'tent-bogus' is not"):
         E.build([a], "bad", ood, tmp / "subs", EnsembleSpec(adapt="tent-bogus"))
+
+
+def test_one_folds_file_spelled_relative_and_absolute_is_one_split(world, monkeypatch):
+    """A run trained with folds_dir relative to the project and one with the absolute path name the
+    same file: the ensemble takes them as one split; a really different folds file is refused."""
+    tmp, labels, ood, make = world
+    a, b = make("a", 0, 3.0, 0), make("b", 1, 3.0, 1)
+    monkeypatch.chdir(tmp)
+    cfg = yaml.safe_load((b / "config.yaml").read_text())
+    (b / "config.yaml").write_text(yaml.safe_dump({**cfg, "folds_dir": "folds"}))
+    members = [R.Member(n, [R.RunDir(r)], "flip") for n, r in (("a", a), ("b", b))]
+    assert (R.oof_labels(members) == labels).all()
+    (tmp / "other").mkdir()
+    (tmp / "other/digits.csv").write_text((tmp / "folds/digits.csv").read_text())
+    (b / "config.yaml").write_text(yaml.safe_dump({**cfg, "folds_dir": "other"}))
+    with pytest.raises(CompetitionError, match="different folds files"):
+        R.oof_labels([R.Member(n, [R.RunDir(r)], "flip") for n, r in (("a", a), ("b", b))])

@@ -302,6 +302,30 @@ def test_a_submission_name_that_climbs_out_is_refused_before_any_write(run_copy,
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_selftrain_refuses_member_runs_outside_the_models_folder_before_any_write(run_copy, tmp_path):
+    """A sent submission JSON naming a run elsewhere (absolute, or climbing out with ../): the
+    fine-tuned run would be written beside it, outside the project."""
+    from competition import selftrain
+
+    run_dir, _ = run_copy
+    models = run_dir.parent
+    outside = tmp_path / "outside" / run_dir.name
+    shutil.copytree(run_dir, outside)
+    spec = tmp_path / "subs" / "sent.json"
+    spec.parent.mkdir()
+    cases = [(str(models / ".." / ".." / "outside" / run_dir.name), ["--models-dir", str(models)]),
+             (str(outside), ["--models-dir", str(models)]),
+             (str(run_dir), [])]  # default: base.yaml's models_dir (models/), which tmp_path is not in
+    for path, flags in cases:
+        spec.write_text(json.dumps({"name": "sent", "ood_dir": str(tmp_path), "method": "equal", "members": [
+            {"name": "a", "runs": [path], "setting": "flip", "weight": 1.0}]}))
+        before = sorted(tmp_path.rglob("*"))
+        with pytest.raises(CompetitionError, match=rf"sent.json: member run .*{re.escape(run_dir.name)} does not lie "
+                                                   r"inside the models folder .*pass --models-dir") as e:
+            selftrain.main([str(spec), "--out-dir", str(spec.parent), *flags])
+        assert path in str(e.value) and "\n" not in str(e.value) and sorted(tmp_path.rglob("*")) == before
+
+
 def _link_outside(path: Path, outside: Path) -> None:
     """Replace the run's folder `path` with a link to `outside` (what a sent run folder may hold)."""
     if path.exists():
@@ -360,6 +384,20 @@ def test_a_yaml_alias_bomb_is_refused_naming_the_file_or_override(tmp_path):
     shared = [0.5, 0.5, 0.5]  # safe_dump writes a list two keys share as an alias: save_config never does
     config.save_config({"mean": shared, "std": shared}, tmp_path / "data_config.yaml")
     assert config.read_yaml(tmp_path / "data_config.yaml") == {"mean": shared, "std": shared}
+
+
+def test_a_yaml_nested_thousands_deep_is_one_line_naming_the_file(run_copy, tmp_path):
+    from competition import config
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("lr: " + "[" * 10000 + "\n")
+    with pytest.raises(CompetitionError, match=r"deep.yaml nests lists or mappings too deeply to read .*: restore"):
+        config.load_config([str(deep)])
+    run_dir, _ = run_copy  # a sent run's config.yaml
+    (run_dir / "config.yaml").write_text("{a: " * 10000 + "\n")
+    with pytest.raises(CompetitionError, match=r"config.yaml nests lists or mappings too deeply") as e:
+        RunDir(run_dir).config()
+    assert "\n" not in str(e.value)
 
 
 def test_cifar_pickles_of_float_pixels_or_labels_are_refused_not_cast(tmp_path):
@@ -588,6 +626,21 @@ def test_selftrain_fine_tunes_beside_the_run_whatever_its_config_names(run_copy,
         selftrain.fine_tune(RunDir(run_dir), tmp_path / "pseudo.npz", "sub", 1, 1, None, force=True)
 
 
+def test_a_fine_tune_never_takes_a_sent_runs_tracker_or_weight_source(run_copy, tmp_path, monkeypatch):
+    from competition import selftrain
+    from competition.config import base_config, read_yaml, save_config
+
+    run_dir, _ = run_copy
+    sent = {"log_with": "wandb", "progress": False, "workers": 7, "pretrained": True,
+            "weights": str(tmp_path / "elsewhere" / "w.pth")}
+    save_config({**read_yaml(run_dir / "config.yaml"), **sent}, run_dir / "config.yaml")
+    asked = {}
+    monkeypatch.setattr(train, "train", lambda cfg, force=False: asked.update(cfg) or RunDir.for_config(cfg).path)
+    selftrain.fine_tune(RunDir(run_dir), tmp_path / "pseudo.npz", "sub", 1, 1, None, force=True)
+    assert {k: asked[k] for k in sent} == {k: base_config()[k] for k in sent} and asked["log_with"] is None
+    assert asked["init_from"] == str(run_dir) and asked["folds_dir"] == read_yaml(run_dir / "config.yaml")["folds_dir"]
+
+
 def test_no_run_name_is_an_aside_and_force_moves_aside_to_a_new_name(run_copy):
     run_dir, dirs = run_copy
     with pytest.raises(CompetitionError, match=r"config name .*: use letters, .*not starting with '\.'"):
@@ -599,6 +652,25 @@ def test_no_run_name_is_an_aside_and_force_moves_aside_to_a_new_name(run_copy):
     aside = RunDir(run_dir).move_aside("replaced")
     assert aside != older and aside.parent == run_dir.parent and aside.name.startswith(f".{run_dir.name}.replaced")
     assert (aside / "config.yaml").exists() and not run_dir.exists() and (older / "keep.txt").read_text() == "kept"
+
+
+def test_a_copy_a_killed_force_left_is_reported_then_deleted_by_the_next_force(run_copy, capsys):
+    run_dir, dirs = run_copy
+    stale = run_dir.parent / f".{run_dir.name}.replaced-k1lled_0"  # move_aside's name: mkdtemp's 8 characters
+    shutil.copytree(run_dir, stale)
+    kept = [run_dir.parent / f".{run_dir.name}.replaced", run_dir.parent / f".{run_dir.name}.replaced-short",
+            run_dir.parent / f".{run_dir.name}x.replaced-abcdefgh"]  # not this run's asides: never touched
+    for k in kept:
+        k.mkdir()
+    (run_dir.parent / f".{run_dir.name}.replaced-notadir0").write_text("a file")
+    assert RunDir(run_dir).asides() == [stale]
+    train.main(TINY + dirs)  # a start without --force only says so, in one line
+    out = capsys.readouterr().out
+    assert stale.is_dir() and f"{stale.name}): the next --force of the run deletes them" in out
+    train.main(TINY + dirs + ["--force", "epochs=1"])
+    assert "deleted (with 1 older copy(ies) an interrupted --force left)" in capsys.readouterr().out
+    assert not stale.exists() and RunDir(run_dir).asides() == [] and all(k.is_dir() for k in kept)
+    assert (run_dir.parent / f".{run_dir.name}.replaced-notadir0").read_text() == "a file"
 
 
 def test_a_run_never_lies_inside_another_run_nor_replaces_a_folder_that_is_not_one(run_copy):

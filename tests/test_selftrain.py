@@ -78,7 +78,7 @@ def test_one_round_trains_predicts_and_ensembles_again(world):
     spec = json.loads(csv.with_suffix(".json").read_text())
     assert set(spec["adaptation"][RunDir(run).member]) == {"none", "bn", "chosen", "chosen_on"}  # the choice, its reasons
     out = selftrain.main([str(csv.with_suffix(".json")), "--threshold", "0.1", "--epochs", "1", "--suite",
-                          str(measure), "--out-dir", str(tmp / "rounds")])
+                          str(measure), "--out-dir", str(tmp / "rounds"), "--models-dir", str(tmp / "models")])
     info = json.loads(out.read_text())
     assert out == tmp / "rounds" / "base-st1.json" and info["selftrain"]["round"] == 1  # where --out-dir says
     assert 0 < info["selftrain"]["images"] <= info["selftrain"]["of"] and 0 <= info["selftrain"]["pseudo_label_accuracy"] <= 1
@@ -106,14 +106,16 @@ def test_a_pseudo_set_of_held_out_images_is_refused(world):
     # the "test files" ARE fold 0: held out
     csv = ensemble.build([run], "onheld", held, tmp / "subs", EnsembleSpec(tta="flip"))
     with pytest.raises(CompetitionError, match="holds out .* pseudo-labelling them would train on the held-out fold"):
-        selftrain.main([str(csv.with_suffix(".json")), "--out-dir", str(tmp / "subs")])
+        selftrain.main([str(csv.with_suffix(".json")), "--out-dir", str(tmp / "subs"), "--models-dir",
+                        str(tmp / "models")])
 
 
 def test_a_pseudo_set_of_the_measure_reserve_is_refused(world):
     tmp, run, pool, measure = world
     csv = ensemble.build([run], "onmeasure", measure, tmp / "subs", EnsembleSpec(tta="flip"))
     with pytest.raises(CompetitionError, match="measure reserve: pseudo-labelling it"):
-        selftrain.main([str(csv.with_suffix(".json")), "--out-dir", str(tmp / "subs")])
+        selftrain.main([str(csv.with_suffix(".json")), "--out-dir", str(tmp / "subs"), "--models-dir",
+                        str(tmp / "models")])
 
 
 def test_a_test_split_suite_overlaps_the_competition_files():
