@@ -55,7 +55,7 @@ from torch import nn
 from competition import adapt, augment, data, files, runtime, tta
 from competition.files import CompetitionError, cli, count
 from competition.loader import eval_loader
-from competition.runs import RunDir, expand_runs, load_weights, setting_name, source_stamp
+from competition.runs import RunDir, expand_runs, setting_name, source_stamp
 from competition.specs import PredictSpec
 
 
@@ -294,24 +294,6 @@ def oof_ood_images(run: RunDir, cfg: dict, train_set, rows: np.ndarray) -> np.nd
     return out
 
 
-def check_weights(run: RunDir, model: nn.Module) -> None:
-    """Refuse best weights that would make a submission of garbage with exit status 0, naming the
-    file: a tensor that is not floating point where the network holds floats (load_state_dict
-    casts an int64 copy without a word) or one holding NaN or inf (every logit NaN: class 0)."""
-    path = run.weights("best")
-    state, own = load_weights(path)["model"], model.state_dict()
-    ints = [k for k, v in state.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
-    if ints:
-        raise CompetitionError(f"{path}: {len(ints)} of {len(state)} tensors are not floating point ({ints[0]!r} is "
-                               f"{state[ints[0]].dtype}): a network's weights are floats, so the file was converted "
-                               f"or edited; restore the run's own file, or retrain the run")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CompetitionError(f"{path}: {len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. "
-                               f"{bad[0]!r}): training diverged or the file was edited; retrain the run (a lower lr), "
-                               f"or restore its file")
-
-
 def checked_train_set(run: RunDir, cfg: dict, jobs: list[Job], acc):
     """The train split the out-of-fold jobs predict from (None when no job does), once the run's
     index files fit it, before any output is written: rows in 0..N-1 (numpy would take -1 for
@@ -374,8 +356,7 @@ def predict_run(run_dir, ood_dirs=(), spec: PredictSpec | None = None, test: boo
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     run.check_unlocked("predicting with it")
     acc = accelerator or runtime.make_accelerator()
-    model, cfg, data_cfg = run.load_model(map_location="cpu")
-    check_weights(run, model)
+    model, cfg, data_cfg = run.load_model(map_location="cpu")  # refuses weights that are not finite floats
     files.check_writable(run.path, "run folder")
     if spec.tta:
         views = tta.parse_tta(spec.tta)

@@ -10,7 +10,12 @@ be if the test started it itself; only the start is earlier. When several tests 
 of one piece of work (the smoke run of every ablation study), one process does it for all of them
 and pays for its imports once: `with_args(launch, shared=True)`, and conftest calls
 `launch(folder, items)` once, with the selected tests. Output goes to files, so nothing blocks
-while no one reads."""
+while no one reads.
+
+A launcher whose process runs long (minutes of CPU: the studies, the GPU check's dry run, DDP)
+passes `beside=True`: it and what it starts keep off one core, the one the in-process tests (one
+thread) compute on, instead of slowing them down with a share of it; once a test waits on any
+started process (the in-process work is then done), every one of them may use all cores again."""
 from __future__ import annotations
 
 import os
@@ -42,16 +47,24 @@ class Started:
     `elapsed`: its wall time from start to exit, whenever the test looks."""
 
     def __init__(self, cmd: list[str], folder: Path, timeout: float, env: dict | None = None,
-                 cwd: Path | None = None, on_line: Callable[[str, subprocess.Popen], None] | None = None):
+                 cwd: Path | None = None, on_line: Callable[[str, subprocess.Popen], None] | None = None,
+                 beside: bool = False):
         self.cmd, self.timeout, self.folder, self.on_line = cmd, timeout, folder, on_line
         folder.mkdir(parents=True, exist_ok=True)
         self.out, self.err = folder / "stdout.txt", folder / "stderr.txt"
         self.elapsed: float | None = None
         self.error: BaseException | None = None
+        cores = _all_cores()
         with open(self.err, "w") as err:
             self.t0 = time.monotonic()
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                                         cwd=cwd or folder, text=True, start_new_session=True)
+            if beside:  # the child inherits the starting thread's cores, from its first instruction
+                _set_cores(0, cores[1:])
+            try:
+                self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                                             env=env, cwd=cwd or folder, text=True, start_new_session=True)
+            finally:
+                if beside:
+                    _set_cores(0, cores)
         self.watcher = threading.Thread(target=self._watch, daemon=True)
         self.watcher.start()
         LIVE.append(self)
@@ -71,6 +84,8 @@ class Started:
 
     def result(self) -> subprocess.CompletedProcess:
         """Wait for the exit (the rest of `timeout`), then its return code and output."""
+        for started in LIVE:  # this process now only waits: its core is free for them
+            started.widen()
         self.watcher.join(max(1.0, self.timeout - (time.monotonic() - self.t0)))
         if self.watcher.is_alive():
             self.kill()
@@ -78,6 +93,12 @@ class Started:
         if self.error is not None:
             raise self.error
         return subprocess.CompletedProcess(self.cmd, self.proc.returncode, self.out.read_text(), self.err.read_text())
+
+    def widen(self) -> None:
+        """Let this process and everything it started (its session) use every core again."""
+        if self.proc.poll() is None:
+            for pid in _session(self.proc.pid):
+                _set_cores(pid, _all_cores())
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -87,3 +108,32 @@ class Started:
                 pass
             self.proc.wait()
         self.watcher.join(5)
+
+
+def _all_cores() -> list[int]:
+    """The cores this process may use, in order (all of them on a machine without affinity)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def _set_cores(pid: int, cores: list[int]) -> None:
+    """Best effort: where affinity cannot be set (another OS, one core, a process gone) nothing changes."""
+    if cores and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(pid, cores)
+        except OSError:
+            pass
+
+
+def _session(sid: int) -> list[int]:
+    """The processes of session `sid` (Started runs each command in a session of its own), from /proc."""
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state ppid pgrp session ...
+            if len(fields) > 3 and fields[3] == str(sid):
+                pids.append(int(entry))
+    return pids or [sid]

@@ -4,7 +4,8 @@ Tests of the bf16 paths ask for bf16 by name.
 
 Shared here, built once per session (never written by a test: checked when the session ends):
 `tiny_run`, one finished tiny Part 1 run for the tests that read a trained run or work on a copy
-of it (`tiny_run_copy`), and `random_resnet50`, a weights file. And the `start_early` marker
+of it (`tiny_run_copy`), `uninterrupted_run`, the run the stop-and-resume tests compare with, and
+`random_resnet50`, a weights file. And the `start_early` marker
 (tests/background.py): a test's long subprocess starts when the session starts, not when the
 test comes up, so it runs beside the in-process tests; the tests that wait on one run last.
 
@@ -50,6 +51,38 @@ def tiny_run(tmp_path_factory):
     before = _files(root)
     yield run_dir, list(TINY_RUN)
     assert _files(root) == before, "a test wrote into the session's tiny run: work on tiny_run_copy"
+
+
+# The run the stop-and-resume tests compare with (test_train, test_safety): 3 epochs of 256 images
+# in batches of 64 (4 steps an epoch) with EMA, mixup and random erasing, on 7 folds (test_train:
+# the held-out fold, 206 images, is not a multiple of the batch).
+EXACT_RUN = ["--part", "1", "--preset", "demo", "epochs=3", "train_subset=256", "batch_size=64", "ema=0.9",
+             "mixup=0.2", "random_erasing=0.3", "model_args.widths=[8,16,16]", "model_args.hidden=16"]
+
+
+def seven_folds(folds_dir: Path) -> str:
+    """folds_dir/digits.csv with 7 folds; returns the folds_dir= argument."""
+    import numpy as np
+
+    from competition import data, folds
+
+    folds.write_folds(folds.folds_frame(np.asarray(data.load_digits().labels), k=7), folds_dir / "digits.csv")
+    return f"folds_dir={folds_dir}"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_run(tmp_path_factory):
+    """(run folder, EXACT_RUN + the folds_dir= argument of its 7 folds): EXACT_RUN trained without a
+    stop, once per session, for the tests that stop or resume the same run elsewhere (their own
+    models_dir, these folds) and compare. Read it only (checked when the session ends)."""
+    from competition import train
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    args = EXACT_RUN + [seven_folds(root / "folds")]
+    run_dir = train.main(args + ["--name", "full", f"models_dir={root / 'models'}"])
+    before = _files(root)
+    yield run_dir, args
+    assert _files(root) == before, "a test wrote into the session's uninterrupted run or its folds"
 
 
 @pytest.fixture

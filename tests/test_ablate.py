@@ -6,6 +6,7 @@ schedule over the same epochs; report.md holds the table and the overlay PNG; a 
 to another study's run is copied, not retrained."""
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -97,18 +98,14 @@ def test_grid_yaml(tmp_path):
 # channels_last off: on a CPU its first steps at each new batch shape cost seconds
 TINY = ["dataset=digits", "channels_last=false", "epochs=1", "train_subset=64", "val_subset=32", "eval_train=32",
         "batch_size=32"]
-ONE_EACH = {"lr": "lr0.2", "schedule": "constant", "weight_decay": "wd0", "mixup": "mixup0.2", "activation": "sigmoid",
+# weight_decay's is wd5e-4, mixup/none's twin: test_identical_variant_of_another_study_is_copied reuses it
+ONE_EACH = {"lr": "lr0.2", "schedule": "constant", "weight_decay": "wd5e-4", "mixup": "mixup0.2", "activation": "sigmoid",
             "optimizer": "adam_warmup", "batchnorm": "ghost", "architecture": "mobilenet_v2"}
 BATCH_SIZE_SCHEDULE = [*TINY, "epochs=3", "train_subset=128", "batch_size=16"]
 
 
 def dirs(root: Path) -> list[str]:
     return [f"models_dir={root / 'models'}", f"folds_dir={root / 'folds'}"]
-
-
-@pytest.fixture(scope="module")
-def out(tmp_path_factory):
-    return dirs(tmp_path_factory.mktemp("ablations"))
 
 
 # The studies the tests below check, trained one after another in one process through the command
@@ -136,10 +133,12 @@ def launch_studies(folder: Path, items) -> background.Started:
         if item.originalname == "test_smoke_every_study":
             study = item.callspec.params["study"]
             jobs[study] = [study, "--budget", "--variant", ONE_EACH[study], *TINY, *dirs(folder)]
+        elif item.originalname == "test_identical_variant_of_another_study_is_copied":
+            jobs["weight_decay"] = ["weight_decay", "--budget", "--variant", "wd5e-4", *TINY, *dirs(folder)]
         else:
             jobs["batch_size_schedule"] = ["batch_size_schedule", "--budget", *BATCH_SIZE_SCHEDULE, *dirs(folder)]
     return background.Started([sys.executable, "-c", STUDIES, json.dumps(jobs)], folder, timeout=600, cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, beside=True)
 
 
 def report_of(early, key: str) -> Path:
@@ -180,9 +179,14 @@ def test_batch_size_schedule_fewer_updates_and_report(early):
     assert pd.read_csv(again.parent / "decay_lr" / "metrics.csv").equals(runs["decay_lr"])
 
 
-def test_identical_variant_of_another_study_is_copied(out, capsys):
-    A.run_study("weight_decay", budget=True, overrides=TINY + out, variants=["wd5e-4"], echo=False)
-    report = A.run_study("mixup", budget=True, overrides=TINY + out, variants=["none"], echo=False)
+@pytest.mark.start_early.with_args(launch_studies, shared=True)
+def test_identical_variant_of_another_study_is_copied(early, tmp_path, capsys):
+    """weight_decay/wd5e-4, trained by the shared study process (the command line), then mixup/none,
+    the same run, in this process beside a copy of it: copied, not retrained."""
+    report_of(early, "weight_decay")
+    for sub in ("folds", "models/ablations/weight_decay"):
+        shutil.copytree(early.folder / sub, tmp_path / sub)
+    report = A.run_study("mixup", budget=True, overrides=TINY + dirs(tmp_path), variants=["none"], echo=False)
     assert "copied, not retrained" in capsys.readouterr().out
     assert load_config()["name"] is None and "ablations/mixup/none" in (report.parent / "none" / "config.yaml").read_text()
 

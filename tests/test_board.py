@@ -18,18 +18,21 @@ from competition.files import CompetitionError
 from competition.runs import RunDir
 from competition.specs import EnsembleSpec, PredictSpec
 
-TINY = ["--part", "1", "--preset", "demo", "epochs=2", "train_subset=192", "model_args.widths=[8,16,16]",
-        "model_args.hidden=16"]
+TINY = ["--part", "1", "--preset", "demo", "epochs=2", "train_subset=128", "model_args.widths=[8,16,16]",
+        "model_args.hidden=16"]  # conftest.py's TINY_RUN
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_run):
     """Two finished runs (one predicted and scored on a labelled suite, one not predicted) and a
-    partial run (stopped after one epoch), in one project-like folder."""
+    partial run (stopped after one epoch), in one project-like folder. The finished ones are
+    copies of the session's tiny run (conftest.py), moved in as a and b, as a teammate's runs
+    would be; the partial one is trained here."""
     tmp = tmp_path_factory.mktemp("board")
     dirs = [f"folds_dir={tmp / 'folds'}", f"models_dir={tmp / 'models'}"]
-    a = train.main(TINY + dirs + ["name=a"])
-    b = train.main(TINY + dirs + ["name=b", "lr=0.05"])
+    src, _ = tiny_run
+    shutil.copytree(src.parent.parent / "folds", tmp / "folds")
+    a, b = (shutil.copytree(src, tmp / "models" / name) for name in ("a", "b"))
     train.main(TINY + dirs + ["name=c", "stop_after=1"])
     suite = tmp / "suite"
     images = data.load_digits("test")

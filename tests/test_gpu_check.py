@@ -40,7 +40,7 @@ def launch_dry_run(folder: Path) -> background.Started:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": background.python_on_path(folder / "bin")}
     return background.Started(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(data), "--dry-run", "--out",
                                str(folder / "gpu.md"), "--work", str(folder / "work"), "--augmix-epochs", "1"],
-                              folder, timeout=600, env=env)
+                              folder, timeout=600, env=env, beside=True)
 
 
 @pytest.mark.start_early.with_args(launch_dry_run)  # with_args: a lone function argument would be decorated

@@ -172,8 +172,8 @@ def test_each_process_seeds_its_workers_apart(monkeypatch):
 
 # ---------------------------------------------------------------------------- local weights are strict
 
-def test_a_weights_file_with_other_keys_names_them(tmp_path):
-    sd = models.resnet50(1000).state_dict()
+def test_a_weights_file_with_other_keys_names_them(tmp_path, random_resnet50):
+    sd = torch.load(random_resnet50)  # a ResNet-50's state dict with the ImageNet head (conftest.py), read only
     renamed = tmp_path / "renamed.pth"
     torch.save({f"encoder.{k}": v for k, v in sd.items()}, renamed)
     with pytest.raises(CompetitionError, match=r"renamed.pth.*318 tensors are not in it: bn1.bias.*not in the model: encoder.bn1"):
@@ -245,8 +245,8 @@ def test_parameter_groups_keep_timms_order_so_older_optimizer_checkpoints_load()
     assert [g["weight_decay"] for g in ours] == [g["weight_decay"] for g in theirs]
 
 
-def test_a_torchvision_file_without_batch_counters_loads(tmp_path):
-    sd = {k: v for k, v in models.resnet50(1000).state_dict().items() if not k.endswith("num_batches_tracked")}
+def test_a_torchvision_file_without_batch_counters_loads(tmp_path, random_resnet50):
+    sd = {k: v for k, v in torch.load(random_resnet50).items() if not k.endswith("num_batches_tracked")}
     path = tmp_path / "legacy.pth"
     torch.save(sd, path)
     torch.testing.assert_close(models.resnet50(10, weights=str(path)).conv1.weight, sd["conv1.weight"])

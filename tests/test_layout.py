@@ -116,7 +116,7 @@ print(json.dumps(results))
 
 def launch_stages(folder: Path) -> background.Started:
     return background.Started([sys.executable, "-c", RUN_STAGES, *STAGES, "models"], folder, timeout=300,
-                              cwd=PKG.parent)
+                              cwd=PKG.parent, beside=True)
 
 
 @pytest.mark.start_early.with_args(launch_stages)  # with_args: a lone function argument would be decorated

@@ -302,9 +302,11 @@ def test_learned_slices_do_not_depend_on_their_order(run, objective):
         assert not np.allclose(whole, plain, atol=1e-2)  # it did adapt
 
 
-def test_the_collapse_guard_falls_back_to_bn_on_a_slice_built_to_collapse(run):
-    """Entropy minimisation at a huge learning rate drives a slice onto a few classes: the guard
-    (no labels: the spread of predicted classes against BN's) keeps BN's logits for it."""
+@pytest.fixture(scope="module")
+def guard_slice(run):
+    """(Predictor of the module's run with flip TTA, one slice of 64 random images, its rows, BN
+    adaptation's logits of it): the guards' tests share it, built once. Learned adaptation must
+    leave the model's weights as they were (checked when the module ends)."""
     run_dir, _ = run
     model, cfg, data_cfg = RunDir(run_dir).load_model()
     from accelerate import Accelerator
@@ -312,9 +314,17 @@ def test_the_collapse_guard_falls_back_to_bn_on_a_slice_built_to_collapse(run):
     images = np.random.default_rng(2).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
     pred = P.Predictor(model, data_cfg, Accelerator(cpu=True), T.parse_tta("flip"), batch_size=16)
     rows = np.arange(64)
+    before = {k: v.clone() for k, v in pred.model.state_dict().items()}
+    yield pred, images, rows, pred.predict_adapted(images, rows)
+    assert all(torch.equal(v, before[k]) for k, v in pred.model.state_dict().items()), "learned adaptation changed the shared model"
+
+
+def test_the_collapse_guard_falls_back_to_bn_on_a_slice_built_to_collapse(guard_slice):
+    """Entropy minimisation at a huge learning rate drives a slice onto a few classes: the guard
+    (no labels: the spread of predicted classes against BN's) keeps BN's logits for it."""
+    pred, images, rows, bn = guard_slice
     wild = {"steps": 20, "lr": 5.0, "batch": 16}
     unguarded, fell = pred.predict_learned(images, rows, "tent", guard=None, disagree=None, **wild)
-    bn = pred.predict_adapted(images, rows)
     assert not fell and A.collapsed(unguarded.argmax(1), bn.argmax(1), 10)  # it did collapse
     guarded, fell = pred.predict_learned(images, rows, "tent", guard=0.1, disagree=None, **wild)
     assert fell == "collapsed" and np.allclose(guarded, bn, atol=1e-5)
@@ -392,20 +402,13 @@ def test_weight_ensembling_alpha_0_keeps_the_source_and_1_is_off(params):
         learned(1.5)
 
 
-def test_the_drift_guard_falls_back_to_bn_on_a_slice_built_to_drift(run):
+def test_the_drift_guard_falls_back_to_bn_on_a_slice_built_to_drift(guard_slice):
     """SHOT-IM at a large learning rate keeps the class histogram (its diversity term) while
     rewriting most labels: the entropy guard cannot see it, the disagreement guard (no labels: BN's
     own predictions as reference) does, and it never fires on BN adaptation itself (alpha 0)."""
-    run_dir, _ = run
-    model, cfg, data_cfg = RunDir(run_dir).load_model()
-    from accelerate import Accelerator
-
-    images = np.random.default_rng(2).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
-    pred = P.Predictor(model, data_cfg, Accelerator(cpu=True), T.parse_tta("flip"), batch_size=16)
-    rows = np.arange(64)
+    pred, images, rows, bn = guard_slice
     wild = {"steps": 5, "lr": 0.3, "batch": 16}
     unguarded, why = pred.predict_learned(images, rows, "shot", guard=None, disagree=None, **wild)
-    bn = pred.predict_adapted(images, rows)
     assert why is None and not A.collapsed(unguarded.argmax(1), bn.argmax(1), 10)  # no collapse to see
     assert A.disagreement(unguarded.argmax(1), bn.argmax(1)) > 0.3  # but it did drift
     guarded, why = pred.predict_learned(images, rows, "shot", guard=0.1, disagree=0.15, **wild)
@@ -444,7 +447,7 @@ def test_learn_params_and_ensemble_are_in_predict_json_and_the_name_only_when_no
     assert (record["adapt"], record["tent_params"], record["tent_ensemble"], record["tent_disagree"]) == \
         ("tent", "norm+head", 0.99, 0.2)
     default = RunDir(run_dir).manifest("none+tent")[rel]  # the defaults keep the folder's old name
-    assert (default["tent_params"], default["tent_ensemble"], default["tent_disagree"]) == ("bn", None, 0.15)
+    assert (default["tent_params"], default["tent_ensemble"], default["tent_disagree"]) == ("bn", None, A.MAX_DISAGREE)
     assert PredictSpec().max_disagree == A.MAX_DISAGREE  # predict's default is the guard's documented one
     assert out(run_dir, ood, 0, "none+tent-norm_head-ens0.99").exists()
     with pytest.raises(CompetitionError, match="--learn-ensemble 1.5: must lie in 0..1"):

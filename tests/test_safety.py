@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -283,10 +284,10 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_is_left_alone(copy):
 # ---------------------------------------------------------------------------- stop requests
 
 
-def test_stop_mid_epoch_checkpoints_and_resume_is_exact(tmp_path, monkeypatch):
-    dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
-    args = TINY + dirs + ["epochs=3", "train_subset=256", "batch_size=64", "ema=0.9", "random_erasing=0.3", "mixup=0.2"]
-    full = train.main(args + ["name=full"])
+def test_stop_mid_epoch_checkpoints_and_resume_is_exact(uninterrupted_run, tmp_path, monkeypatch):
+    # the uninterrupted run is the session's (conftest.py: EXACT_RUN, 256 images in batches of 64)
+    full, args = uninterrupted_run
+    args = args + [f"models_dir={tmp_path / 'models'}"]
     real, calls = runtime.StopRequest.now, {"n": 0}
 
     def stop_in_epoch_2(self, accelerator, step):  # 4 steps an epoch (256 / 64): call 7 is epoch 2, step 2
@@ -321,7 +322,7 @@ def launch_sigint(folder: Path) -> background.Started:
     dirs = [f"folds_dir={folder / 'folds'}", f"models_dir={folder / 'models'}"]
     cmd = [sys.executable, "-m", "competition.train", *TINY, *dirs, "epochs=50", "train_subset=null", "name=s"]
     return background.Started(cmd, folder, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              on_line=interrupt_after_epoch_1)
+                              on_line=interrupt_after_epoch_1, beside=True)
 
 
 @pytest.mark.start_early.with_args(launch_sigint)  # with_args: a lone function argument would be decorated
@@ -338,18 +339,33 @@ def test_sigint_mid_epoch_exits_130_with_the_resume_command(early):
 # ---------------------------------------------------------------------------- OOD sets: exact
 
 
-@pytest.fixture
-def predicted(copy, tmp_path):
-    """The copied run predicted on a 3-file local suite (corruptions.json names 3 files)."""
+@pytest.fixture(scope="module")
+def predicted_once(tiny_run, tmp_path_factory):
+    """A copy of the session's tiny run predicted on a 3-file local suite (corruptions.json names 3
+    files), made once for the module: (folder holding the copy in w/ and the suite in suite/, run name).
+    Read only: `predicted` hands each test its own copy (checked when the module ends)."""
     from competition import corruptions
 
-    run_dir, _ = copy
+    src, _ = tiny_run
+    root = tmp_path_factory.mktemp("predicted")
+    shutil.copytree(src.parent.parent, root / "w")
     images = data.load_digits("test").images[:8]
-    suite = tmp_path / "suite"
-    corruptions.make_suite(images, suite, names=["brightness", "contrast", "fog"], labels=np.arange(8) % 10,
-                           workers=1)
-    predict.predict_run(run_dir, [suite], test=False)
-    return run_dir, suite
+    corruptions.make_suite(images, root / "suite", names=["brightness", "contrast", "fog"],
+                           labels=np.arange(8) % 10, workers=1)
+    predict.predict_run(root / "w" / "models" / src.name, [root / "suite"], test=False)
+    before = hashes(root)
+    yield root, src.name
+    assert hashes(root) == before, "a test wrote into predicted_once: work on `predicted`"
+
+
+@pytest.fixture
+def predicted(predicted_once, tmp_path):
+    """(run dir, suite): a private copy of predicted_once's run, predictions and suite in tmp_path
+    (predictions are keyed by the suite's contents, so its copy reuses them)."""
+    root, name = predicted_once
+    for sub in ("w", "suite"):
+        shutil.copytree(root / sub, tmp_path / sub)
+    return tmp_path / "w" / "models" / name, tmp_path / "suite"
 
 
 def test_a_missing_extra_or_short_ood_file_is_refused_everywhere(predicted, tmp_path):
@@ -531,7 +547,7 @@ def launch_run_sh_dry_run(folder: Path) -> background.Started:
     (folder / "my data").mkdir(parents=True)
     return background.Started([str(ROOT / "run.sh"), "--dry-run", "--dataset", "imagefolder", "--data",
                                "my data/digits set.tar.gz", "--ood-dir", "ood/x", "--parts", "1", "epochs=2"], folder,
-                              timeout=120, cwd=folder, env={**os.environ, "PYTHON": sys.executable})
+                              timeout=120, cwd=folder, env={**os.environ, "PYTHON": sys.executable}, beside=True)
 
 
 @pytest.mark.start_early.with_args(launch_run_sh_dry_run)

@@ -96,7 +96,7 @@ def test_predict_and_ensemble_read_their_command_lines_into_one_spec(monkeypatch
     assert seen == [specs.PredictSpec("shift1", adapts=("bn",), learn_lr=0.01, collapse_tol=None, batch_size=64),
                     specs.PredictSpec(adapts=("tent", "eata"))]
     assert seen[1].learn_args == {"steps": 1, "lr": 1e-3, "batch": 128, "guard": 0.1, "params": "bn", "ensemble": None,
-                                  "disagree": 0.15}  # as predict.json records them
+                                  "disagree": 0.05}  # as predict.json records them
     monkeypatch.setattr(ensemble, "expand_runs", lambda runs: runs)
     monkeypatch.setattr(ensemble, "build", lambda runs, name, ood, out, spec, *a, **k: seen.append(spec))
     ensemble.main(["models/x", "--name", "n", "--tta", "flip", "--bn-adapt", "--fit-on", "clean", "--rounds", "9"])

@@ -120,14 +120,14 @@ def test_part3_without_weights_offline_is_one_clear_error(dirs, monkeypatch):
         run(["--part", "3", "--preset", "demo", "epochs=1", "train_subset=32"], dirs)
 
 
-def test_resume_matches_an_uninterrupted_run(dirs, monkeypatch):
+def test_resume_matches_an_uninterrupted_run(uninterrupted_run, tmp_path, monkeypatch):
     """Bit for bit, from this code's checkpoints and from one Accelerate's save_state wrote (runs
-    saved before the pickle-free format: the resume loads it, the next save writes the new format)."""
+    saved before the pickle-free format: the resume loads it, the next save writes the new format).
+    The uninterrupted run is the session's (conftest.py: EXACT_RUN on 7 folds, these folds)."""
     from test_security import assert_pickle_free, save_like_before
 
-    args = ["--part", "1", "--preset", "demo", "epochs=3", "train_subset=256", "ema=0.9", "mixup=0.2",
-            "random_erasing=0.3", *TINY_CNN]
-    full = run(args + ["--name", "full"], dirs)
+    full, args = uninterrupted_run
+    dirs = [f"models_dir={tmp_path / 'models'}"]
     part = run(args + ["--name", "split", "stop_after=1"], dirs)
     assert len(pd.read_csv(part / "metrics.csv")) == 1
     monkeypatch.setattr(train, "save_checkpoint", save_like_before)
@@ -164,7 +164,7 @@ def launch_ddp(folder: Path) -> background.Started:
     dirs = seven_folds(folder)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            str(ROOT / "competition" / "train.py"), *DDP_ARGS, "stop_after=1", *dirs]
-    return background.Started(cmd, folder, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return background.Started(cmd, folder, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}, beside=True)
 
 
 @pytest.mark.start_early.with_args(launch_ddp)  # with_args: a lone function argument would be decorated
