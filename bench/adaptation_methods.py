@@ -46,8 +46,9 @@ from competition.metrics import file_accuracy  # noqa: E402
 TTA = "none"  # --tta: the methods are compared on one view (6-view TTA costs 6x; checked for the best)
 
 
-def suite(repeat: Path, kind: str) -> Path:
-    found = sorted(repeat.glob(f"{kind}-*"))
+def suite(repeat: Path, kind: str, prefer: str | None = None) -> Path:
+    """The repeat's first `kind`-* suite with labels, or the one named `prefer` where it has one."""
+    found = sorted(repeat.glob(f"{kind}-*"), key=lambda f: f.name != prefer)
     found = [f for f in found if f.is_dir() and (f / "labels.npy").exists()]
     if not found:
         raise SystemExit(f"{repeat}: no {kind}-* suite with labels (made by bench/test_time.py)")
@@ -111,16 +112,35 @@ def tune(args, log) -> dict:
     run = members(repeat, args.members or ["base"])[0]
     results = {"images": f"pool {ood} (choose role: fold 1, never the measure)", "run": str(run), "settings": {}}
     predict(run, ood, "bn", 1, 1e-3, log)  # the reference every setting is compared with, slice by slice
-    bn = slice_accuracy(logits(run, "bn", ood), labels)
+    bn_z = logits(run, "bn", ood)
+    bn = slice_accuracy(bn_z, labels)
     results["settings"]["bn"] = summary(bn, None)
     print(f"{'bn':18s} {results['settings']['bn']}", flush=True)
     for spec in args.grid:
         method, steps, lr, params, alpha = grid_setting(spec)
         secs = predict(run, ood, method, steps, lr, log, params, alpha)
-        acc = slice_accuracy(logits(run, method, ood, params, alpha), labels)
-        results["settings"][spec] = {**summary(acc, bn), "wall_s": round(secs, 1)}
+        z = logits(run, method, ood, params, alpha)
+        acc = slice_accuracy(z, labels)
+        results["settings"][spec] = {**summary(acc, bn), "wall_s": round(secs, 1),
+                                     **guard_curve(z, bn_z, acc, bn)}
         print(f"{spec:18s} {results['settings'][spec]}", flush=True)
     return results
+
+
+CURVE = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)  # max_disagree values the drift guard is tried at
+
+
+def guard_curve(z: np.ndarray, bn_z: np.ndarray, acc: np.ndarray, bn: np.ndarray) -> dict:
+    """What predict's drift guard (adapt.drifted) would give at each max_disagree in CURVE: a slice
+    whose labels differ from BN's on more than that share keeps BN's accuracy. Exact for one view
+    (the guard compares one-view labels) when the method was predicted with the guard off
+    (--max-disagree 1); otherwise the folds it already fell back on count as BN's."""
+    per_file = z.shape[1] // acc.shape[1]
+    split = lambda a: a.argmax(-1).reshape(a.shape[0], acc.shape[1], per_file)  # (19, 5, N) labels
+    disagree = (split(z) != split(bn_z)).mean(-1)
+    curve = {f"{t:g}": round(100 * float(np.where(disagree > t, bn, acc).mean()), 2) for t in CURVE}
+    return {"disagreement": {"mean": round(float(disagree.mean()), 4), "max": round(float(disagree.max()), 4)},
+            "guarded_mean_by_max_disagree": curve}
 
 
 def grid_setting(spec: str) -> tuple[str, int, float, str, float | None]:
@@ -138,7 +158,7 @@ def measure(args, log) -> dict:
     out = {"settings": {"steps": args.steps, "lr": args.lr, "params": args.params, "ensemble": args.ensemble,
                         "guards": GUARDS or "predict's defaults", "tta": TTA}, "repeats": {}}
     for repeat in map(Path, args.repeats):
-        ood = suite(repeat, "measure")
+        ood = suite(repeat, "measure", args.measure_suite)
         labels = np.load(ood / "labels.npy")
         runs = members(repeat, args.members)
         rec = {"images": f"measure {ood} (no member trained on them, no choice saw them)",
@@ -176,6 +196,8 @@ def main(argv=None):
     p.add_argument("--collapse-tol", help="predict --collapse-tol (default: predict's)")
     p.add_argument("--max-disagree", help="predict --max-disagree (default: predict's)")
     p.add_argument("--members", nargs="*", help="run names to use (default: every finished member)")
+    p.add_argument("--measure-suite", help="measure: the suite folder's name in each repeat where it has one (e.g. "
+                   "measure-n500, a smaller measure of the same reserve; default: the first measure-*)")
     p.add_argument("--tta", default="none", help="predict's TTA (default none: one view)")
     args = p.parse_args(argv)
     TTA = args.tta

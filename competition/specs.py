@@ -214,7 +214,7 @@ class PredictSpec:
     learn_params: str = "bn"  # which parameters learn: bn | norm+head | all (adapt.PARAMS)
     learn_ensemble: float | None = None  # ROID weight ensembling toward the source after each update; None: off
     collapse_tol: float | None = 0.1  # its fallback to BN (class-histogram entropy, nats); None: never
-    max_disagree: float | None = 0.15  # its fallback to BN (fraction of labels differing from BN's); None: never
+    max_disagree: float | None = 0.05  # its fallback to BN (fraction of labels differing from BN's); None: never
     batch_size: int = 512  # images per batch per process
 
     def __post_init__(self):
