@@ -175,4 +175,3 @@ def test_part3_offline_command_line(early):
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: Part 3 needs ImageNet ResNet-50 weights: pass weights=PATH")
     assert "HF_HUB_OFFLINE" in errors[0]
-    assert early.elapsed < 60  # the process's own wall time, start to exit
