@@ -12,7 +12,7 @@ from torch import nn
 
 from competition import augment, models, optim
 from competition.files import CompetitionError
-from competition.runs import RunDir
+from competition.runs import RunDir, check_weights
 from competition.specs import TrainSpec
 
 
@@ -43,7 +43,10 @@ def make_learner(spec: TrainSpec, data_cfg: dict, accelerator) -> Learner:
     with accelerator.main_process_first():  # one process fetches hub weights; the others read its cache
         model = models.model_from_config(spec.model, data_cfg["num_classes"])
     if spec.model.init_from:
-        model.load_state_dict(RunDir(spec.model.init_from).load_weights("best")["model"])
+        source = RunDir(spec.model.init_from)
+        state = source.load_weights("best")["model"]
+        check_weights(source.weights("best"), state, model.state_dict())  # as predict checks what it loads
+        model.load_state_dict(state)
     n_params = sum(p.numel() for p in model.parameters())
     if spec.model.channels_last:
         model = model.to(memory_format=torch.channels_last)

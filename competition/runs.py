@@ -441,9 +441,7 @@ class RunDir:
     def load_model(self, which: str = "best", map_location="cpu"):
         """(model in eval mode, config, data config) of `best.pt` or `last.pt`. The architecture is
         rebuilt from the config without fetching ImageNet weights: the file holds every parameter,
-        each a finite float where the network holds floats (checked here, as the file is read once)."""
-        import torch
-
+        each a finite float where the network holds floats (check_weights, on the one read)."""
         from competition import models
 
         path = self.weights(which)
@@ -456,20 +454,8 @@ class RunDir:
             data_cfg = ckpt.get("data_config") or {k: cfg.get(k) for k in ("num_classes", "classes", "mean", "std",
                                                                            "image_size", "channels_last")}
             model = models.model_from_config({**cfg, "pretrained": False, "weights": None}, data_cfg["num_classes"])
-            # Refused, naming the file, rather than a submission of garbage with exit status 0: a tensor
-            # that is not floating point where the network holds floats (load_state_dict casts an int64
-            # copy without a word) or one holding NaN or inf (every logit NaN: class 0).
-            state, own = ckpt["model"], model.state_dict()
-            ints = [k for k, v in state.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
-            if ints:
-                raise CompetitionError(f"{path}: {len(ints)} of {len(state)} tensors are not floating point ({ints[0]!r} "
-                                       f"is {state[ints[0]].dtype}): a network's weights are floats, so the file was "
-                                       f"converted or edited; restore the run's own file, or retrain the run")
-            bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-            if bad:
-                raise CompetitionError(f"{path}: {len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. "
-                                       f"{bad[0]!r}): training diverged or the file was edited; retrain the run (a "
-                                       f"lower lr), or restore its file")
+            state = ckpt["model"]
+            check_weights(path, state, model.state_dict())
             model.load_state_dict(state)
         except CompetitionError:
             raise
@@ -758,6 +744,25 @@ def load_weights(path, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # a cut or damaged file
         raise CompetitionError(f"{path} could not be read ({type(e).__name__}: {str(e)[:150]}); it may be "
                                f"truncated: restore it or retrain the run") from None
+
+
+def check_weights(path, state: dict, own: dict) -> None:
+    """Refuse, naming the file, a state dict that would predict garbage with exit status 0: a
+    tensor that is not floating point where the network (`own`, its state dict) holds floats
+    (load_state_dict casts an int64 copy without a word), or one holding NaN or inf (every logit
+    NaN: class 0)."""
+    import torch
+
+    ints = [k for k, v in state.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
+    if ints:
+        raise CompetitionError(f"{path}: {len(ints)} of {len(state)} tensors are not floating point ({ints[0]!r} "
+                               f"is {state[ints[0]].dtype}): a network's weights are floats, so the file was "
+                               f"converted or edited; restore the run's own file, or retrain the run")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CompetitionError(f"{path}: {len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. "
+                               f"{bad[0]!r}): training diverged or the file was edited; retrain the run (a "
+                               f"lower lr), or restore its file")
 
 
 def _run_weights(obj, path: Path) -> dict:

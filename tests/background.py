@@ -98,7 +98,8 @@ class Started:
         """Let this process and everything it started (its session) use every core again."""
         if self.proc.poll() is None:
             for pid in _session(self.proc.pid):
-                _set_cores(pid, _all_cores())
+                for tid in _threads(pid):  # affinity is per thread: OpenMP's pool was pinned with the main one
+                    _set_cores(tid, _all_cores())
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -122,6 +123,14 @@ def _set_cores(pid: int, cores: list[int]) -> None:
             os.sched_setaffinity(pid, cores)
         except OSError:
             pass
+
+
+def _threads(pid: int) -> list[int]:
+    """The threads of process `pid` (its main thread alone where /proc is missing or it has gone)."""
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")] or [pid]
+    except OSError:
+        return [pid]
 
 
 def _session(sid: int) -> list[int]:

@@ -258,6 +258,17 @@ def test_c07_c10_weights_that_are_not_finite_floats_are_refused_at_load(run, cha
     assert not pred_files(run_dir)
 
 
+def test_c10_fine_tuning_from_non_finite_weights_is_refused(tiny_run_copy):
+    """init_from (self-training, fine-tuning) reads weights through the same check as predict."""
+    from competition import train
+
+    run_dir, args = tiny_run_copy
+    path = rewrite_weights(run_dir, lambda v: v * float("nan") if v.is_floating_point() else v)
+    with pytest.raises(CompetitionError, match="tensors hold NaN or infinite values") as e:
+        train.main(args + ["name=ft", f"init_from={run_dir}"])
+    one_line(e, path)
+
+
 @pytest.mark.parametrize("name, change, bad", [("oof_index.npy", lambda a: a.__setitem__(0, -1), "-1"),
                                                ("oof_ood_index.npy", lambda a: a.__setitem__((0, 0), 10 ** 6),
                                                 "1000000")])

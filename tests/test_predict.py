@@ -448,7 +448,6 @@ def test_learn_params_and_ensemble_are_in_predict_json_and_the_name_only_when_no
         ("tent", "norm+head", 0.99, 0.2)
     default = RunDir(run_dir).manifest("none+tent")[rel]  # the defaults keep the folder's old name
     assert (default["tent_params"], default["tent_ensemble"], default["tent_disagree"]) == ("bn", None, A.MAX_DISAGREE)
-    assert PredictSpec().max_disagree == A.MAX_DISAGREE  # predict's default is the guard's documented one
     assert out(run_dir, ood, 0, "none+tent-norm_head-ens0.99").exists()
     with pytest.raises(CompetitionError, match="--learn-ensemble 1.5: must lie in 0..1"):
         PredictSpec(learn_ensemble=1.5)
