@@ -221,13 +221,20 @@ def write_files(csv: Path, preds: np.ndarray, ood: data.OodSet, n_classes: int, 
     name, then the JSON goes into place and the CSV last. A failure before leaves neither (the CSV
     used to stay behind without its JSON when its check failed); the JSON pins the CSV's sha1, so
     a CSV left from before beside a new JSON (a kill between the two renames) is told apart."""
-    with atomic_path(csv) as tmp_csv, atomic_path(csv.with_suffix(".json")) as tmp_json:
-        submit.write_submission(tmp_csv, preds, ood.rows)
-        try:
-            submit.check_submission(tmp_csv, ood_dir=ood.path, num_classes=n_classes, shape=ood.shape)
-        except CompetitionError as e:  # the message names the file the user will look for
-            raise CompetitionError(str(e).replace(str(tmp_csv), str(csv))) from None
-        save_json(tmp_json, {**info, "csv_sha1": file_hash(tmp_csv)})
+    json_path, sha1 = csv.with_suffix(".json"), None
+    try:
+        with atomic_path(csv) as tmp_csv, atomic_path(json_path) as tmp_json:
+            submit.write_submission(tmp_csv, preds, ood.rows)
+            try:
+                submit.check_submission(tmp_csv, ood_dir=ood.path, num_classes=n_classes, shape=ood.shape)
+            except CompetitionError as e:  # the message names the file the user will look for
+                raise CompetitionError(str(e).replace(str(tmp_csv), str(csv))) from None
+            sha1 = file_hash(tmp_csv)
+            save_json(tmp_json, {**info, "csv_sha1": sha1})
+    except OSError:  # the JSON went into place and the CSV's rename failed: take this JSON back (neither)
+        if sha1 is not None and read_json(json_path, {}, dict).get("csv_sha1") == sha1:
+            json_path.unlink()
+        raise
 
 
 def checked_num_classes(members: list[Member]) -> int:
@@ -341,6 +348,10 @@ def same_submission(old, new: dict) -> bool:
 def may_write(csv: Path, info: dict, overwrite: bool, say=print) -> bool:
     """Whether build writes `csv` and its JSON: not when they already hold this very submission; an
     existing different one only with overwrite, unless it is the remains of an interrupted write."""
+    for path in (csv, csv.with_suffix(".json")):
+        if path.is_dir():
+            raise CompetitionError(f"{path} is a folder, where the submission's file goes: move or rename it, or "
+                                   f"choose another --name")
     old = read_json(csv.with_suffix(".json"))
     if csv.exists() and same_submission(old, info):
         if old.get("csv_sha1") in (None, file_hash(csv)):  # None: written before the JSON pinned its CSV

@@ -49,7 +49,9 @@ def make_folds(labels: np.ndarray, k: int = 5, seed: int = 0, measure_n: int = 0
         rest, _ = train_test_split(rest, test_size=measure_n, stratify=labels, random_state=seed)
         rest = np.sort(rest)
     counts = np.bincount(labels[rest])
-    if k < 2 or counts[counts > 0].min() < k:
+    if k < 2:
+        raise CompetitionError(f"--k {k}: k-fold needs at least 2 folds (one held out, the rest to train on)")
+    if counts[counts > 0].min() < k:
         raise CompetitionError(f"cannot make {k} stratified folds: the rarest class has {counts[counts > 0].min()} "
                                f"images; use a smaller --k (at least 2)")
     skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)

@@ -747,12 +747,22 @@ def load_weights(path, map_location="cpu") -> dict:
 
 
 def check_weights(path, state: dict, own: dict) -> None:
-    """Refuse, naming the file, a state dict that would predict garbage with exit status 0: a
-    tensor that is not floating point where the network (`own`, its state dict) holds floats
-    (load_state_dict casts an int64 copy without a word), or one holding NaN or inf (every logit
-    NaN: class 0)."""
+    """Refuse, in one line naming the file, a state dict that does not fit the network (`own`, its
+    state dict), or one that would predict garbage with exit status 0: a tensor that is not floating
+    point where the network holds floats (load_state_dict casts an int64 copy without a word), one
+    holding NaN or inf, or a negative batch-norm variance (every logit NaN: class 0)."""
     import torch
 
+    shapes = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    missing, extra = [k for k in own if k not in state], [k for k in state if k not in own]
+    if shapes or missing or extra:  # torch's own message is many lines, cut mid-sentence by the caller
+        parts = ([f"{len(shapes)} tensor(s) of another shape ({shapes[0]!r}: {tuple(state[shapes[0]].shape)} in the file, "
+                  f"{tuple(own[shapes[0]].shape)} in the network)"] if shapes else []) + \
+                ([f"{len(missing)} tensor(s) missing (e.g. {missing[0]!r})"] if missing else []) + \
+                ([f"{len(extra)} tensor(s) the network does not have (e.g. {extra[0]!r})"] if extra else [])
+        raise CompetitionError(f"{path} does not fit the network its config describes: {'; '.join(parts)}: "
+                               f"the file belongs to another model or config, or was edited; restore the run's own "
+                               f"files, or retrain the run")
     ints = [k for k, v in state.items() if k in own and own[k].is_floating_point() and not v.is_floating_point()]
     if ints:
         raise CompetitionError(f"{path}: {len(ints)} of {len(state)} tensors are not floating point ({ints[0]!r} "
@@ -763,6 +773,10 @@ def check_weights(path, state: dict, own: dict) -> None:
         raise CompetitionError(f"{path}: {len(bad)} of {len(state)} tensors hold NaN or infinite values (e.g. "
                                f"{bad[0]!r}): training diverged or the file was edited; retrain the run (a "
                                f"lower lr), or restore its file")
+    negative = [k for k, v in state.items() if k.endswith("running_var") and v.is_floating_point() and (v < 0).any()]
+    if negative:  # a variance below 0 makes every normalised activation NaN: a submission of class 0
+        raise CompetitionError(f"{path}: {negative[0]!r} holds negative values, and a batch-norm variance cannot be "
+                               f"negative: the file was edited or damaged; restore the run's own file, or retrain")
 
 
 def _run_weights(obj, path: Path) -> dict:

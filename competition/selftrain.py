@@ -320,8 +320,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not 0 < args.threshold < 1 or args.rounds < 1:
         raise CompetitionError("--threshold must lie in (0, 1) and --rounds be at least 1")
-    if (args.max_images is not None and args.max_images < 0) or (args.lr is not None and not args.lr > 0):
-        raise CompetitionError("--max-images must be >= 0 (0: no cap) and --lr > 0")
+    if (args.max_images is not None and args.max_images < 0) or (args.lr is not None and not 0 < args.lr < float("inf")):
+        raise CompetitionError("--max-images must be >= 0 (0: no cap) and --lr a finite number > 0")
     spec = Path(args.submission)
     done = previous_round(spec)  # continuing a self-trained submission
     for r in range(done + 1, done + args.rounds + 1):

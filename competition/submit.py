@@ -70,6 +70,8 @@ def read_csv(path) -> pd.DataFrame:
     """The CSV as text columns, after the checks Kaggle's parser would fail on: the encoding
     (UTF-8, with or without the BOM Excel adds), the exact header, readable rows."""
     path = Path(path)
+    if path.is_dir():
+        raise CompetitionError(f"{path} is a folder, not a submission CSV: name the .csv file inside it")
     if not path.is_file():
         raise CompetitionError(f"{path} does not exist: write it with competition.ensemble (or write_submission)")
     raw = path.read_bytes()
@@ -216,7 +218,8 @@ def kaggle_submit(path, message: str, competition: str | None = None) -> str:
     competition = resolve_competition(competition)
     path = Path(path)
     if not path.is_file():
-        raise CompetitionError(f"{path} does not exist")
+        raise CompetitionError(f"{path} is a folder, not a submission CSV: name the .csv file inside it"
+                               if path.is_dir() else f"{path} does not exist")
     read_sidecar(path)  # record_upload appends to it once the upload is spent: a bad one is refused first
     api = _kaggle_api()
     try:

@@ -31,8 +31,14 @@ def split_rows(spec: DataSpec, labels: np.ndarray, accelerator) -> tuple[np.ndar
     accelerator.wait_for_everyone()
     frame = folds.read_folds(path)
     if len(frame) != len(labels) or not np.array_equal(frame["label"].to_numpy(), labels):
-        raise CompetitionError(f"{path} was made for a different dataset ({len(frame)} rows, this one has "
-                               f"{len(labels)} images); rerun `python -m competition.folds --force` for it")
+        if len(frame) != len(labels):
+            why = f"{len(frame)} rows, this one has {len(labels)} images"
+        else:  # the same count: name the first row whose label differs (an edit, or other images in that order)
+            diff = np.flatnonzero(frame["label"].to_numpy() != labels)
+            why = (f"{len(diff)} labels differ, first row {diff[0]}: label {frame['label'].iloc[diff[0]]} in the file, "
+                   f"{labels[diff[0]]} in the data")
+        raise CompetitionError(f"{path} was made for a different dataset ({why}); rerun `python -m competition.folds "
+                               f"--force` for it")
     train_rows, val_rows = folds.fold_rows(frame["fold"].to_numpy(), spec.fold, path, spec.exclude_folds)
     reserve = folds.reserve_id(folds.measure_rows(frame))
     if spec.fold == -1:

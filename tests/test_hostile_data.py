@@ -5,6 +5,7 @@ work on a copy of the session's tiny run."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import json
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -248,11 +250,33 @@ def rewrite_weights(run_dir, change):
 
 @pytest.mark.parametrize("change, why", [
     (lambda v: (v * 100).round().to(torch.int64), r"tensors are not floating point \('.*' is torch.int64\)"),
-    (lambda v: v * float("nan") if v.is_floating_point() else v, "tensors hold NaN or infinite values")])
+    (lambda v: v * float("nan") if v.is_floating_point() else v, "tensors hold NaN or infinite values"),
+    (lambda v: -v, "holds negative values, and a batch-norm variance cannot be negative")])
 def test_c07_c10_weights_that_are_not_finite_floats_are_refused_at_load(run, change, why):
     run_dir, suite = run
     path = rewrite_weights(run_dir, change)
     with pytest.raises(CompetitionError, match=why) as e:
+        predict.predict_run(run_dir, [suite], test=False)
+    one_line(e, path)
+    assert not pred_files(run_dir)
+
+
+@pytest.mark.parametrize("edit, why", [
+    (lambda d: d.pop(next(iter(d))), r"1 tensor\(s\) missing \(e.g. '.*'\)"),
+    (lambda d: d.__setitem__("extra.weight", torch.zeros(3)), r"1 tensor\(s\) the network does not have \(e.g. 'extra.weight'\)"),
+    (lambda d: d.__setitem__(next(iter(d)), torch.zeros(2, 2)), r"1 tensor\(s\) of another shape \('.*': \(2, 2\) in the file")])
+def test_weights_of_another_network_are_one_line(run, edit, why):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    run_dir, suite = run
+    path = run_dir / "best.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(CompetitionError, match="does not fit the network its config describes: " + why) as e:
         predict.predict_run(run_dir, [suite], test=False)
     one_line(e, path)
     assert not pred_files(run_dir)
@@ -337,6 +361,31 @@ def test_the_csv_and_its_json_are_written_together(run, tmp_path, capsys):
     assert "unchanged" in capsys.readouterr().out
 
 
+def test_a_failed_csv_rename_leaves_neither_file_and_names_the_csv(run, tmp_path, monkeypatch):
+    """Both or neither when the last step fails: the JSON, renamed first, is taken back; a folder in
+    the way is refused before anything is written; the error names the file, not a temporary one."""
+    run_dir, suite = run
+    predict.predict_run(run_dir, [suite], test=False)
+    subs = tmp_path / "subs"
+    (subs / "f05.csv").mkdir(parents=True)
+    with pytest.raises(CompetitionError, match="f05.csv is a folder, where the submission's file goes") as e:
+        ensemble.build([run_dir], "f05", suite, subs)
+    one_line(e, subs / "f05.csv")
+    assert sorted(p.name for p in subs.iterdir()) == ["f05.csv"]
+    real_replace = os.replace
+
+    def failing_csv(src, dst):  # a fault at the CSV's rename (the JSON's has already happened)
+        if str(dst).endswith("f06.csv"):
+            raise OSError(errno.EIO, "Input/output error", str(src))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_csv)
+    with pytest.raises(OSError) as e:
+        ensemble.build([run_dir], "f06", suite, subs)
+    assert e.value.filename == str(subs / "f06.csv")
+    assert sorted(p.name for p in subs.iterdir()) == ["f05.csv"]
+
+
 @pytest.mark.parametrize("weight", ["1e999", "0", "-3"])
 def test_c33_a_submission_json_of_unusable_weights_is_one_error_in_score(run, tmp_path, weight):
     run_dir, suite = run
@@ -347,3 +396,32 @@ def test_c33_a_submission_json_of_unusable_weights_is_one_error_in_score(run, tm
     with pytest.raises(CompetitionError, match="member weights") as e:
         score.score_target(spec_path, suite)
     one_line(e, spec_path)
+
+
+def test_small_refusals_say_what_is_wrong(tmp_path):
+    """Re-check findings: the fix each message gives is the right one."""
+    from competition import folds, selftrain, submit
+
+    with pytest.raises(CompetitionError, match="--k 1: k-fold needs at least 2 folds") as e:
+        folds.main(["--dataset", "digits", "--k", "1", "--folds-dir", str(tmp_path / "folds")])
+    one_line(e)
+    (tmp_path / "sub.csv").mkdir()
+    with pytest.raises(CompetitionError, match="sub.csv is a folder, not a submission CSV") as e:
+        submit.read_csv(tmp_path / "sub.csv")
+    one_line(e)
+    for lr in ("inf", "nan", "0"):
+        with pytest.raises(CompetitionError, match="--lr a finite number > 0"):
+            selftrain.main([str(tmp_path / "x.json"), "--lr", lr])
+
+
+def test_a_label_edited_in_the_folds_file_is_named(tiny_run_copy):
+    from competition import train
+
+    run_dir, args = tiny_run_copy
+    csv = next((run_dir.parent.parent / "folds").glob("*.csv"))
+    frame = pd.read_csv(csv)
+    frame.loc[5, "label"] = (frame.loc[5, "label"] + 1) % 10
+    frame.to_csv(csv, index=False)
+    with pytest.raises(CompetitionError, match="1 labels differ, first row 5: label") as e:
+        train.main(args + ["name=edited"])
+    one_line(e, csv)
