@@ -457,6 +457,8 @@ def _decode(data: bytes, name: str, source: Path) -> np.ndarray:
     from PIL import Image
     try:
         with Image.open(io.BytesIO(data)) as im:
+            # Grayscale, palette and RGBA images become RGB (alpha dropped), as torchvision's ImageFolder
+            # loader does: a mixed folder is normal, and its size is still checked against the others.
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except Exception as e:
         raise CompetitionError(f"{source}: cannot decode {name} ({e}); remove or replace that file") from None
