@@ -272,8 +272,6 @@ def collapsed(adapted_labels, bn_labels, num_classes: int, tolerance: float = CO
     return class_entropy(adapted_labels, num_classes) < class_entropy(bn_labels, num_classes) - tolerance
 
 
-
-
 def disagreement(adapted_labels, bn_labels) -> float:
     """The fraction of a slice's images whose predicted class differs from BN adaptation's."""
     a, b = torch.as_tensor(adapted_labels).flatten(), torch.as_tensor(bn_labels).flatten()
