@@ -220,7 +220,8 @@ def write_files(csv: Path, preds: np.ndarray, ood: data.OodSet, n_classes: int, 
     """The CSV and its JSON, both or neither: each is written and the CSV checked under a temporary
     name, then the JSON goes into place and the CSV last. A failure before leaves neither (the CSV
     used to stay behind without its JSON when its check failed); the JSON pins the CSV's sha1, so
-    a CSV left from before beside a new JSON (a kill between the two renames) is told apart."""
+    a CSV left from before beside a new JSON (a kill between the two renames) is told apart. A
+    failed CSV rename (an OSError, not a kill) takes the new JSON back."""
     json_path, sha1 = csv.with_suffix(".json"), None
     try:
         with atomic_path(csv) as tmp_csv, atomic_path(json_path) as tmp_json:

@@ -66,14 +66,20 @@ def write_submission(path, labels: np.ndarray, rows_per_file: list[int]) -> Path
     return path
 
 
-def read_csv(path) -> pd.DataFrame:
-    """The CSV as text columns, after the checks Kaggle's parser would fail on: the encoding
-    (UTF-8, with or without the BOM Excel adds), the exact header, readable rows."""
+def csv_file(path) -> Path:
+    """`path` as a Path, once it is a file: a folder or a missing path is one error naming it."""
     path = Path(path)
     if path.is_dir():
         raise CompetitionError(f"{path} is a folder, not a submission CSV: name the .csv file inside it")
     if not path.is_file():
         raise CompetitionError(f"{path} does not exist: write it with competition.ensemble (or write_submission)")
+    return path
+
+
+def read_csv(path) -> pd.DataFrame:
+    """The CSV as text columns, after the checks Kaggle's parser would fail on: the encoding
+    (UTF-8, with or without the BOM Excel adds), the exact header, readable rows."""
+    path = csv_file(path)
     raw = path.read_bytes()
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise CompetitionError(f"{path} is UTF-16 encoded (a BOM FF FE / FE FF); Kaggle expects UTF-8: save it as "
@@ -216,10 +222,7 @@ def kaggle_submit(path, message: str, competition: str | None = None) -> str:
 
     `competition` defaults to the KAGGLE_COMPETITION environment variable."""
     competition = resolve_competition(competition)
-    path = Path(path)
-    if not path.is_file():
-        raise CompetitionError(f"{path} is a folder, not a submission CSV: name the .csv file inside it"
-                               if path.is_dir() else f"{path} does not exist")
+    path = csv_file(path)
     read_sidecar(path)  # record_upload appends to it once the upload is spent: a bad one is refused first
     api = _kaggle_api()
     try:
