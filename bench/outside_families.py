@@ -200,6 +200,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=2000, help="held-out images (0: the whole fold); the same rows as "
                    "`competition.score suite` picks for the same --fold, --n and --seed")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balanced", action="store_true", help="every class equally, as `score suite --balanced`")
     p.add_argument("--names", default=",".join(FAMILIES), help="comma-separated families, in file order")
     p.add_argument("--preview", help="also draw a PNG: rows = families, columns = clean + severities")
     a = p.parse_args(argv)
@@ -210,7 +211,8 @@ def main(argv=None):
             raise CompetitionError(f"unknown family {', '.join(unknown) or '(none)'}; "
                                    f"choose from {', '.join(FAMILIES)}")
         images, labels, source = score.held_out_images(a.dataset, a.data, a.data_dir, a.folds_dir, a.fold)
-        rows = score.suite_rows(source, len(images), a.n, a.seed)  # the rows `score suite` would take
+        rows = score.suite_rows(source, len(images), a.n, a.seed,  # the rows `score suite` would take
+                                labels if a.balanced else None)
         t0 = time.time()
         make_suite(images[rows], None if labels is None else labels[rows], a.out, a.seed, names,
                    {**source, "rows": rows.tolist()})

@@ -291,9 +291,9 @@ def stages(spec_path, suite_dir) -> str:
     members, weights, spec = members_from_json(spec_path)
     suite = data.OodSet(suite_dir)
 
-    def acc(ms, ws):
+    def acc(ms, ws, balance=False):
         try:
-            return float(np.mean([file_accuracy(z, suite.labels) for _, z in ood_logits(ms, ws, suite)]))
+            return float(np.mean([file_accuracy(z, suite.labels) for _, z in ood_logits(ms, ws, suite, balance)]))
         except CompetitionError:  # not predicted under that setting: shown as -
             return None
 
@@ -307,6 +307,8 @@ def stages(spec_path, suite_dir) -> str:
     if any(m.setting != base_setting(m.setting) for m in members):
         rows.append(("ensemble + adaptation (" + ", ".join(sorted({m.setting for m in members})) + ")",
                      acc(members, weights)))
+    if spec.get("balance") is True:
+        rows.append(("+ classes balanced per file and severity (--balance)", acc(members, weights, True)))
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     return (f"What each stage adds (local OOD accuracy on {suite.path}, {suite.labels.size} images x "
             f"{len(suite.files)} x 5; {suite.role()}; weights and adaptation were chosen on {spec.get('roles', {}).get('choose', 'out-of-fold images')}):"

@@ -744,6 +744,22 @@ def sample_rows(rows, n: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
 
 
+def sample_balanced(labels, n: int, seed: int) -> np.ndarray:
+    """A seeded subset of n rows holding every class of `labels` equally (n / classes each),
+    sorted: a local suite that mirrors the competition's files, whose every severity is CIFAR-100's
+    test split (100 images per class). Each class's rows are drawn as sample_rows draws."""
+    labels = np.asarray(labels)
+    classes = int(labels.max()) + 1
+    counts = np.bincount(labels, minlength=classes)
+    per = n // classes
+    if n % classes or per < 1:
+        raise CompetitionError(f"--balanced --n {n}: must be a multiple of the {classes} classes (e.g. {classes * max(per, 1)})")
+    if counts.min() < per:
+        raise CompetitionError(f"--balanced --n {n} needs {per} images of every class, but class {counts.argmin()} "
+                               f"has {counts.min()} here: lower --n to at most {classes * counts.min()}")
+    return np.sort(np.concatenate([sample_rows(np.flatnonzero(labels == c), per, seed + c) for c in range(classes)]))
+
+
 def check_rows(path, rows, n: int, fix: str) -> np.ndarray:
     """The rows an index file names in an array of `n` (images, labels), checked: whole numbers in
     0..n-1. numpy takes -1 for the last row (another image and label, without a word) and fails only

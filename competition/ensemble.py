@@ -198,14 +198,16 @@ def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray 
     return choices
 
 
-def predictions(members: list[Member], weights, ood: data.OodSet, n_classes: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(the submission's labels: argmax of the ensembled OOD logits, file after file; the accuracy
-    table (files x severities) when the OOD folder is a labelled local suite), checked before
+def predictions(members: list[Member], weights, ood: data.OodSet, n_classes: int,
+                balance: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the submission's labels: argmax of the ensembled OOD logits (balanced per severity with
+    `balance`), file after file; the accuracy table (files x severities) when the OOD folder is a
+    labelled local suite), checked before
     anything is written: logits of another class count than the runs' data config says would make
     a CSV of labels the check refuses only after writing it."""
     labels = ood.labels
     preds, table = [], []
-    for src, z in ood_logits(members, weights, ood):
+    for src, z in ood_logits(members, weights, ood, balance):
         if z.shape[1] != n_classes:
             raise CompetitionError(f"{members[0].runs[0] / RunDir.DATA_CONFIG} says num_classes {n_classes}, but the "
                                    f"members' logits for {src.name} have {z.shape[1]} classes (edited?): restore it "
@@ -321,6 +323,8 @@ def report(info: dict, say=print) -> None:
     if "local_score" in info:
         line += f", OOD acc {info['local_score']['ood_accuracy']:.4f} on {Path(info['ood_dir']).name}"
     say(line)
+    if info.get("balance"):
+        say("  predicted classes balanced within each OOD file and severity (--balance)")
     say(f"  decisions made on: {info['roles']['choose']}")
     if "local_score" in info:
         say(f"  OOD acc measured on: {info['roles']['measure']}")
@@ -342,8 +346,8 @@ def same_submission(old, new: dict) -> bool:
     if not isinstance(old, dict):
         return False
     keys = ("runs", "weights", "logits_sha1", "ood_dir", "fit_on", "method")
-    return all(old.get(k) == new.get(k) for k in keys) and [m.get("setting") for m in old.get("members", [])] == \
-        [m.get("setting") for m in new.get("members", [])]
+    return all(old.get(k) == new.get(k) for k in keys) and bool(old.get("balance")) == bool(new.get("balance")) \
+        and [m.get("setting") for m in old.get("members", [])] == [m.get("setting") for m in new.get("members", [])]
 
 
 def may_write(csv: Path, info: dict, overwrite: bool, say=print) -> bool:
@@ -411,11 +415,11 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", spec: EnsembleS
     weights, oof_fit, ood_figures = fit(members, labels_all, method, rounds, fit_on, say)
     csv = Path(out_dir) / f"{name}.csv"
     info = sidecar(name, csv, ood, members, weights, oof_fit, labels_all, n_classes, method, rounds, fit_on)
-    info.update(adaptation=choices or adapt, **({"oof_ood": ood_figures} if ood_figures else {}),
+    info.update(adaptation=choices or adapt, balance=spec.balance, **({"oof_ood": ood_figures} if ood_figures else {}),
                 roles=roles(method, fit_on, adapt, ood, oof_fit[0], ood_figures))
     if not may_write(csv, info, overwrite, say):
         return csv
-    preds, table = predictions(members, weights, ood, n_classes)
+    preds, table = predictions(members, weights, ood, n_classes, spec.balance)
     if table is not None:
         info["local_score"] = {**table_summary(table), "ood_dir": str(ood.path), "role": ood.role()}
     write_files(csv, preds, ood, n_classes, info)
@@ -439,6 +443,10 @@ def main(argv=None):
                         "was predicted with pays on its corrupted out-of-fold images (the choose images; never a "
                         "local suite, which measures)")
     p.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
+    p.add_argument("--balance", action="store_true",
+                   help="balance the predicted classes within each OOD file and severity (Sinkhorn): for files "
+                        "whose every severity holds each class equally, as the competition's do (each is CIFAR-100's "
+                        "test split, 100 per class); score it on a suite built with `score suite --balanced`")
     p.add_argument("--fit-on", default=default.fit_on, choices=("auto", "clean", "ood"),
                    help="weights fitted on clean or corrupted out-of-fold images (auto: corrupted when every run "
                         "has them, i.e. was trained with ood_check)")
@@ -450,7 +458,8 @@ def main(argv=None):
     p.add_argument("--allow-partial", action="store_true",
                    help="accept fewer OOD files or rows than the competition's 19 x 50,000 (cifar100 runs)")
     args = p.parse_args(argv)
-    spec = EnsembleSpec(method=args.method, rounds=args.rounds, tta=args.tta, adapt=args.adapt, fit_on=args.fit_on)
+    spec = EnsembleSpec(method=args.method, rounds=args.rounds, tta=args.tta, adapt=args.adapt, fit_on=args.fit_on,
+                        balance=args.balance)
     return build(expand_runs(args.runs), args.name, args.ood_dir, args.out_dir, spec, args.overwrite,
                  allow_partial=args.allow_partial)
 

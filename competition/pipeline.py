@@ -68,6 +68,7 @@ class Plan:
     overwrite: bool
     threads: int = 0
     overrides: list[str] = field(default_factory=list)
+    balance: bool = False
 
     @property
     def suite(self) -> str:
@@ -77,7 +78,7 @@ class Plan:
         if self.dataset == "cifar100" and self.measure_n == "0":
             return ""
         tag = "" if self.measure_n == "0" else f"-m{self.measure_n}"
-        return f"data/ood-local/{self.dsname}{tag}-n{self.n}"
+        return f"data/ood-local/{self.dsname}{tag}-n{self.n}{'-bal' if self.balance else ''}"
 
     def run_dir(self, part: int, fold: int) -> Path:
         """The folder `competition.train` makes for this part and fold (the package names it)."""
@@ -136,10 +137,13 @@ def parse(argv=None) -> tuple[Plan, bool]:
                    "whichever is best on its corrupted out-of-fold images; bn: cheap (one extra pass); tent, shot "
                    "(entropy + diversity), eata (reliable predictions only): ~2-3x bn's, see competition/adapt.py]")
     p.add_argument("--bn-adapt", action="store_const", const="bn", dest="tta_adapt", help="= --tta-adapt bn")
+    p.add_argument("--balance", action="store_true", help="balance the predicted classes within each OOD file and "
+                   "severity (ensemble --balance): the competition's files hold each class equally; the local suite "
+                   "is then built balanced too (score suite --balanced)")
     p.add_argument("--selftrain", type=int, default=0, help="rounds of pseudo-label self-training on the OOD "
                    "files (needs --ood-dir) [0]")
     p.add_argument("--name", default="", help="submission name, and the prefix of its run folders "
-                   "(NAME-part<P>-f<F>-s0) [submission <dataset>-<preset>-p<parts>; runs <preset>-<dataset>-f<F>-s0]")
+                   "(NAME-part<P>-f<F>-s0) [submission <dataset>-<preset>-p<parts>[-bal]; runs <preset>-<dataset>-f<F>-s0]")
     p.add_argument("--retrain", action="store_true", help="retrain finished runs (train --force); the submission "
                    "gets a new name")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission of the same name")
@@ -186,7 +190,7 @@ def plan_from(args) -> Plan:
     if args.threads < 0:
         raise bad("--threads takes a positive count (0: decide from the free cores)")
     preset = preset if args.preset is None else args.preset
-    name = args.name or f"{dsname}-{preset or 'full'}-p{parts.replace(',', '')}"
+    name = args.name or f"{dsname}-{preset or 'full'}-p{parts.replace(',', '')}{'-bal' if args.balance else ''}"
     if not NAME_RULE.fullmatch(name) or name in (".", ".."):  # files.check_name's rule
         raise bad(f"--name '{name}' must be letters, digits and . _ + - (it names files)")
     return Plan(dataset=args.dataset, data=data, dsname=dsname, parts=[int(x) for x in parts.split(",")],
@@ -194,7 +198,7 @@ def plan_from(args) -> Plan:
                 n=args.n if args.n is not None else n, tta=args.tta or tta, adapt=args.tta_adapt,
                 measure_n=args.measure_n if args.measure_n is not None else measure, ood_dir=ood_dir,
                 selftrain=args.selftrain, name=name, run_prefix=args.name, retrain=args.retrain,
-                overwrite=args.overwrite, threads=args.threads, overrides=list(args.overrides))
+                overwrite=args.overwrite, threads=args.threads, overrides=list(args.overrides), balance=args.balance)
 
 
 def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
@@ -225,7 +229,7 @@ def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
     if suite:
         out.append((f"local OOD suite: {suite} ({plan.n} images x 19 corruptions x 5 severities)",
                     ["competition.score", "suite", "--out", suite, "--dataset", plan.dataset, *data, "--n",
-                     str(plan.n)]))
+                     str(plan.n), *(["--balanced"] if plan.balance else [])]))
     target = plan.ood_dir or suite
     ood = (["--ood-dir", suite] if suite else []) + (["--ood-dir", plan.ood_dir] if plan.ood_dir else [])
     ood += ["--download"] if plan.ood_dir and plan.dataset == "cifar100" else []
@@ -239,7 +243,7 @@ def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
     out.append((f"ensemble -> submissions/{sub}.csv (weights and adaptation chosen on out-of-fold images; "
                 f"adaptation: {plan.adapt})",
                 ["competition.ensemble", *runs, "--name", sub, "--ood-dir", target, "--tta", plan.tta, "--adapt",
-                 plan.adapt, *(["--overwrite"] if plan.overwrite else [])]))
+                 plan.adapt, *(["--balance"] if plan.balance else []), *(["--overwrite"] if plan.overwrite else [])]))
     if plan.selftrain:  # --models-dir: the folder the runs above lie in (models_dir=... may move it)
         first = plan.parts[0]
         models_dir = resolve(first, plan.presets(first), plan.train_overrides(first))["models_dir"]

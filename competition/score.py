@@ -105,10 +105,14 @@ def images_from_file(path) -> tuple[np.ndarray, None, dict]:
     return images, None, {"images": str(path)}
 
 
-def suite_rows(source: dict, count: int, n: int, seed: int) -> np.ndarray:
-    """The seeded `n` of `count` images a suite corrupts; records in `source` which rows of the
-    folds CSV they are (source_rows, for leak checks) when they come from a fold."""
-    rows = data.sample_rows(count, n, seed)
+def suite_rows(source: dict, count: int, n: int, seed: int, balanced_labels=None) -> np.ndarray:
+    """The seeded `n` of `count` images a suite corrupts (each class equally when given the images'
+    `balanced_labels`); records in `source` which rows of the folds CSV they are (source_rows, for
+    leak checks) when they come from a fold."""
+    if balanced_labels is not None:
+        source["balanced"] = True
+    rows = data.sample_rows(count, n, seed) if balanced_labels is None else \
+        data.sample_balanced(balanced_labels, n or len(balanced_labels), seed)
     if "fold_rows" in source:
         source["source_rows"] = np.asarray(source.pop("fold_rows"))[rows].tolist()
     return rows
@@ -116,15 +120,19 @@ def suite_rows(source: dict, count: int, n: int, seed: int) -> np.ndarray:
 
 def build_suite(out, dataset: str = "digits", path=None, data_dir="data", folds_dir="folds", n: int = 200,
                 seed: int = 0, names=None, workers: int | None = None, images_npy=None, preview=None,
-                preview_images: int = 2, fold: int | None = None, leaderboard_labels: bool = False) -> Path:
+                preview_images: int = 2, fold: int | None = None, leaderboard_labels: bool = False,
+                balanced: bool = False) -> Path:
     """Write the local suite to `out` (skipped when it is already there); returns `out`. Labelled
     when the images come from a dataset; `images_npy` corrupts a .npy of images instead.
+    `balanced`: every class equally, as in the competition's files (needed to measure --balance).
     `preview`: also draw a PNG of the first `preview_images` images under every corruption."""
     from competition import corruptions
 
     images, labels, source = images_from_file(images_npy) if images_npy else \
         held_out_images(dataset, path, data_dir, folds_dir, fold, leaderboard_labels)
-    rows = suite_rows(source, len(images), n, seed)
+    if balanced and labels is None:
+        raise CompetitionError("--balanced needs labelled images (a dataset), not --images")
+    rows = suite_rows(source, len(images), n, seed, labels if balanced else None)
     names = list(names or corruptions.CORRUPTIONS)
     t0 = time.time()
     corruptions.make_suite(images[rows], out, seed=seed, names=names,
@@ -209,11 +217,12 @@ def check_pinned(spec: dict, members, ood: data.OodSet, path: Path) -> None:
 
 
 def submission_target(target: Path, ood: data.OodSet):
-    """(members, weights, clean (logits, labels) or None, OOF accuracy) of a submission JSON."""
+    """(members, weights, clean (logits, labels) or None, OOF accuracy, balance) of a submission JSON."""
     members, weights, spec = members_from_json(target)
     weights = member_weights(weights, target)
     check_pinned(spec, members, ood, target)
-    return members, weights, test_logits(members, weights), (spec.get("oof") or {}).get("accuracy")
+    return (members, weights, test_logits(members, weights), (spec.get("oof") or {}).get("accuracy"),
+            spec.get("balance") is True)
 
 
 def run_target(run: RunDir, setting: str):
@@ -225,7 +234,7 @@ def run_target(run: RunDir, setting: str):
         labels = oof_labels([member])
         data.check_rows(run / RunDir.OOF_INDEX, idx, len(labels), f"restore it from the run's copy, or retrain {run}")
         oof_acc = accuracy(logits, labels[idx])
-    return [member], np.ones(1), test_logits([member], np.ones(1)), oof_acc
+    return [member], np.ones(1), test_logits([member], np.ones(1)), oof_acc, False
 
 
 # Result key (never saved) of each suite image's accuracy over all corruptions and severities:
@@ -234,10 +243,11 @@ PER_IMAGE = "per_image_accuracy"
 
 
 def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "none", bins: int = 15, out=None,
-                 say=print) -> dict:
-    """Score a run folder (under the setting of `tta_name` and `adapt`; default TTA: the run's own)
-    or a submission JSON (under the settings it recorded) on a labelled suite; writes the
-    markdown report, heat map and JSON, and returns the numbers."""
+                 say=print, balance: bool = False) -> dict:
+    """Score a run folder (under the setting of `tta_name` and `adapt`; default TTA: the run's own;
+    `balance`: its classes balanced per severity, as ensemble --balance) or a submission JSON
+    (under the settings it recorded) on a labelled suite; writes the markdown report, heat map
+    and JSON, and returns the numbers."""
     target, path = Path(target), Path(getattr(ood_dir, "path", ood_dir))
     if adapt != "none":
         parse_adaptation(adapt)  # a misspelt variant: its own message, not a missing folder's
@@ -247,24 +257,29 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
     ood = ood_dir if isinstance(ood_dir, data.OodSet) else data.OodSet(path)
     is_json = target.suffix == ".json"
     if is_json:
-        members, weights, test, oof_acc = submission_target(target, ood)
+        if balance:
+            raise CompetitionError(f"--balance is for run folders: {target} is scored as it was made (rebuild it "
+                                   f"with competition.ensemble --balance)")
+        members, weights, test, oof_acc, balance = submission_target(target, ood)
     else:
         run = RunDir(target)
         setting = setting_name(tta_name, "logits", adapt) if tta_name else \
             (default_setting(run.config()) + (f"+{adapt}" if adapt != "none" else ""))
-        members, weights, test, oof_acc = run_target(run, setting)
+        members, weights, test, oof_acc, _ = run_target(run, setting)
     runs = [r for m in members for r in m.runs]
-    result = score_table(ood, members, weights, bins)
+    if balance:
+        check_balanced(ood, say)
+    result = score_table(ood, members, weights, bins, balance)
     result.update(target=str(target), ood_dir=str(ood.path), scored=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  settings=sorted({m.setting for m in members}), oof_accuracy=oof_acc,
+                  settings=sorted({m.setting for m in members}), balance=balance, oof_accuracy=oof_acc,
                   clean_accuracy=accuracy(*test) if test is not None else None,
                   clean_ece=ece(*test, bins=bins) if test is not None else None,
                   leaking_runs=_leaks([r.config() for r in runs], ood.info(), runs), role=ood.role())
     seen = sorted({c for r in runs for c in r.summary().get("trained_on", trained_on(r.config()))})
     unseen = [row for name, row in zip(result["corruptions"], result["table"]) if name not in seen]
     result.update(trained_on=seen, unseen_accuracy=float(np.mean(unseen)) if unseen else None)
-    prefix = Path(out) if out else (target.parent / f"{target.stem}.score" if is_json
-                                    else runs[0].score_prefix(members[0].setting, ood))
+    prefix = Path(out) if out else (target.parent / f"{target.stem}.score" if is_json else Path(
+        f"{runs[0].score_prefix(members[0].setting, ood)}{'-balanced' if balance else ''}"))
     if not out and not is_json:
         runs[0].own(Path(f"{prefix}.md"))  # a sent run's pred/ may link outside it
     save_text(Path(f"{prefix}.md"), markdown(result, ood.info()))
@@ -274,7 +289,8 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
     save_json(Path(f"{prefix}.json"), {k: v for k, v in result.items() if k != PER_IMAGE})
     if is_json:
         spec = members_from_json(target)[2]
-        key = "local_score" + ("" if all(adaptation(m.setting) == "none" for m in members) else "_adapted")
+        plain = not balance and all(adaptation(m.setting) == "none" for m in members)
+        key = "local_score" + ("" if plain else "_adapted")
         spec[key] = {k: v for k, v in result.items() if k not in ("table", PER_IMAGE)}
         save_json(target, spec)
     say_result(result, ood.info(), prefix, say)
@@ -292,11 +308,22 @@ def paired_difference(a: dict, b: dict) -> tuple[float, float]:
     return float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
-def score_table(ood: data.OodSet, members, weights, bins: int) -> dict:
+def check_balanced(ood: data.OodSet, say=print) -> None:
+    """A note when predictions balanced per severity are scored on a suite whose classes are not
+    equal: the competition's files hold each class equally, a suite drawn at random does not,
+    and there balancing costs accuracy it would not cost on the leaderboard."""
+    counts = np.bincount(ood.labels)
+    if counts.min() != counts.max():
+        say(f"note: {ood.path} holds its classes unequally ({counts.min()}-{counts.max()} images per class); "
+            f"balanced predictions assume equal classes, as in the competition's files: for a figure that "
+            f"mirrors them build the suite with `python -m competition.score suite --balanced`")
+
+
+def score_table(ood: data.OodSet, members, weights, bins: int, balance: bool = False) -> dict:
     """Accuracy per corruption and severity, its summary, and the OOD calibration error."""
     labels, info = ood.labels, ood.info()
     cal, names, table, right = Calibration(bins), [], [], []
-    for src, z in ood_logits(members, weights, ood):
+    for src, z in ood_logits(members, weights, ood, balance):
         if labels.max() >= z.shape[1]:
             raise CompetitionError(f"{ood.path}/labels.npy holds class {labels.max()}, but the models predict "
                                    f"{z.shape[1]} classes: the suite was made from another data set")
@@ -387,6 +414,8 @@ def _parser() -> argparse.ArgumentParser:
                    "severity as in CIFAR-C (0: all); every estimate carries their sampling noise: one s.e. "
                    "at most sqrt(p(1-p)/n), e.g. 1.6 points measured at 78%% accuracy with n=500")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--balanced", action="store_true", help="every class equally (--n a multiple of the classes), "
+                   "as in the competition's files: the suite to measure `ensemble --balance` on")
     s.add_argument("--names", default=",".join(CORRUPTIONS), help="comma-separated corruptions, in file order")
     s.add_argument("--workers", type=count, default=None, help="processes (default: one per CPU for >= 500 images)")
     s.add_argument("--preview", help="also draw a PNG grid (rows = corruptions, columns = clean + severities)")
@@ -400,6 +429,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="runs: score the adapted logits (predict --adapt): none, bn, tent, shot, eata, or a setting's "
                         "variant of them as predict names it (tent-all, shot-norm_head-ens0.99, bn0.5)")
     r.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
+    r.add_argument("--balance", action="store_true", help="runs: score their predictions balanced per OOD file "
+                   "and severity, as ensemble --balance makes them (a submission JSON is scored as it was made)")
     r.add_argument("--bins", type=count, default=15, help="confidence bins of the calibration error")
     return p
 
@@ -412,11 +443,11 @@ def main(argv=None):
     if a.command == "suite":
         names = [x.strip() for x in a.names.split(",") if x.strip()]
         return build_suite(a.out, a.dataset, a.data, a.data_dir, a.folds_dir, a.n, a.seed, names, a.workers,
-                           a.images, a.preview, a.preview_images, a.fold, a.leaderboard_labels)
+                           a.images, a.preview, a.preview_images, a.fold, a.leaderboard_labels, a.balanced)
     results = []
     for t in a.targets:
         targets = [Path(t)] if t.endswith(".json") else [r.path for r in expand_runs([t])]
-        results += [score_target(x, a.ood_dir, a.tta, a.adapt, a.bins) for x in targets]
+        results += [score_target(x, a.ood_dir, a.tta, a.adapt, a.bins, balance=a.balance) for x in targets]
     for r in results[1:]:  # several targets: each against the first, on the same images
         diff, se = paired_difference(results[0], r)
         print(f"{r['target']} - {results[0]['target']}: OOD acc {100 * diff:+.2f} +- {100 * se:.2f} points "

@@ -99,7 +99,7 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
                                        f"from outside it (e.g. a suite of a fold the runs exclude: exclude_folds)")
     images, probs, right = [], [], []
     truth = None if ood.labels is None else np.tile(ood.labels, data.SEVERITIES)
-    for k, (_, z) in enumerate(ood_logits(members, weights, ood)):
+    for k, (_, z) in enumerate(ood_logits(members, weights, ood, spec.get("balance", False))):
         p = softmax(z)
         rows = select(p, threshold, per_class)
         images.append(np.asarray(ood.images(k)[rows]))
@@ -127,7 +127,8 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
 # members_from_json serves board and score too, which need no name; self-training names its runs
 # and files after it and reads the rest, so a hand-made, older or edited JSON fails here, unwritten.
 SPEC_KEYS = {"name": str, "ood_dir": str, "method": str}
-SPEC_OPTIONAL = {"rounds": (int, type(None)), "fit_on": str, "adaptation": (str, dict), "selftrain": dict}
+SPEC_OPTIONAL = {"rounds": (int, type(None)), "fit_on": str, "adaptation": (str, dict), "selftrain": dict,
+                 "balance": bool}
 
 
 def check_spec(spec: dict, path: Path) -> None:
@@ -138,7 +139,7 @@ def check_spec(spec: dict, path: Path) -> None:
                                f"competition.ensemble writes next to its CSV; rebuild it with competition.ensemble "
                                f"(or add the key)")
     for key, kind in {**SPEC_KEYS, **SPEC_OPTIONAL}.items():
-        if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], kind)):
+        if key in spec and ((isinstance(spec[key], bool) and kind is not bool) or not isinstance(spec[key], kind)):
             raise CompetitionError(f"{path}: {key!r} is {json.dumps(spec[key])[:60]}, not what competition.ensemble "
                                    f"writes there; rebuild the JSON with competition.ensemble (or restore it)")
 
@@ -284,7 +285,8 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
             new_runs.append(new)
     chosen = spec.get("adaptation", "none")
     how = EnsembleSpec(method=spec["method"], rounds=spec.get("rounds") or 40, tta=record.get("tta"),
-                       adapt="auto" if isinstance(chosen, dict) else chosen, fit_on=spec.get("fit_on", "auto"))
+                       adapt="auto" if isinstance(chosen, dict) else chosen, fit_on=spec.get("fit_on", "auto"),
+                       balance=spec.get("balance", False))
     csv = ensemble.build(new_runs, name, spec["ood_dir"], args.out_dir, how, overwrite=args.force, say=say,
                          allow_partial=True)
     out = csv.with_suffix(".json")

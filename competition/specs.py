@@ -259,6 +259,9 @@ class EnsembleSpec:
     tta: str | None = None  # the TTA setting of the logits used; None: each run's own, as predict's
     adapt: str = "none"  # adapted OOD logits: none, bn, tent, shot, eata, or auto (per member, from its OOF)
     fit_on: str = "auto"  # weights fitted on clean or corrupted (ood) out-of-fold images; auto: ood where all have it
+    # Predicted classes balanced per OOD file and severity (runs.balance_classes): for files whose every
+    # severity holds each class equally, as the competition's do (CIFAR-100's test split, 100 per class).
+    balance: bool = False
 
     def __post_init__(self):
         for key, value, allowed in (("method", self.method, ("caruana", "equal")),
@@ -267,6 +270,8 @@ class EnsembleSpec:
                 raise CompetitionError(f"--{key} must be one of {', '.join(allowed)}, not {value!r}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise CompetitionError(f"--rounds {self.rounds!r}: must be a whole number >= 1")
+        if not isinstance(self.balance, bool):
+            raise CompetitionError(f"balance {self.balance!r}: must be true or false")
 
 
 # Keys config.resolve adds to a config that are no knob of the run (the presets it was made from:
