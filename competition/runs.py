@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy.special import logsumexp
 
 from competition import adapt, data, folds, metrics
 from competition.config import base_config, comparable, read_yaml, save_config
@@ -1004,17 +1005,15 @@ def balance_classes(logits: np.ndarray, slices: int = data.SEVERITIES) -> np.nda
     for block in range(slices):
         lo, hi = block * rows // slices, (block + 1) * rows // slices
         logp = metrics.log_softmax(z[lo:hi])
-        p = np.exp(logp - logp.max(1, keepdims=True))  # rows scaled to max 1: no underflow of a whole row
-        p /= p.sum(1, keepdims=True)
-        scale = np.ones(n_classes)
+        target = np.log((hi - lo) / n_classes)
+        bias = np.zeros(n_classes)  # log of the per-class scale; in logs, so no class's mass can underflow
         for _ in range(BALANCE_SWEEPS):
-            q = p * scale
-            row = q.sum(1, keepdims=True)
-            mass = (q / row).sum(0)  # each class's soft count once rows are normalised again
-            if np.abs(mass * n_classes / (hi - lo) - 1).max() < BALANCE_TOL:
+            q = metrics.log_softmax(logp + bias)
+            mass = logsumexp(q, axis=0)  # each class's soft count, in logs
+            if np.abs(np.expm1(mass - target)).max() < BALANCE_TOL:
                 break
-            scale *= (hi - lo) / n_classes / np.maximum(mass, 1e-300)
-        out[lo:hi] = metrics.log_softmax(logp + np.log(scale))
+            bias += target - mass
+        out[lo:hi] = metrics.log_softmax(logp + bias)
     return out
 
 
