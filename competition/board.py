@@ -146,7 +146,8 @@ def _submission_row(spec: dict, path: Path) -> dict:
     return {
         "submission": spec.get("name", path.stem),
         "members": ", ".join(f"{m['name']} {m['weight']:.2f}" for m in spec["members"] if m["weight"] > 0),
-        "settings": ", ".join(sorted({m.get("setting", "?") for m in spec["members"]})),
+        "settings": ", ".join(sorted({m.get("setting", "?") for m in spec["members"]}))
+                    + (" +balance" if spec.get("balance") is True else ""),
         "fit on": spec.get("fit_on", "clean"), "OOF acc": (spec.get("oof") or {}).get("accuracy"),
         "local OOD": local.get("ood_accuracy"), "local OOD s.e.": local.get("ood_se"),
         "suite role": _role({"ood_dir": spec.get("ood_dir", ""), **local}) if local else None,

@@ -132,3 +132,15 @@ def test_pipeline_balance_builds_a_balanced_suite_and_ensemble():
     assert "--balanced" in cmds["local OOD suite"] and "--balance" in cmds["ensemble"]
     plain, _ = pipeline.parse([])
     assert not any("--balance" in a for _, a in pipeline.steps(plain)[0] if "ensemble" in a[0])
+
+
+def test_the_board_marks_a_balanced_submission(world):  # noqa: F811
+    from competition import board
+
+    tmp, labels, ood, make = world
+    runs = [make(f"a-f{f}-s0", f, 1.0, f) for f in range(K)]
+    for name, spec in (("p", EnsembleSpec()), ("b", EnsembleSpec(balance=True))):
+        E.build(runs, name, ood, tmp / "subs", spec)
+    rows = {n: board._submission_row(json.loads((tmp / f"subs/{n}.json").read_text()), tmp / f"subs/{n}.json")
+            for n in "pb"}
+    assert rows["b"]["settings"] == "flip +balance" and rows["p"]["settings"] == "flip"
