@@ -26,16 +26,17 @@ from competition.files import CompetitionError  # noqa: E402
 from competition.runs import balance_classes, members_from_json, ood_logits  # noqa: E402
 
 
-def balanced_subset(labels: np.ndarray) -> np.ndarray:
-    """Rows of the first min-count images of every class (sorted)."""
+def balanced_subset(labels: np.ndarray, per_class: int | None = None) -> np.ndarray:
+    """Rows of the first `per_class` (default: the smallest class's count) images of every class, sorted."""
     counts = np.bincount(labels)
-    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:counts.min()] for c in range(len(counts))]))
+    k = min(per_class or counts.min(), counts.min())
+    return np.sort(np.concatenate([np.flatnonzero(labels == c)[:k] for c in range(len(counts))]))
 
 
-def compare(spec_path, suite: data.OodSet) -> dict:
+def compare(spec_path, suite: data.OodSet, per_class: int | None = None) -> dict:
     """Per slice (file x severity) accuracy, plain and balanced, on the balanced subset."""
     members, weights, _ = members_from_json(spec_path)
-    keep = balanced_subset(suite.labels)
+    keep = balanced_subset(suite.labels, per_class)
     n, y = len(suite.labels), suite.labels[keep]
     plain, bal = [], []
     for _, z in ood_logits(members, weights, suite):
@@ -50,6 +51,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("submissions", nargs="+", help="submission JSONs (competition.ensemble's sidecars)")
     p.add_argument("--suite", required=True, help="a labelled suite the members were predicted on")
+    p.add_argument("--per-class", type=int, nargs="*", default=[None], help="slice sizes to try: images per class "
+                   "(default: the smallest class's count); the gain depends on it, so compare at the real one")
     a = p.parse_args(argv)
     try:
         suite = data.OodSet(a.suite)
@@ -58,8 +61,8 @@ def main(argv=None):
         print(f"suite {a.suite} ({suite.role()}); each slice scored on its class-balanced subset")
         print("| submission | images/slice | plain | balanced | diff (s.e. over slices) | sev 5 diff | "
               "slices below plain -1 | worst slice |\n|---|---:|---:|---:|---:|---:|---:|---:|")
-        for s in a.submissions:
-            r = compare(s, suite)
+        for s, k in ((s, k) for s in a.submissions for k in a.per_class):
+            r = compare(s, suite, k)
             d = r["balanced"] - r["plain"]
             print(f"| {Path(s).stem} | {r['images']} | {100 * r['plain'].mean():.2f} | {100 * r['balanced'].mean():.2f} "
                   f"| {100 * d.mean():+.2f} +- {100 * d.std(ddof=1) / np.sqrt(len(d)):.2f} | "

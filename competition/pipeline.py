@@ -137,13 +137,14 @@ def parse(argv=None) -> tuple[Plan, bool]:
                    "whichever is best on its corrupted out-of-fold images; bn: cheap (one extra pass); tent, shot "
                    "(entropy + diversity), eata (reliable predictions only): ~2-3x bn's, see competition/adapt.py]")
     p.add_argument("--bn-adapt", action="store_const", const="bn", dest="tta_adapt", help="= --tta-adapt bn")
-    p.add_argument("--balance", action="store_true", help="balance the predicted classes within each OOD file and "
-                   "severity (ensemble --balance): the competition's files hold each class equally; the local suite "
-                   "is then built balanced too (score suite --balanced)")
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=None,
+                   help="balance the predicted classes within each OOD file and severity (ensemble --balance), "
+                   "and build the local suite balanced (score suite --balanced) [cifar100: on, its files hold each "
+                   "class equally (100 per class per severity); else off]")
     p.add_argument("--selftrain", type=int, default=0, help="rounds of pseudo-label self-training on the OOD "
                    "files (needs --ood-dir) [0]")
     p.add_argument("--name", default="", help="submission name, and the prefix of its run folders "
-                   "(NAME-part<P>-f<F>-s0) [submission <dataset>-<preset>-p<parts>[-bal]; runs <preset>-<dataset>-f<F>-s0]")
+                   "(NAME-part<P>-f<F>-s0) [submission <dataset>-<preset>-p<parts>[-bal|-nobal]; runs <preset>-<dataset>-f<F>-s0]")
     p.add_argument("--retrain", action="store_true", help="retrain finished runs (train --force); the submission "
                    "gets a new name")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission of the same name")
@@ -190,7 +191,10 @@ def plan_from(args) -> Plan:
     if args.threads < 0:
         raise bad("--threads takes a positive count (0: decide from the free cores)")
     preset = preset if args.preset is None else args.preset
-    name = args.name or f"{dsname}-{preset or 'full'}-p{parts.replace(',', '')}{'-bal' if args.balance else ''}"
+    # balanced where the dataset's files are known to be (the competition's); the name says a change from that
+    balance = args.dataset == "cifar100" if args.balance is None else args.balance
+    flip = "" if balance == (args.dataset == "cifar100") else "-bal" if balance else "-nobal"
+    name = args.name or f"{dsname}-{preset or 'full'}-p{parts.replace(',', '')}{flip}"
     if not NAME_RULE.fullmatch(name) or name in (".", ".."):  # files.check_name's rule
         raise bad(f"--name '{name}' must be letters, digits and . _ + - (it names files)")
     return Plan(dataset=args.dataset, data=data, dsname=dsname, parts=[int(x) for x in parts.split(",")],
@@ -198,7 +202,7 @@ def plan_from(args) -> Plan:
                 n=args.n if args.n is not None else n, tta=args.tta or tta, adapt=args.tta_adapt,
                 measure_n=args.measure_n if args.measure_n is not None else measure, ood_dir=ood_dir,
                 selftrain=args.selftrain, name=name, run_prefix=args.name, retrain=args.retrain,
-                overwrite=args.overwrite, threads=args.threads, overrides=list(args.overrides), balance=args.balance)
+                overwrite=args.overwrite, threads=args.threads, overrides=list(args.overrides), balance=balance)
 
 
 def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:

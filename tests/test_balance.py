@@ -131,7 +131,13 @@ def test_pipeline_balance_builds_a_balanced_suite_and_ensemble():
     assert plan.suite.endswith("-bal") and plan.name.endswith("-bal")
     assert "--balanced" in cmds["local OOD suite"] and "--balance" in cmds["ensemble"]
     plain, _ = pipeline.parse([])
+    assert not plain.balance and plain.name == "digits-demo-p12"
     assert not any("--balance" in a for _, a in pipeline.steps(plain)[0] if "ensemble" in a[0])
+    # the competition's files hold each class equally: balanced by default there, --no-balance turns it off
+    c100, _ = pipeline.parse(["--dataset", "cifar100"])
+    assert c100.balance and c100.name == "cifar100-full-p123" and c100.suite.endswith("-bal")
+    off, _ = pipeline.parse(["--dataset", "cifar100", "--no-balance"])
+    assert not off.balance and off.name == "cifar100-full-p123-nobal"
 
 
 def test_the_board_marks_a_balanced_submission(world):  # noqa: F811
