@@ -352,7 +352,7 @@ def say_result(result: dict, info: dict, prefix: Path, say=print) -> None:
     unseen = (f" | unseen families {result['unseen_accuracy']:.4f} ({n_unseen} of {len(result['corruptions'])})"
               if result["trained_on"] and result["unseen_accuracy"] is not None else "")
     say(f"score {result['target']}: clean acc {clean} | OOD acc {result['ood_accuracy']:.4f}{_se(result)} "
-        f"(leaderboard estimate, {', '.join(result['settings'])}){unseen} | ECE clean {_fmt(result['clean_ece'])} OOD "
+        f"(leaderboard estimate, {', '.join(result['settings'])}{' +balance' if result.get('balance') else ''}){unseen} | ECE clean {_fmt(result['clean_ece'])} OOD "
         f"{result['ood_ece']:.4f} | report {Path(f'{prefix}.md')}")
     say(f"  images: {result['role']}")
     if result["leaking_runs"]:
@@ -369,7 +369,8 @@ def markdown(r: dict, info: dict) -> str:
                                                                            if info.get("fold") is not None else ""))
     lines = [f"# Local score: {r['target']}", "",
              f"Suite `{r['ood_dir']}` ({src}; {r['images_per_severity']} images per corruption and severity), "
-             f"predictions `{', '.join(r['settings'])}`. +- is one standard error over the "
+             f"predictions `{', '.join(r['settings'])}`"
+             f"{', classes balanced per file and severity' if r.get('balance') else ''}. +- is one standard error over the "
              f"{r['images_per_severity']} images (the same ones in every cell).", "",
              f"Role of these images: **{r.get('role', 'not recorded')}**.", "",
              f"Training augmentation saw the families of: {', '.join(r['trained_on']) or 'none of the 19'}; "

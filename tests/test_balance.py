@@ -84,7 +84,9 @@ def test_score_reads_balance_from_the_json_and_notes_an_unequal_suite(scored, tm
     (tmp_path / "sub.json").write_text(json.dumps(spec))
     r = S.main([str(tmp_path / "sub.json"), "--ood-dir", str(suite)])[0]
     assert r["balance"] is True
-    assert "holds its classes unequally" in capsys.readouterr().out  # the fixture's 6 labels are not balanced
+    out = capsys.readouterr().out
+    assert "holds its classes unequally" in out  # the fixture's 6 labels are not balanced
+    assert "(leaderboard estimate, flip +balance)" in out
     assert "local_score_adapted" in json.loads((tmp_path / "sub.json").read_text())
     members, weights, _ = R.members_from_json(tmp_path / "sub.json")
     z = next(R.ood_logits(members, weights, data.OodSet(suite)))[1]
