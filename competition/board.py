@@ -28,7 +28,7 @@ import pandas as pd
 
 from competition import plots
 from competition.files import CompetitionError, cli, read_json, save_text
-from competition.runs import RunDir, adaptation, base_setting, is_adaptation
+from competition.runs import RunDir, adaptation, base_setting, is_adaptation, recorded_balance
 
 RUN_SORTS = {"ood": "local OOD", "ood_adapted": "local OOD adapted", "ood_bn": "local OOD adapted",
              "clean": "held-out acc", "tta": "held-out acc TTA", "time": "train s", "name": "run"}
@@ -147,7 +147,7 @@ def _submission_row(spec: dict, path: Path) -> dict:
         "submission": spec.get("name", path.stem),
         "members": ", ".join(f"{m['name']} {m['weight']:.2f}" for m in spec["members"] if m["weight"] > 0),
         "settings": ", ".join(sorted({m.get("setting", "?") for m in spec["members"]}))
-                    + (" +balance" if spec.get("balance") is True else ""),
+                    + (" +balance" if recorded_balance(spec) else ""),
         "fit on": spec.get("fit_on", "clean"), "OOF acc": (spec.get("oof") or {}).get("accuracy"),
         "local OOD": local.get("ood_accuracy"), "local OOD s.e.": local.get("ood_se"),
         "suite role": _role({"ood_dir": spec.get("ood_dir", ""), **local}) if local else None,
@@ -308,7 +308,7 @@ def stages(spec_path, suite_dir) -> str:
     if any(m.setting != base_setting(m.setting) for m in members):
         rows.append(("ensemble + adaptation (" + ", ".join(sorted({m.setting for m in members})) + ")",
                      acc(members, weights)))
-    if spec.get("balance") is True:
+    if recorded_balance(spec):
         rows.append(("+ classes balanced per file and severity (--balance)", acc(members, weights, True)))
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     return (f"What each stage adds (local OOD accuracy on {suite.path}, {suite.labels.size} images x "

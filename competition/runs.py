@@ -910,6 +910,12 @@ def members_from_json(path) -> tuple[list[Member], np.ndarray, dict]:
     return members, weights, spec
 
 
+def recorded_balance(spec: dict) -> bool:
+    """Whether a submission JSON says its classes were balanced (ensemble --balance); a JSON from
+    before the flag, or one whose value is not true, was not."""
+    return spec.get("balance") is True
+
+
 def oof_labels(members: list[Member]) -> np.ndarray:
     """Labels of the folds CSV every run was trained with (they must all share it)."""
     # resolved: one file spelled relative by one run and absolute by another is one split

@@ -44,7 +44,7 @@ from competition.files import CompetitionError, cli, count, count0, read_json, s
 from competition.metrics import Calibration, accuracy, ece, file_right, image_standard_error, member_weights, \
     table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, default_setting, expand_runs, file_hash, \
-    members_from_json, ood_logits, oof_labels, parse_adaptation, setting_name, test_logits
+    members_from_json, ood_logits, recorded_balance, oof_labels, parse_adaptation, setting_name, test_logits
 
 SEV = data.SEVERITIES
 
@@ -222,7 +222,7 @@ def submission_target(target: Path, ood: data.OodSet):
     weights = member_weights(weights, target)
     check_pinned(spec, members, ood, target)
     return (members, weights, test_logits(members, weights), (spec.get("oof") or {}).get("accuracy"),
-            spec.get("balance") is True)
+            recorded_balance(spec))
 
 
 def run_target(run: RunDir, setting: str):

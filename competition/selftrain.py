@@ -32,7 +32,8 @@ from competition import data, ensemble, folds, predict, score, train
 from competition.config import NOT_COMPARED, base_config, complete
 from competition.files import CompetitionError, check_inside, cli, count, read_json, save_json
 from competition.metrics import softmax
-from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits, parse_adaptation
+from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits, parse_adaptation, \
+    recorded_balance
 from competition.specs import EnsembleSpec, PredictSpec
 
 # Defaults measured on the stand-in (bench/NOTES.md, test-time learning, fifth sitting): five
@@ -99,7 +100,7 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
                                        f"from outside it (e.g. a suite of a fold the runs exclude: exclude_folds)")
     images, probs, right = [], [], []
     truth = None if ood.labels is None else np.tile(ood.labels, data.SEVERITIES)
-    for k, (_, z) in enumerate(ood_logits(members, weights, ood, spec.get("balance", False))):
+    for k, (_, z) in enumerate(ood_logits(members, weights, ood, recorded_balance(spec))):
         p = softmax(z)
         rows = select(p, threshold, per_class)
         images.append(np.asarray(ood.images(k)[rows]))
@@ -286,7 +287,7 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
     chosen = spec.get("adaptation", "none")
     how = EnsembleSpec(method=spec["method"], rounds=spec.get("rounds") or 40, tta=record.get("tta"),
                        adapt="auto" if isinstance(chosen, dict) else chosen, fit_on=spec.get("fit_on", "auto"),
-                       balance=spec.get("balance", False))
+                       balance=recorded_balance(spec))
     csv = ensemble.build(new_runs, name, spec["ood_dir"], args.out_dir, how, overwrite=args.force, say=say,
                          allow_partial=True)
     out = csv.with_suffix(".json")
