@@ -28,7 +28,7 @@ import pandas as pd
 
 from competition import plots
 from competition.files import CompetitionError, cli, read_json, save_text
-from competition.runs import RunDir, adaptation, base_setting, is_adaptation, recorded_balance
+from competition.runs import RunDir, adaptation, base_setting, is_adaptation, recorded_balance, recorded_copies
 
 RUN_SORTS = {"ood": "local OOD", "ood_adapted": "local OOD adapted", "ood_bn": "local OOD adapted",
              "clean": "held-out acc", "tta": "held-out acc TTA", "time": "train s", "name": "run"}
@@ -147,7 +147,7 @@ def _submission_row(spec: dict, path: Path) -> dict:
         "submission": spec.get("name", path.stem),
         "members": ", ".join(f"{m['name']} {m['weight']:.2f}" for m in spec["members"] if m["weight"] > 0),
         "settings": ", ".join(sorted({m.get("setting", "?") for m in spec["members"]}))
-                    + (" +balance" if recorded_balance(spec) else ""),
+                    + (" +balance" if recorded_balance(spec) else "") + (" +copies" if recorded_copies(spec) else ""),
         "fit on": spec.get("fit_on", "clean"), "OOF acc": (spec.get("oof") or {}).get("accuracy"),
         "local OOD": local.get("ood_accuracy"), "local OOD s.e.": local.get("ood_se"),
         "suite role": _role({"ood_dir": spec.get("ood_dir", ""), **local}) if local else None,
@@ -292,9 +292,10 @@ def stages(spec_path, suite_dir) -> str:
     members, weights, spec = members_from_json(spec_path)
     suite = data.OodSet(suite_dir)
 
-    def acc(ms, ws, balance=False):
+    def acc(ms, ws, balance=False, copies=False):
         try:
-            return float(np.mean([file_accuracy(z, suite.labels) for _, z in ood_logits(ms, ws, suite, balance)]))
+            return float(np.mean([file_accuracy(z, suite.labels)
+                                  for _, z in ood_logits(ms, ws, suite, balance, copies)]))
         except CompetitionError:  # not predicted under that setting: shown as -
             return None
 
@@ -310,6 +311,9 @@ def stages(spec_path, suite_dir) -> str:
                      acc(members, weights)))
     if recorded_balance(spec):
         rows.append(("+ classes balanced per file and severity (--balance)", acc(members, weights, True)))
+    if recorded_copies(spec):
+        rows.append(("+ one prediction per picture from all its copies (--copies)",
+                     acc(members, weights, recorded_balance(spec), True)))
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
     return (f"What each stage adds (local OOD accuracy on {suite.path}, {suite.labels.size} images x "
             f"{len(suite.files)} x 5; {suite.role()}; weights and adaptation were chosen on {spec.get('roles', {}).get('choose', 'out-of-fold images')}):"

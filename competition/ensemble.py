@@ -46,7 +46,7 @@ from competition import data, runtime, submit
 from competition.adapt import ADAPTATIONS, PARAMS
 from competition.files import CompetitionError, atomic_path, check_name, cli, count, read_json, save_json
 from competition.metrics import accuracy, file_accuracy, log_loss, table_summary
-from competition.runs import Member, RunDir, adaptation, base_setting, combine, expand_runs, file_hash, \
+from competition.runs import Member, RunDir, adaptation, base_setting, combine, expand_runs, file_hash, find_copies, \
     group_members, load_oof, member_oof_ood, member_test, num_classes, ood_logits, oof_labels, \
     parse_adaptation, setting_name, test_logits
 from competition.specs import EnsembleSpec
@@ -199,15 +199,15 @@ def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray 
 
 
 def predictions(members: list[Member], weights, ood: data.OodSet, n_classes: int,
-                balance: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+                balance: bool = False, copies: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """(the submission's labels: argmax of the ensembled OOD logits (balanced per severity with
-    `balance`), file after file; the accuracy table (files x severities) when the OOD folder is a
+    `balance`; one per picture from all its copies with `copies`), file after file; the accuracy table (files x severities) when the OOD folder is a
     labelled local suite), checked before
     anything is written: logits of another class count than the runs' data config says would make
     a CSV of labels the check refuses only after writing it."""
     labels = ood.labels
     preds, table = [], []
-    for src, z in ood_logits(members, weights, ood, balance):
+    for src, z in ood_logits(members, weights, ood, balance, copies):
         if z.shape[1] != n_classes:
             raise CompetitionError(f"{members[0].runs[0] / RunDir.DATA_CONFIG} says num_classes {n_classes}, but the "
                                    f"members' logits for {src.name} have {z.shape[1]} classes (edited?): restore it "
@@ -325,6 +325,8 @@ def report(info: dict, say=print) -> None:
     say(line)
     if info.get("balance"):
         say("  predicted classes balanced within each OOD file and severity (--balance)")
+    if info.get("copies"):
+        say(f"  copies (--copies): {info['copies_found']['words']}")
     say(f"  decisions made on: {info['roles']['choose']}")
     if "local_score" in info:
         say(f"  OOD acc measured on: {info['roles']['measure']}")
@@ -346,7 +348,8 @@ def same_submission(old, new: dict) -> bool:
     if not isinstance(old, dict):
         return False
     keys = ("runs", "weights", "logits_sha1", "ood_dir", "fit_on", "method")
-    return all(old.get(k) == new.get(k) for k in keys) and bool(old.get("balance")) == bool(new.get("balance")) \
+    return all(old.get(k) == new.get(k) for k in keys) and \
+        all(bool(old.get(k)) == bool(new.get(k)) for k in ("balance", "copies")) \
         and [m.get("setting") for m in old.get("members", [])] == [m.get("setting") for m in new.get("members", [])]
 
 
@@ -369,6 +372,12 @@ def may_write(csv: Path, info: dict, overwrite: bool, say=print) -> bool:
         raise CompetitionError(f"{csv} already exists and holds another submission: choose a new --name, or pass "
                                f"--overwrite to replace it (its JSON is replaced too)")
     return True
+
+
+def copies_record(ood: data.OodSet) -> dict:
+    """What --copies found in the OOD files, for the JSON and the report."""
+    found = find_copies(ood)
+    return {**found.summary(), "words": found.words()}
 
 
 def fit(members: list[Member], labels_all: np.ndarray, method: str, rounds: int, fit_on: str, say=print):
@@ -415,11 +424,13 @@ def build(runs: list, name: str, ood_dir, out_dir="submissions", spec: EnsembleS
     weights, oof_fit, ood_figures = fit(members, labels_all, method, rounds, fit_on, say)
     csv = Path(out_dir) / f"{name}.csv"
     info = sidecar(name, csv, ood, members, weights, oof_fit, labels_all, n_classes, method, rounds, fit_on)
-    info.update(adaptation=choices or adapt, balance=spec.balance, **({"oof_ood": ood_figures} if ood_figures else {}),
+    info.update(adaptation=choices or adapt, balance=spec.balance, copies=spec.copies,
+                **({"copies_found": copies_record(ood)} if spec.copies else {}),
+                **({"oof_ood": ood_figures} if ood_figures else {}),
                 roles=roles(method, fit_on, adapt, ood, oof_fit[0], ood_figures))
     if not may_write(csv, info, overwrite, say):
         return csv
-    preds, table = predictions(members, weights, ood, n_classes, spec.balance)
+    preds, table = predictions(members, weights, ood, n_classes, spec.balance, spec.copies)
     if table is not None:
         info["local_score"] = {**table_summary(table), "ood_dir": str(ood.path), "role": ood.role()}
     write_files(csv, preds, ood, n_classes, info)
@@ -447,6 +458,11 @@ def main(argv=None):
                    help="balance the predicted classes within each OOD file and severity (Sinkhorn): for files "
                         "whose every severity holds each class equally, as the competition's do (each is CIFAR-100's "
                         "test split, 100 per class); score it on a suite built with `score suite --balanced`")
+    p.add_argument("--copies", action="store_true",
+                   help="predict each picture once from all its copies (the mean of their probabilities) where the "
+                        "OOD files' cells hold the same pictures in one order, as the competition's (and CIFAR-100-C's, "
+                        "and every local suite) do; which cells do is read from the images (competition.copies), and "
+                        "a cell in no group keeps its own predictions")
     p.add_argument("--fit-on", default=default.fit_on, choices=("auto", "clean", "ood"),
                    help="weights fitted on clean or corrupted out-of-fold images (auto: corrupted when every run "
                         "has them, i.e. was trained with ood_check)")
@@ -459,7 +475,7 @@ def main(argv=None):
                    help="accept fewer OOD files or rows than the competition's 19 x 50,000 (cifar100 runs)")
     args = p.parse_args(argv)
     spec = EnsembleSpec(method=args.method, rounds=args.rounds, tta=args.tta, adapt=args.adapt, fit_on=args.fit_on,
-                        balance=args.balance)
+                        balance=args.balance, copies=args.copies)
     return build(expand_runs(args.runs), args.name, args.ood_dir, args.out_dir, spec, args.overwrite,
                  allow_partial=args.allow_partial)
 

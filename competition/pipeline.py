@@ -69,6 +69,7 @@ class Plan:
     threads: int = 0
     overrides: list[str] = field(default_factory=list)
     balance: bool = False
+    copies: bool = False
 
     @property
     def suite(self) -> str:
@@ -141,10 +142,14 @@ def parse(argv=None) -> tuple[Plan, bool]:
                    help="balance the predicted classes within each OOD file and severity (ensemble --balance), "
                    "and build the local suite balanced (score suite --balanced) [cifar100: on, its files hold each "
                    "class equally (100 per class per severity); else off]")
+    p.add_argument("--copies", action=argparse.BooleanOptionalAction, default=None,
+                   help="predict each picture once from all its copies across the OOD files (ensemble --copies: "
+                   "where the files' cells hold the same pictures in one order, read from the images) [cifar100: "
+                   "on, its files are the test split's 10,000 pictures under every corruption and severity; else off]")
     p.add_argument("--selftrain", type=int, default=0, help="rounds of pseudo-label self-training on the OOD "
                    "files (needs --ood-dir) [0]")
     p.add_argument("--name", default="", help="submission name, and the prefix of its run folders "
-                   "(NAME-part<P>-f<F>-s0) [submission <dataset>-<preset>-p<parts>[-bal|-nobal]; runs <preset>-<dataset>-f<F>-s0]")
+                   "(NAME-part<P>-f<F>-s0) [submission <dataset>-<preset>-p<parts>[-bal|-nobal][-cp|-nocp]; runs <preset>-<dataset>-f<F>-s0]")
     p.add_argument("--retrain", action="store_true", help="retrain finished runs (train --force); the submission "
                    "gets a new name")
     p.add_argument("--overwrite", action="store_true", help="replace an existing submission of the same name")
@@ -191,9 +196,13 @@ def plan_from(args) -> Plan:
     if args.threads < 0:
         raise bad("--threads takes a positive count (0: decide from the free cores)")
     preset = preset if args.preset is None else args.preset
-    # balanced where the dataset's files are known to be (the competition's); the name says a change from that
-    balance = args.dataset == "cifar100" if args.balance is None else args.balance
-    flip = "" if balance == (args.dataset == "cifar100") else "-bal" if balance else "-nobal"
+    # balanced, and one prediction per picture's copies, where the dataset's files are known to allow it (the
+    # competition's); the name says a change from that
+    known = args.dataset == "cifar100"
+    balance = known if args.balance is None else args.balance
+    copies = known if args.copies is None else args.copies
+    flip = ("" if balance == known else "-bal" if balance else "-nobal") + \
+        ("" if copies == known else "-cp" if copies else "-nocp")
     name = args.name or f"{dsname}-{preset or 'full'}-p{parts.replace(',', '')}{flip}"
     if not NAME_RULE.fullmatch(name) or name in (".", ".."):  # files.check_name's rule
         raise bad(f"--name '{name}' must be letters, digits and . _ + - (it names files)")
@@ -202,7 +211,8 @@ def plan_from(args) -> Plan:
                 n=args.n if args.n is not None else n, tta=args.tta or tta, adapt=args.tta_adapt,
                 measure_n=args.measure_n if args.measure_n is not None else measure, ood_dir=ood_dir,
                 selftrain=args.selftrain, name=name, run_prefix=args.name, retrain=args.retrain,
-                overwrite=args.overwrite, threads=args.threads, overrides=list(args.overrides), balance=balance)
+                overwrite=args.overwrite, threads=args.threads, overrides=list(args.overrides), balance=balance,
+                copies=copies)
 
 
 def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
@@ -238,7 +248,7 @@ def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
     ood = (["--ood-dir", suite] if suite else []) + (["--ood-dir", plan.ood_dir] if plan.ood_dir else [])
     ood += ["--download"] if plan.ood_dir and plan.dataset == "cifar100" else []
     adapt = {"none": [], "auto": ["--adapt", "bn,tent"]}.get(plan.adapt, ["--adapt", plan.adapt])
-    out.append((f"predict {len(runs)} run(s) with TTA {plan.tta} (adapted copies: {' '.join(adapt) or 'none'}): "
+    out.append((f"predict {len(runs)} run(s) with TTA {plan.tta} (adapted predictions: {' '.join(adapt) or 'none'}): "
                 f"clean test, out-of-fold, OOD", ["competition.predict", *runs, *ood, "--tta", plan.tta, *adapt]))
     if suite:  # no TTA on the suite too, for the table of what each stage adds (cheap: one view)
         out.append(("predict the suite without TTA", ["competition.predict", *runs, "--ood-dir", suite, "--tta",
@@ -247,7 +257,8 @@ def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
     out.append((f"ensemble -> submissions/{sub}.csv (weights and adaptation chosen on out-of-fold images; "
                 f"adaptation: {plan.adapt})",
                 ["competition.ensemble", *runs, "--name", sub, "--ood-dir", target, "--tta", plan.tta, "--adapt",
-                 plan.adapt, *(["--balance"] if plan.balance else []), *(["--overwrite"] if plan.overwrite else [])]))
+                 plan.adapt, *(["--balance"] if plan.balance else []), *(["--copies"] if plan.copies else []),
+                 *(["--overwrite"] if plan.overwrite else [])]))
     if plan.selftrain:  # --models-dir: the folder the runs above lie in (models_dir=... may move it)
         first = plan.parts[0]
         models_dir = resolve(first, plan.presets(first), plan.train_overrides(first))["models_dir"]
@@ -258,7 +269,7 @@ def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
         sub = f"{sub}-st{plan.selftrain}"
     if suite:
         out.append((f"local score on {suite}", ["competition.score", *runs, "--ood-dir", suite, "--tta", plan.tta]))
-        for a in adapt[1].split(",") if adapt else []:  # the adapted copies too: the board's adapted column
+        for a in adapt[1].split(",") if adapt else []:  # the adapted predictions too: the board's adapted column
             out.append((f"local score, {a}", ["competition.score", *runs, "--ood-dir", suite, "--tta", plan.tta,
                                               "--adapt", a]))
         out.append(("score the submission", ["competition.score", f"submissions/{sub}.json", "--ood-dir", suite]))

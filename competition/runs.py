@@ -48,6 +48,7 @@ import numpy as np
 from scipy.special import logsumexp
 
 from competition import adapt, data, folds, metrics
+from competition.copies import find as copies_find, log_mean
 from competition.config import base_config, comparable, read_yaml, save_config
 from competition.files import CompetitionError, atomic_path, check_inside, check_name, check_writable, read_json, save_json, save_npy
 
@@ -916,6 +917,17 @@ def recorded_balance(spec: dict) -> bool:
     return spec.get("balance") is True
 
 
+def recorded_copies(spec: dict) -> bool:
+    """Whether a submission JSON says each picture was predicted from all its copies (ensemble
+    --copies); the same rule as recorded_balance."""
+    return spec.get("copies") is True
+
+
+def recorded_post(spec: dict) -> dict:
+    """ood_logits' keyword arguments for the post-processing a submission JSON records."""
+    return {"balance": recorded_balance(spec), "copies": recorded_copies(spec)}
+
+
 def oof_labels(members: list[Member]) -> np.ndarray:
     """Labels of the folds CSV every run was trained with (they must all share it)."""
     # resolved: one file spelled relative by one run and absolute by another is one split
@@ -1023,9 +1035,8 @@ def balance_classes(logits: np.ndarray, slices: int = data.SEVERITIES) -> np.nda
     return out
 
 
-def ood_logits(members: list[Member], weights, ood: data.OodSet, balance: bool = False):
-    """Yield (OOD file, ensembled logits float32 (rows, C)) file by file: never all in memory.
-    `balance`: log-probabilities balanced per severity (balance_classes) instead."""
+def _file_logits(members: list[Member], weights, ood: data.OodSet, balance: bool):
+    """ood_logits without copies: each file's ensembled (and balanced) logits."""
     per_run = {r: r.ood_logits_paths(ood, m.setting) for m in members for r in m.runs}
     for k, (src, rows) in enumerate(zip(ood.files, ood.rows)):
         zs = []
@@ -1037,6 +1048,46 @@ def ood_logits(members: list[Member], weights, ood: data.OodSet, balance: bool =
             zs.append(z)
         z = combine(zs, weights)
         yield src, balance_classes(z) if balance else z
+
+
+def ood_logits(members: list[Member], weights, ood: data.OodSet, balance: bool = False, copies: bool = False):
+    """Yield (OOD file, ensembled logits float32 (rows, C)) file by file: never all in memory.
+    `balance`: log-probabilities balanced per severity (balance_classes) instead. `copies`: where
+    cells of the files hold the same pictures in one order (copies.find, read from the images),
+    every copy's row is the log of the mean of its copies' probabilities (after balancing): two
+    passes over the logits, one to sum each group's probabilities, one to yield."""
+    if not copies:
+        yield from _file_logits(members, weights, ood, balance)
+        return
+    found = find_copies(ood)
+    n = ood.rows[0] // data.SEVERITIES
+    group_of = {cell: g for g, cells in enumerate(found.groups) for cell in cells}
+    sums = {}
+    for k, (_, z) in enumerate(_file_logits(members, weights, ood, balance)):
+        p = metrics.softmax(z)
+        for s in range(data.SEVERITIES):
+            g = group_of.get(k * data.SEVERITIES + s)
+            if g is not None:
+                sums[g] = sums.get(g, 0.0) + p[s * n:(s + 1) * n]
+    shared = {g: log_mean(total, len(found.groups[g])) for g, total in sums.items()}
+    for k, (src, z) in enumerate(_file_logits(members, weights, ood, balance)):
+        z = np.array(z, dtype=np.float32)
+        for s in range(data.SEVERITIES):
+            g = group_of.get(k * data.SEVERITIES + s)
+            if g is not None:
+                z[s * n:(s + 1) * n] = shared[g]
+        yield src, z
+
+
+_FOUND: dict = {}
+
+
+def find_copies(ood: data.OodSet):
+    """copies.find(ood), once per folder and file contents (ensemble, score and board ask again)."""
+    key = (str(ood.path.resolve()), tuple(tuple(source_stamp(f)) for f in ood.files))
+    if key not in _FOUND:
+        _FOUND[key] = copies_find(ood)
+    return _FOUND[key]
 
 
 def file_hash(path) -> str:

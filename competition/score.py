@@ -44,7 +44,7 @@ from competition.files import CompetitionError, cli, count, count0, read_json, s
 from competition.metrics import Calibration, accuracy, ece, file_right, image_standard_error, member_weights, \
     table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, default_setting, expand_runs, file_hash, \
-    members_from_json, ood_logits, recorded_balance, oof_labels, parse_adaptation, setting_name, test_logits
+    members_from_json, ood_logits, recorded_post, oof_labels, parse_adaptation, setting_name, test_logits
 
 SEV = data.SEVERITIES
 
@@ -217,12 +217,12 @@ def check_pinned(spec: dict, members, ood: data.OodSet, path: Path) -> None:
 
 
 def submission_target(target: Path, ood: data.OodSet):
-    """(members, weights, clean (logits, labels) or None, OOF accuracy, balance) of a submission JSON."""
+    """(members, weights, clean (logits, labels) or None, OOF accuracy, post-processing) of a submission JSON."""
     members, weights, spec = members_from_json(target)
     weights = member_weights(weights, target)
     check_pinned(spec, members, ood, target)
     return (members, weights, test_logits(members, weights), (spec.get("oof") or {}).get("accuracy"),
-            recorded_balance(spec))
+            recorded_post(spec))
 
 
 def run_target(run: RunDir, setting: str):
@@ -234,7 +234,7 @@ def run_target(run: RunDir, setting: str):
         labels = oof_labels([member])
         data.check_rows(run / RunDir.OOF_INDEX, idx, len(labels), f"restore it from the run's copy, or retrain {run}")
         oof_acc = accuracy(logits, labels[idx])
-    return [member], np.ones(1), test_logits([member], np.ones(1)), oof_acc, False
+    return [member], np.ones(1), test_logits([member], np.ones(1)), oof_acc, {}
 
 
 # Result key (never saved) of each suite image's accuracy over all corruptions and severities:
@@ -243,9 +243,10 @@ PER_IMAGE = "per_image_accuracy"
 
 
 def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "none", bins: int = 15, out=None,
-                 say=print, balance: bool = False) -> dict:
+                 say=print, balance: bool = False, copies: bool = False) -> dict:
     """Score a run folder (under the setting of `tta_name` and `adapt`; default TTA: the run's own;
-    `balance`: its classes balanced per severity, as ensemble --balance) or a submission JSON
+    `balance`: its classes balanced per severity, as ensemble --balance; `copies`: one prediction
+    per picture from all its copies, as ensemble --copies) or a submission JSON
     (under the settings it recorded) on a labelled suite; writes the markdown report, heat map
     and JSON, and returns the numbers."""
     target, path = Path(target), Path(getattr(ood_dir, "path", ood_dir))
@@ -257,10 +258,12 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
     ood = ood_dir if isinstance(ood_dir, data.OodSet) else data.OodSet(path)
     is_json = target.suffix == ".json"
     if is_json:
-        if balance:
-            raise CompetitionError(f"--balance is for run folders: {target} is scored as it was made (rebuild it "
-                                   f"with competition.ensemble --balance)")
-        members, weights, test, oof_acc, balance = submission_target(target, ood)
+        if balance or copies:
+            flag = "--balance" if balance else "--copies"
+            raise CompetitionError(f"{flag} is for run folders: {target} is scored as it was made (rebuild it "
+                                   f"with competition.ensemble {flag})")
+        members, weights, test, oof_acc, post = submission_target(target, ood)
+        balance, copies = post["balance"], post["copies"]
     else:
         run = RunDir(target)
         setting = setting_name(tta_name, "logits", adapt) if tta_name else \
@@ -269,9 +272,9 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
     runs = [r for m in members for r in m.runs]
     if balance:
         check_balanced(ood, say)
-    result = score_table(ood, members, weights, bins, balance)
+    result = score_table(ood, members, weights, bins, balance, copies)
     result.update(target=str(target), ood_dir=str(ood.path), scored=time.strftime("%Y-%m-%d %H:%M:%S"),
-                  settings=sorted({m.setting for m in members}), balance=balance, oof_accuracy=oof_acc,
+                  settings=sorted({m.setting for m in members}), balance=balance, copies=copies, oof_accuracy=oof_acc,
                   clean_accuracy=accuracy(*test) if test is not None else None,
                   clean_ece=ece(*test, bins=bins) if test is not None else None,
                   leaking_runs=_leaks([r.config() for r in runs], ood.info(), runs), role=ood.role())
@@ -279,7 +282,7 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
     unseen = [row for name, row in zip(result["corruptions"], result["table"]) if name not in seen]
     result.update(trained_on=seen, unseen_accuracy=float(np.mean(unseen)) if unseen else None)
     prefix = Path(out) if out else (target.parent / f"{target.stem}.score" if is_json else Path(
-        f"{runs[0].score_prefix(members[0].setting, ood)}{'-balanced' if balance else ''}"))
+        f"{runs[0].score_prefix(members[0].setting, ood)}{'-balanced' if balance else ''}{'-copies' if copies else ''}"))
     if not out and not is_json:
         runs[0].own(Path(f"{prefix}.md"))  # a sent run's pred/ may link outside it
     save_text(Path(f"{prefix}.md"), markdown(result, ood.info()))
@@ -289,7 +292,7 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
     save_json(Path(f"{prefix}.json"), {k: v for k, v in result.items() if k != PER_IMAGE})
     if is_json:
         spec = members_from_json(target)[2]
-        plain = not balance and all(adaptation(m.setting) == "none" for m in members)
+        plain = not balance and not copies and all(adaptation(m.setting) == "none" for m in members)
         key = "local_score" + ("" if plain else "_adapted")
         spec[key] = {k: v for k, v in result.items() if k not in ("table", PER_IMAGE)}
         save_json(target, spec)
@@ -319,11 +322,11 @@ def check_balanced(ood: data.OodSet, say=print) -> None:
             f"mirrors them build the suite with `python -m competition.score suite --balanced`")
 
 
-def score_table(ood: data.OodSet, members, weights, bins: int, balance: bool = False) -> dict:
+def score_table(ood: data.OodSet, members, weights, bins: int, balance: bool = False, copies: bool = False) -> dict:
     """Accuracy per corruption and severity, its summary, and the OOD calibration error."""
     labels, info = ood.labels, ood.info()
     cal, names, table, right = Calibration(bins), [], [], []
-    for src, z in ood_logits(members, weights, ood, balance):
+    for src, z in ood_logits(members, weights, ood, balance, copies):
         if labels.max() >= z.shape[1]:
             raise CompetitionError(f"{ood.path}/labels.npy holds class {labels.max()}, but the models predict "
                                    f"{z.shape[1]} classes: the suite was made from another data set")
@@ -352,12 +355,17 @@ def say_result(result: dict, info: dict, prefix: Path, say=print) -> None:
     unseen = (f" | unseen families {result['unseen_accuracy']:.4f} ({n_unseen} of {len(result['corruptions'])})"
               if result["trained_on"] and result["unseen_accuracy"] is not None else "")
     say(f"score {result['target']}: clean acc {clean} | OOD acc {result['ood_accuracy']:.4f}{_se(result)} "
-        f"(leaderboard estimate, {', '.join(result['settings'])}{' +balance' if result.get('balance') else ''}){unseen} | ECE clean {_fmt(result['clean_ece'])} OOD "
+        f"(leaderboard estimate, {', '.join(result['settings'])}{post_words(result)}){unseen} | ECE clean {_fmt(result['clean_ece'])} OOD "
         f"{result['ood_ece']:.4f} | report {Path(f'{prefix}.md')}")
     say(f"  images: {result['role']}")
     if result["leaking_runs"]:
         say(f"warning: {', '.join(result['leaking_runs'])} may have trained on the suite's images (or on "
             f"pseudo-labelled copies of them): this score is optimistic")
+
+
+def post_words(result: dict) -> str:
+    """' +balance +copies' for the post-processing a score was made with."""
+    return "".join(f" +{k}" for k in ("balance", "copies") if result.get(k))
 
 
 def _fmt(x) -> str:
@@ -370,7 +378,8 @@ def markdown(r: dict, info: dict) -> str:
     lines = [f"# Local score: {r['target']}", "",
              f"Suite `{r['ood_dir']}` ({src}; {r['images_per_severity']} images per corruption and severity), "
              f"predictions `{', '.join(r['settings'])}`"
-             f"{', classes balanced per file and severity' if r.get('balance') else ''}. +- is one standard error over the "
+             f"{', classes balanced per file and severity' if r.get('balance') else ''}"
+             f"{', one prediction per picture from all its copies' if r.get('copies') else ''}. +- is one standard error over the "
              f"{r['images_per_severity']} images (the same ones in every cell).", "",
              f"Role of these images: **{r.get('role', 'not recorded')}**.", "",
              f"Training augmentation saw the families of: {', '.join(r['trained_on']) or 'none of the 19'}; "
@@ -432,6 +441,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--bn-adapt", action="store_const", const="bn", dest="adapt", help="the same as --adapt bn")
     r.add_argument("--balance", action="store_true", help="runs: score their predictions balanced per OOD file "
                    "and severity, as ensemble --balance makes them (a submission JSON is scored as it was made)")
+    r.add_argument("--copies", action="store_true", help="runs: score one prediction per picture from all its "
+                   "copies across the suite's cells, as ensemble --copies makes them")
     r.add_argument("--bins", type=count, default=15, help="confidence bins of the calibration error")
     return p
 
@@ -448,7 +459,7 @@ def main(argv=None):
     results = []
     for t in a.targets:
         targets = [Path(t)] if t.endswith(".json") else [r.path for r in expand_runs([t])]
-        results += [score_target(x, a.ood_dir, a.tta, a.adapt, a.bins, balance=a.balance) for x in targets]
+        results += [score_target(x, a.ood_dir, a.tta, a.adapt, a.bins, balance=a.balance, copies=a.copies) for x in targets]
     for r in results[1:]:  # several targets: each against the first, on the same images
         diff, se = paired_difference(results[0], r)
         print(f"{r['target']} - {results[0]['target']}: OOD acc {100 * diff:+.2f} +- {100 * se:.2f} points "

@@ -33,7 +33,7 @@ from competition.config import NOT_COMPARED, base_config, complete
 from competition.files import CompetitionError, check_inside, cli, count, read_json, save_json
 from competition.metrics import softmax
 from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits, parse_adaptation, \
-    recorded_balance
+    recorded_balance, recorded_copies, recorded_post
 from competition.specs import EnsembleSpec, PredictSpec
 
 # Defaults measured on the stand-in (bench/NOTES.md, test-time learning, fifth sitting): five
@@ -100,7 +100,7 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
                                        f"from outside it (e.g. a suite of a fold the runs exclude: exclude_folds)")
     images, probs, right = [], [], []
     truth = None if ood.labels is None else np.tile(ood.labels, data.SEVERITIES)
-    for k, (_, z) in enumerate(ood_logits(members, weights, ood, recorded_balance(spec))):
+    for k, (_, z) in enumerate(ood_logits(members, weights, ood, **recorded_post(spec))):
         p = softmax(z)
         rows = select(p, threshold, per_class)
         images.append(np.asarray(ood.images(k)[rows]))
@@ -129,7 +129,7 @@ def pseudo_set(spec_path: Path, threshold: float, per_class: int | None, max_ima
 # and files after it and reads the rest, so a hand-made, older or edited JSON fails here, unwritten.
 SPEC_KEYS = {"name": str, "ood_dir": str, "method": str}
 SPEC_OPTIONAL = {"rounds": (int, type(None)), "fit_on": str, "adaptation": (str, dict), "selftrain": dict,
-                 "balance": bool}
+                 "balance": bool, "copies": bool, "copies_found": dict}
 
 
 def check_spec(spec: dict, path: Path) -> None:
@@ -287,7 +287,7 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
     chosen = spec.get("adaptation", "none")
     how = EnsembleSpec(method=spec["method"], rounds=spec.get("rounds") or 40, tta=record.get("tta"),
                        adapt="auto" if isinstance(chosen, dict) else chosen, fit_on=spec.get("fit_on", "auto"),
-                       balance=recorded_balance(spec))
+                       balance=recorded_balance(spec), copies=recorded_copies(spec))
     csv = ensemble.build(new_runs, name, spec["ood_dir"], args.out_dir, how, overwrite=args.force, say=say,
                          allow_partial=True)
     out = csv.with_suffix(".json")

@@ -262,6 +262,9 @@ class EnsembleSpec:
     # Predicted classes balanced per OOD file and severity (runs.balance_classes): for files whose every
     # severity holds each class equally, as the competition's do (CIFAR-100's test split, 100 per class).
     balance: bool = False
+    # One prediction per picture from all its copies where the files' cells hold the same pictures in one
+    # order (competition.copies finds them from the pixels; CIFAR-100-C's files do): the mean of their probabilities.
+    copies: bool = False
 
     def __post_init__(self):
         for key, value, allowed in (("method", self.method, ("caruana", "equal")),
@@ -270,8 +273,9 @@ class EnsembleSpec:
                 raise CompetitionError(f"--{key} must be one of {', '.join(allowed)}, not {value!r}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise CompetitionError(f"--rounds {self.rounds!r}: must be a whole number >= 1")
-        if not isinstance(self.balance, bool):
-            raise CompetitionError(f"balance {self.balance!r}: must be true or false")
+        for key in ("balance", "copies"):
+            if not isinstance(getattr(self, key), bool):
+                raise CompetitionError(f"{key} {getattr(self, key)!r}: must be true or false")
 
 
 # Keys config.resolve adds to a config that are no knob of the run (the presets it was made from:
