@@ -201,8 +201,8 @@ def choose_adaptation(members: list[Member], adapt: str, labels_all: np.ndarray 
 def predictions(members: list[Member], weights, ood: data.OodSet, n_classes: int,
                 balance: bool = False, copies: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """(the submission's labels: argmax of the ensembled OOD logits (balanced per severity with
-    `balance`; one per picture from all its copies with `copies`), file after file; the accuracy table (files x severities) when the OOD folder is a
-    labelled local suite), checked before
+    `balance`; one per picture from all its copies with `copies`), file after file; the accuracy
+    table (files x severities) when the OOD folder is a labelled local suite), checked before
     anything is written: logits of another class count than the runs' data config says would make
     a CSV of labels the check refuses only after writing it."""
     labels = ood.labels
