@@ -14,7 +14,7 @@ For two cells, the mean correlation of row i with row i (same picture, if aligne
 the mean correlation of row i with row i + 1 (other pictures): the two cells are linked when the
 first exceeds the second by MIN_GAIN. Measured on local suites (bench/NOTES.md, "Copies"): cells in
 other orders differ by 0.00 +- 0.02 at 500 rows (at most 0.08 over 4,465 pairs), the weakest pair of
-truly aligned cells (fog at severity 5 against elastic) by 0.31-0.36, so 0.2 is far from both. Cells
+truly aligned cells (fog at severity 4-5 among the 19) by 0.31-0.36, so 0.2 is far from both. Cells
 linked directly or through others form a group; a cell in no group keeps its own predictions.
 
 Written here: no library finds aligned copies across image sets (the nearest choices, image
