@@ -311,7 +311,8 @@ def stages(spec_path, suite_dir) -> str:
                      acc(members, weights)))
     if recorded_balance(spec):
         rows.append(("+ classes balanced per file and severity (--balance)", acc(members, weights, True)))
-    if recorded_copies(spec):
+    from competition.score import honest_post
+    if honest_post(spec, Path(spec_path), suite)["copies"]:
         rows.append(("+ one prediction per picture from all its copies (--copies)",
                      acc(members, weights, recorded_balance(spec), True)))
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731

@@ -216,13 +216,34 @@ def check_pinned(spec: dict, members, ood: data.OodSet, path: Path) -> None:
                                            f"it, so rebuild the submission (competition.ensemble) to score it")
 
 
-def submission_target(target: Path, ood: data.OodSet):
+def submission_target(target: Path, ood: data.OodSet, say=print):
     """(members, weights, clean (logits, labels) or None, OOF accuracy, post-processing) of a submission JSON."""
     members, weights, spec = members_from_json(target)
     weights = member_weights(weights, target)
     check_pinned(spec, members, ood, target)
     return (members, weights, test_logits(members, weights), (spec.get("oof") or {}).get("accuracy"),
-            recorded_post(spec))
+            honest_post(spec, target, ood, say))
+
+
+def honest_post(spec: dict, target: Path, ood: data.OodSet, say=print) -> dict:
+    """The post-processing to score a submission with on a local suite. Copies: a suite holds its
+    pictures in one order by construction, but the submission's own files may not have (its JSON
+    records what ensemble found there); where they held none, the suite's figure is made without
+    copies, as the submission was, and where only some of their cells were linked the figure is
+    flagged as optimistic."""
+    post = recorded_post(spec)
+    found = spec.get("copies_found")
+    if not post["copies"] or not isinstance(found, dict) or Path(spec.get("ood_dir", "")) == ood.path:
+        return post
+    linked, cells = found.get("linked_cells"), found.get("cells")
+    if linked == 0:
+        say(f"note: {target} found no copies in its own files ({spec.get('ood_dir')}), so its predictions there are "
+            f"each cell's own: scored on {ood.path} without copies too")
+        return {**post, "copies": False}
+    if isinstance(linked, int) and isinstance(cells, int) and linked < cells:
+        say(f"note: {target} linked only {linked} of {cells} cells of its own files ({spec.get('ood_dir')}), the "
+            f"suite links all of its: this estimate is optimistic for --copies")
+    return post
 
 
 def run_target(run: RunDir, setting: str):
@@ -262,7 +283,7 @@ def score_target(target, ood_dir, tta_name: str | None = None, adapt: str = "non
             flag = "--balance" if balance else "--copies"
             raise CompetitionError(f"{flag} is for run folders: {target} is scored as it was made (rebuild it "
                                    f"with competition.ensemble {flag})")
-        members, weights, test, oof_acc, post = submission_target(target, ood)
+        members, weights, test, oof_acc, post = submission_target(target, ood, say)
         balance, copies = post["balance"], post["copies"]
     else:
         run = RunDir(target)

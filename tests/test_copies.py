@@ -212,3 +212,21 @@ def test_the_order_of_the_files_changes_no_prediction():
     order = np.random.default_rng(1).permutation(15)
     np.testing.assert_allclose(copies.consensus(probs[order]), copies.consensus(probs), atol=1e-6)
     np.testing.assert_allclose(np.exp(copies.consensus(probs)), probs.mean(0), atol=1e-6)
+
+
+def test_a_submission_whose_files_held_no_copies_is_scored_without_them(world, capsys):
+    """The suite is in one order by construction; the competition's files might not be. Scored on the
+    suite, a submission is scored as it was made on its own files."""
+    tmp, runs, ood = world
+    csv = E.build(runs, "cp", ood.path, tmp / "subs", EnsembleSpec(copies=True))
+    spec = json.loads(csv.with_suffix(".json").read_text())
+    elsewhere = {**spec, "ood_dir": str(tmp / "real"), "copies_found": {**spec["copies_found"], "linked_cells": 0}}
+    (tmp / "subs/elsewhere.json").write_text(json.dumps(elsewhere))
+    r = S.score_target(tmp / "subs/elsewhere.json", ood.path)
+    assert r["copies"] is False and "found no copies in its own files" in capsys.readouterr().out
+    plain = S.score_target(E.build(runs, "plain", ood.path, tmp / "subs").with_suffix(".json"), ood.path)
+    assert r["ood_accuracy"] == pytest.approx(plain["ood_accuracy"])
+    partly = {**elsewhere, "copies_found": {**spec["copies_found"], "linked_cells": 10}}
+    (tmp / "subs/partly.json").write_text(json.dumps(partly))
+    assert S.score_target(tmp / "subs/partly.json", ood.path)["copies"] is True
+    assert "linked only 10 of 15" in capsys.readouterr().out
