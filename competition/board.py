@@ -28,7 +28,7 @@ import pandas as pd
 
 from competition import plots
 from competition.files import CompetitionError, cli, read_json, save_text
-from competition.runs import RunDir, adaptation, base_setting, is_adaptation, recorded_balance, recorded_copies
+from competition.runs import RunDir, adaptation, base_setting, honest_post, is_adaptation, recorded_balance, recorded_copies
 
 RUN_SORTS = {"ood": "local OOD", "ood_adapted": "local OOD adapted", "ood_bn": "local OOD adapted",
              "clean": "held-out acc", "tta": "held-out acc TTA", "time": "train s", "name": "run"}
@@ -311,7 +311,6 @@ def stages(spec_path, suite_dir) -> str:
                      acc(members, weights)))
     if recorded_balance(spec):
         rows.append(("+ classes balanced per file and severity (--balance)", acc(members, weights, True)))
-    from competition.score import honest_post
     if honest_post(spec, Path(spec_path), suite)["copies"]:
         rows.append(("+ one prediction per picture from all its copies (--copies)",
                      acc(members, weights, recorded_balance(spec), True)))

@@ -928,6 +928,27 @@ def recorded_post(spec: dict) -> dict:
     return {"balance": recorded_balance(spec), "copies": recorded_copies(spec)}
 
 
+def honest_post(spec: dict, target: Path, ood: data.OodSet, say=print) -> dict:
+    """The post-processing to score a submission with on a local suite. Copies: a suite holds its
+    pictures in one order by construction, but the submission's own files may not have (its JSON
+    records what ensemble found there); where they held none, the suite's figure is made without
+    copies, as the submission was, and where only some of their cells were linked the figure is
+    flagged as optimistic."""
+    post = recorded_post(spec)
+    found = spec.get("copies_found")
+    if not post["copies"] or not isinstance(found, dict) or Path(spec.get("ood_dir", "")) == ood.path:
+        return post
+    linked, cells = found.get("linked_cells"), found.get("cells")
+    if linked == 0:
+        say(f"note: {target} found no copies in its own files ({spec.get('ood_dir')}), so its predictions there are "
+            f"each cell's own: scored on {ood.path} without copies too")
+        return {**post, "copies": False}
+    if isinstance(linked, int) and isinstance(cells, int) and linked < cells:
+        say(f"note: {target} linked only {linked} of {cells} cells of its own files ({spec.get('ood_dir')}), the "
+            f"suite links all of its: this estimate is optimistic for --copies")
+    return post
+
+
 def oof_labels(members: list[Member]) -> np.ndarray:
     """Labels of the folds CSV every run was trained with (they must all share it)."""
     # resolved: one file spelled relative by one run and absolute by another is one split

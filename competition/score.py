@@ -44,7 +44,7 @@ from competition.files import CompetitionError, cli, count, count0, read_json, s
 from competition.metrics import Calibration, accuracy, ece, file_right, image_standard_error, member_weights, \
     table_summary
 from competition.runs import Member, RunDir, adaptation, base_setting, default_setting, expand_runs, file_hash, \
-    members_from_json, ood_logits, recorded_post, oof_labels, parse_adaptation, setting_name, test_logits
+    members_from_json, ood_logits, honest_post, oof_labels, parse_adaptation, setting_name, test_logits
 
 SEV = data.SEVERITIES
 
@@ -223,27 +223,6 @@ def submission_target(target: Path, ood: data.OodSet, say=print):
     check_pinned(spec, members, ood, target)
     return (members, weights, test_logits(members, weights), (spec.get("oof") or {}).get("accuracy"),
             honest_post(spec, target, ood, say))
-
-
-def honest_post(spec: dict, target: Path, ood: data.OodSet, say=print) -> dict:
-    """The post-processing to score a submission with on a local suite. Copies: a suite holds its
-    pictures in one order by construction, but the submission's own files may not have (its JSON
-    records what ensemble found there); where they held none, the suite's figure is made without
-    copies, as the submission was, and where only some of their cells were linked the figure is
-    flagged as optimistic."""
-    post = recorded_post(spec)
-    found = spec.get("copies_found")
-    if not post["copies"] or not isinstance(found, dict) or Path(spec.get("ood_dir", "")) == ood.path:
-        return post
-    linked, cells = found.get("linked_cells"), found.get("cells")
-    if linked == 0:
-        say(f"note: {target} found no copies in its own files ({spec.get('ood_dir')}), so its predictions there are "
-            f"each cell's own: scored on {ood.path} without copies too")
-        return {**post, "copies": False}
-    if isinstance(linked, int) and isinstance(cells, int) and linked < cells:
-        say(f"note: {target} linked only {linked} of {cells} cells of its own files ({spec.get('ood_dir')}), the "
-            f"suite links all of its: this estimate is optimistic for --copies")
-    return post
 
 
 def run_target(run: RunDir, setting: str):
