@@ -33,7 +33,7 @@ from competition.config import NOT_COMPARED, base_config, complete
 from competition.files import CompetitionError, check_inside, cli, count, read_json, save_json
 from competition.metrics import softmax
 from competition.runs import RunDir, adaptation, base_setting, members_from_json, ood_logits, parse_adaptation, \
-    recorded_balance, recorded_copies, recorded_post
+    recorded_post
 from competition.specs import EnsembleSpec, PredictSpec
 
 # Defaults measured on the stand-in (bench/NOTES.md, test-time learning, fifth sitting): five
@@ -287,7 +287,7 @@ def one_round(spec_path: Path, round_: int, args, say=print) -> Path:
     chosen = spec.get("adaptation", "none")
     how = EnsembleSpec(method=spec["method"], rounds=spec.get("rounds") or 40, tta=record.get("tta"),
                        adapt="auto" if isinstance(chosen, dict) else chosen, fit_on=spec.get("fit_on", "auto"),
-                       balance=recorded_balance(spec), copies=recorded_copies(spec))
+                       **recorded_post(spec))
     csv = ensemble.build(new_runs, name, spec["ood_dir"], args.out_dir, how, overwrite=args.force, say=say,
                          allow_partial=True)
     out = csv.with_suffix(".json")
