@@ -373,6 +373,9 @@ def predict_run(run_dir, ood_dirs=(), spec: PredictSpec | None = None, test: boo
         raise CompetitionError(f"{run}: {cfg['model']} has no batch-norm layers, so --adapt {','.join(adapts)} has "
                                f"nothing to adapt; predict without it")
     record = {"tta": tta.tta_name(views), "average": average, "weights": run.weights_hash()}
+    # one folder named twice (relative and absolute: the pipeline does when --ood-dir is its local suite) is
+    # predicted once, not twice into the same files
+    ood_dirs = list({Path(d).resolve(): d for d in ood_dirs}.values())
     ood_sets = [data.OodSet(d, data.OodSet.required_shape(d, [cfg["dataset"]], allow_partial)) for d in ood_dirs]
     size = data_cfg.get("source_image_size")  # runs trained before it was recorded: not checked
     for ood in ood_sets:
