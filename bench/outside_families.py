@@ -162,9 +162,12 @@ def corrupt(images: np.ndarray, name: str, severity: int, seed: int = 0) -> np.n
 
 
 def make_suite(images: np.ndarray, labels: np.ndarray | None, out_dir, seed: int = 0, names=None,
-               source: dict | None = None) -> list[Path]:
+               source: dict | None = None, corrupt_fn=None, version: str = f"outside-{VERSION}") -> list[Path]:
     """Write distortionNN.npy (NN = position in `names`), corruptions.json, labels.npy and
-    suite.json in the local suite's format, so predict and score read it like any suite."""
+    suite.json in the local suite's format, so predict and score read it like any suite.
+    `corrupt_fn(images, name, severity, seed)`: these families by default (bench/other_generator.py
+    passes albumentations' versions of the 19)."""
+    corrupt_fn = corrupt_fn or corrupt
     names = list(names or FAMILIES)
     out_dir = Path(out_dir)
     existing = sorted(out_dir.glob("distortion[0-9][0-9].npy")) if out_dir.is_dir() else []
@@ -172,7 +175,7 @@ def make_suite(images: np.ndarray, labels: np.ndarray | None, out_dir, seed: int
         raise CompetitionError(f"{out_dir} holds {existing[0].name} but no corruptions.json: not a suite; "
                                f"choose another --out")
     manifest = {"format": "distortionNN.npy: uint8 (5*N, H, W, 3), rows [(s-1)*N, s*N) are severity s",
-                "version": f"outside-{VERSION}", "names": {ood_name(i): n for i, n in enumerate(names)},
+                "version": version, "names": {ood_name(i): n for i, n in enumerate(names)},
                 "seed": int(seed), "n": len(images), "image_shape": list(images.shape[1:]), "complete": False}
     save_json(out_dir / "corruptions.json", manifest)
     for stale in existing[len(names):]:
@@ -180,7 +183,7 @@ def make_suite(images: np.ndarray, labels: np.ndarray | None, out_dir, seed: int
     paths = []
     for i, name in enumerate(names):
         paths.append(out_dir / ood_name(i))
-        save_npy(paths[-1], np.concatenate([corrupt(images, name, sev, seed) for sev in range(1, SEVERITIES + 1)]))
+        save_npy(paths[-1], np.concatenate([corrupt_fn(images, name, sev, seed) for sev in range(1, SEVERITIES + 1)]))
     if labels is not None:
         save_npy(out_dir / "labels.npy", np.asarray(labels, np.int64))
     save_json(out_dir / "suite.json", {**(source or {}), "n": len(images), "seed": int(seed)})

@@ -472,3 +472,15 @@ def test_every_stage_knows_the_same_adaptations():
     from competition import ensemble
 
     assert P.ADAPTATIONS == ensemble.ADAPTATIONS == ("bn", *A.OBJECTIVES)
+
+
+def test_one_folder_named_twice_is_predicted_once(run, monkeypatch):
+    # the pipeline names its local suite twice (relative, and absolute as --ood-dir) when it is the target
+    run_dir, ood = run
+    jobs, real = [], P.execute
+    monkeypatch.setattr(P, "execute", lambda run, cfg, predictor, todo, *a: jobs.append(len(todo)) or
+                        real(run, cfg, predictor, todo, *a))
+    P.predict_run(run_dir, [ood], PredictSpec("none"), test=False, oof=False, force=True)
+    monkeypatch.chdir(ood.parent)
+    P.predict_run(run_dir, [ood.resolve(), ood.name], PredictSpec("none"), test=False, oof=False, force=True)
+    assert jobs[1] == jobs[0] > 0
