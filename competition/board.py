@@ -8,8 +8,9 @@
 
 Runs: part, model, fold, seed, epochs, held-out accuracy (plain, and with the TTA train
 validated), the local OOD estimate +- its standard error (plain, and test-time adapted on the
-same suite: bn, tent, ... as scored by `competition.score --adapt`), the mean over the corruption
-families training did not see, training time and the commit that trained it, and the role of
+same suite: bn, tent, ... as scored by `competition.score --adapt`, and balanced or copies-combined
+predictions as scored by `--balance` / `--copies`, which the column `adapted post` names), the
+mean over the corruption families training did not see, training time and the commit that trained it, and the role of
 the images each local figure is on (`measure`, or `choose` when a suite was built from a
 held-out fold: optimistic). Runs not scored (or not predicted) yet show `-`; adapted settings
 predicted on a suite but not scored there are listed under the tables with the command that
@@ -37,10 +38,12 @@ SUB_SORTS = {"ood": "local OOD", "kaggle": "Kaggle public", "oof": "OOF acc", "n
 
 def _scores(run: RunDir) -> tuple[dict | None, dict | None]:
     """(plain, adapted): the run's newest local score without test-time adaptation, and the newest
-    with one (bn, tent, ...) on the same suite, the same TTA first, so the two figures side by side
-    differ by the adaptation alone; with no plain score, the newest adapted one anywhere."""
+    with one (bn, tent, ... and/or balanced or copies-combined predictions, `score --balance /
+    --copies`) on the same suite, the same TTA first, so the two figures side by side differ by what
+    was done at test time alone; with no plain score, the newest adapted one anywhere."""
     scores = run.scores()
-    adapted = lambda s: any(adaptation(x) != "none" for x in s.get("settings", []))  # noqa: E731
+    adapted = lambda s: any(adaptation(x) != "none" for x in s.get("settings", [])) or \
+        bool(s.get("balance") or s.get("copies"))  # noqa: E731
     plain = next((s for s in scores if not adapted(s)), None)
     others = [s for s in scores if adapted(s)]
     if plain is not None:
@@ -114,6 +117,7 @@ def run_rows(models_dir) -> list[dict]:
             "local OOD adapted": adapted and adapted["ood_accuracy"],
             "local OOD adapted s.e.": adapted and adapted.get("ood_se"),
             "adapted setting": adapted and ", ".join(adapted.get("settings", [])),
+            "adapted post": adapted and ", ".join(k for k in ("balance", "copies") if adapted.get(k)) or None,
             "unseen OOD": plain and plain.get("unseen_accuracy"),
             "suite": (plain or adapted) and Path((plain or adapted)["ood_dir"]).name,
             "suite role": _role(plain or adapted) if plain or adapted else None,
@@ -208,7 +212,8 @@ def chart_rows(runs: pd.DataFrame, subs: pd.DataFrame) -> pd.DataFrame:
     for _, r in runs.iterrows():
         out.append({"kind": "run", "label": str(r.get("run")) + (
                         f"\n+ {setting_words(r['adapted setting']).split(' + ', 1)[-1]}"
-                        if isinstance(r.get("adapted setting"), str) and r.get("adapted setting") else ""),
+                        if isinstance(r.get("adapted setting"), str) and r.get("adapted setting") else "") + (
+                        f" + {r['adapted post']}" if isinstance(r.get("adapted post"), str) else ""),
                     "local": get(runs, r, "local OOD"), "se": get(runs, r, "local OOD s.e."),
                     "adapted": get(runs, r, "local OOD adapted"),
                     "adapted_se": get(runs, r, "local OOD adapted s.e."),

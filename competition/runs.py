@@ -690,8 +690,10 @@ class RunDir:
         return self.pred_dir(setting) / Path(self.ood_rel(ood, ood.files[0])).parent / "score"
 
     def scores(self) -> list[dict]:
-        """Every local score written for this run (score.json files), newest first."""
-        found = [read_json(p, kind=dict) for p in (self.path / self.PRED).glob(f"*/ood/*/{self.SCORE_JSON}")]
+        """Every local score written for this run, newest first: score.json, and score-balanced.json /
+        score-copies.json (`score RUN --balance / --copies`), whose "balance" / "copies" say so."""
+        stem = Path(self.SCORE_JSON).stem
+        found = [read_json(p, kind=dict) for p in (self.path / self.PRED).glob(f"*/ood/*/{stem}*.json")]
         return sorted((f for f in found if f), key=lambda r: r.get("scored", ""), reverse=True)
 
     def save_oof_ood(self, index: np.ndarray, logits: np.ndarray) -> None:

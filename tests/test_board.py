@@ -167,6 +167,23 @@ def test_adapted_predictions_reach_the_board_once_scored(world, tmp_path):
     assert row["local OOD s.e."] > 0 and not board.unscored(tmp_path / "models")
 
 
+def test_balanced_scores_reach_the_board_beside_the_plain_one(world, tmp_path):
+    """`score RUN --balance` (or --copies) writes score-balanced.json: the board shows it as the
+    run's test-time figure and says which post-processing made it; the plain figure stays plain."""
+    tmp, a, b, suite = world
+    shutil.copytree(tmp / "models", tmp_path / "models")
+    run = tmp_path / "models" / "a"
+    args = ["--models-dir", str(tmp_path / "models"), "--submissions-dir", str(tmp_path / "subs")]
+    plain = json.loads(next(run.rglob("score.json")).read_text())
+    balanced = score.score_target(run, suite, "flip", balance=True, say=lambda *x: None)
+    assert next(run.rglob("score-balanced.json"))
+    runs, _ = board.main(args)
+    row = runs[runs["run"] == "a"].iloc[0]
+    assert row["local OOD"] == pytest.approx(plain["ood_accuracy"])
+    assert row["local OOD adapted"] == pytest.approx(balanced["ood_accuracy"])
+    assert row["adapted post"] == "balance" and row["adapted setting"] == "flip"
+
+
 def test_a_learned_variant_folder_is_hinted_listed_scored_and_drawn(world, tmp_path):
     """pred/flip+tent-all (predict --learn-params all) breaks nothing: the hint for the missing
     setting is a predict command that, run as written, writes it; the board then says how to
