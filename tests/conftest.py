@@ -95,6 +95,17 @@ def tiny_run_copy(tiny_run, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def smooth_images():
+    """12 smooth random 32x32 scenes, uint8: edges and flat regions, as in photographs (white noise
+    would make blur-like or sharpening corruptions meaningless), for the corruption generators' tests."""
+    import cv2
+    import numpy as np
+
+    raw = np.random.default_rng(0).uniform(0, 255, (12, 32, 32, 3)).astype(np.float32)
+    return np.clip(np.stack([cv2.GaussianBlur(im, (0, 0), 2.0) * 2 - 128 for im in raw]), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
 def random_resnet50(tmp_path_factory) -> Path:
     """models.save_random_resnet50's file: a randomly initialised ResNet-50 with the 1000-class
     ImageNet head saved as a plain state dict, the form of a real weights file

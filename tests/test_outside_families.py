@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 
@@ -18,13 +17,9 @@ outside = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(outside)
 
 
-@pytest.fixture(scope="module")
-def images():
-    # Smooth random scenes: edges and flat regions, as in photographs (white noise would make
-    # blur-like or sharpening families meaningless).
-    rng = np.random.default_rng(0)
-    raw = rng.uniform(0, 255, (12, 32, 32, 3)).astype(np.float32)
-    return np.clip(np.stack([cv2.GaussianBlur(im, (0, 0), 2.0) * 2 - 128 for im in raw]), 0, 255).astype(np.uint8)
+@pytest.fixture
+def images(smooth_images):
+    return smooth_images
 
 
 @pytest.mark.parametrize("name", list(outside.FAMILIES))
