@@ -257,9 +257,9 @@ def tent(model: nn.Module, batches, steps: int = 1, lr: float = 1e-3) -> int:
     return learn(model, batches, "tent", steps, lr)
 
 
-def class_entropy(labels: torch.Tensor | "np.ndarray", num_classes: int) -> float:
-    """Entropy (nats) of the predicted-class histogram of a slice: ln C when spread evenly, 0 when
-    every image gets one class."""
+def class_entropy(labels, num_classes: int) -> float:
+    """Entropy (nats) of the predicted-class histogram of a slice (labels: a tensor or an array): ln C
+    when spread evenly, 0 when every image gets one class."""
     counts = torch.bincount(torch.as_tensor(labels).long().flatten(), minlength=num_classes).double()
     p = counts / counts.sum().clamp_min(1)
     return float(-(p * p.clamp_min(1e-12).log()).sum())

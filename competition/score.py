@@ -66,10 +66,10 @@ def held_out_images(dataset: str, path=None, data_dir="data", folds_dir="folds",
     if fold is None and not len(reserve):
         if (dataset, "test") == data.LEADERBOARD_SPLIT and not leaderboard_labels:
             raise CompetitionError(
-                f"a local suite from CIFAR-100's test split would be scored on the leaderboard's own answers (the "
-                f"competition's OOD files are that split, corrupted). Reserve training images to measure on: "
-                f"python -m competition.folds --dataset cifar100 --measure-n 5000 --force (then retrain), or pass "
-                f"--leaderboard-labels to build it anyway (every report then says so)")
+                "a local suite from CIFAR-100's test split would be scored on the leaderboard's own answers (the "
+                "competition's OOD files are that split, corrupted). Reserve training images to measure on: "
+                "python -m competition.folds --dataset cifar100 --measure-n 5000 --force (then retrain), or pass "
+                "--leaderboard-labels to build it anyway (every report then says so)")
         test = data.load(dataset, "test", data_dir, path)
         if test is not None:
             return test.images, test.labels, {**source, "split": "test",

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from competition import board, corruptions, data, ensemble, plots, predict, score, submit, train, tta
+from competition import board, corruptions, data, ensemble, plots, predict, score, submit, train
 from competition.files import CompetitionError
 from competition.runs import RunDir
 from competition.specs import EnsembleSpec, PredictSpec

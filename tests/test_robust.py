@@ -105,7 +105,7 @@ def test_each_corruption_and_severity_checks_its_own_held_out_images():
 
 
 def test_fitting_on_corrupted_oof_is_never_worse_than_the_best_member_there(tmp_path):
-    from competition import data, predict, tta
+    from competition import data, predict
 
     dirs = [f"folds_dir={tmp_path / 'folds'}", f"models_dir={tmp_path / 'models'}"]
     runs = [train.main(TINY + dirs + ["epochs=2", "ood_check=4", f"name=m{i}", f"lr={lr}"])

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from competition import data, ensemble, folds, predict, score, selftrain, train, tta
+from competition import data, ensemble, folds, predict, score, selftrain, train
 from competition.files import CompetitionError
 from competition.runs import RunDir
 from competition.specs import EnsembleSpec, PredictSpec
