@@ -31,7 +31,7 @@ from pathlib import Path
 from competition import folds, models
 from competition.adapt import ADAPTATIONS
 from competition.config import CONFIG_DIR, resolve
-from competition.files import NAME_RULE, CompetitionError, cli
+from competition.files import NAME_RULE, CompetitionError, cli, read_json
 from competition.runs import RunDir
 from competition.specs import train_spec
 
@@ -206,13 +206,25 @@ def plan_from(args) -> Plan:
     name = args.name or f"{dsname}-{preset or 'full'}-p{parts.replace(',', '')}{flip}"
     if not NAME_RULE.fullmatch(name) or name in (".", ".."):  # files.check_name's rule
         raise bad(f"--name '{name}' must be letters, digits and . _ + - (it names files)")
-    return Plan(dataset=args.dataset, data=data, dsname=dsname, parts=[int(x) for x in parts.split(",")],
+    plan = Plan(dataset=args.dataset, data=data, dsname=dsname, parts=[int(x) for x in parts.split(",")],
                 folds=args.folds, k=args.k, preset=preset, weights=_absolute(args.weights),
                 n=args.n if args.n is not None else n, tta=args.tta or tta, adapt=args.tta_adapt,
                 measure_n=args.measure_n if args.measure_n is not None else measure, ood_dir=ood_dir,
                 selftrain=args.selftrain, name=name, run_prefix=args.name, retrain=args.retrain,
                 overwrite=args.overwrite, threads=args.threads, overrides=list(args.overrides), balance=balance,
                 copies=copies)
+    # selftrain refuses to pseudo-label the measure reserve (it would train on what the estimate is
+    # measured on): say so now, not after the training stages have run for an hour
+    target = ROOT / ood_dir if ood_dir else None
+    if args.selftrain and target and ((plan.suite and target.resolve() == (ROOT / plan.suite).resolve()) or
+                                      (target / "suite.json").is_file() and
+                                      (read_json(target / "suite.json", {}, kind=dict) or {}).get("split") == "measure"):
+        raise bad(f"--selftrain would pseudo-label {ood_dir}: the local estimate is measured on those images (the "
+                  f"local suite, or one of the measure reserve). Pseudo-label the competition's files, or a pool of "
+                  f"other images "
+                  f"(python -m competition.score suite --out POOL --fold F ... with F a fold no run holds out), "
+                  f"as --ood-dir")
+    return plan
 
 
 def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:

@@ -64,6 +64,23 @@ def test_bad_arguments(early, monkeypatch, capsys):
         assert e.value.code == 2 and msg in err, (args, err)
 
 
+def test_selftrain_on_the_measured_images_is_refused_before_any_stage(tmp_path, monkeypatch):
+    # selftrain itself refuses to pseudo-label the measure; the pipeline says so before training
+    from competition import pipeline
+    from competition.files import CompetitionError
+
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda *a, **k: pytest.fail(f"a stage ran: {a}"))
+    measure = tmp_path / "measure-suite"
+    measure.mkdir()
+    (measure / "suite.json").write_text('{"split": "measure", "source_rows": [1, 2]}')
+    for ood in (str(pipeline.ROOT / "data" / "ood-local" / "digits-n40"), str(measure)):
+        with pytest.raises(CompetitionError, match="the local estimate is measured on those images"):
+            pipeline.parse(["--selftrain", "1", "--ood-dir", ood, "--dry-run"])
+    (measure / "suite.json").write_text('{"split": "train", "fold": 1, "source_rows": [1, 2]}')  # a pool
+    plan, _ = pipeline.parse(["--selftrain", "1", "--ood-dir", str(measure), "--dry-run"])
+    assert plan.selftrain == 1 and plan.suite == "data/ood-local/digits-n40"
+
+
 def test_the_plan_names_runs_as_train_does():
     # The pipeline asks the package for run folders (config.resolve + runs.run_name): the folder
     # it predicts from is the one train makes, whatever the preset and overrides.
