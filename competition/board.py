@@ -10,8 +10,8 @@ Runs: part, model, fold, seed, epochs, held-out accuracy (plain, and with the TT
 validated), the local OOD estimate +- its standard error (plain, and test-time adapted on the
 same suite: bn, tent, ... as scored by `competition.score --adapt`, and balanced or copies-combined
 predictions as scored by `--balance` / `--copies`, which the column `adapted post` names), the
-mean over the corruption families training did not see, training time and the commit that trained it, and the role of
-the images each local figure is on (`measure`, or `choose` when a suite was built from a
+mean over the corruption families training did not see, training time and the commit that trained
+it, and the role of the images each local figure is on (`measure`, or `choose` when a suite was built from a
 held-out fold: optimistic). Runs not scored (or not predicted) yet show `-`; adapted settings
 predicted on a suite but not scored there are listed under the tables with the command that
 scores them; a broken run folder or sidecar is flagged in its row, instead of stopping the board.

@@ -216,14 +216,14 @@ def plan_from(args) -> Plan:
     # selftrain refuses to pseudo-label the measure reserve (it would train on what the estimate is
     # measured on): say so now, not after the training stages have run for an hour
     target = ROOT / ood_dir if ood_dir else None
-    if args.selftrain and target and ((plan.suite and target.resolve() == (ROOT / plan.suite).resolve()) or
-                                      (target / "suite.json").is_file() and
-                                      (read_json(target / "suite.json", {}, kind=dict) or {}).get("split") == "measure"):
+    measured = target is not None and (
+        bool(plan.suite) and target.resolve() == (ROOT / plan.suite).resolve()
+        or (read_json(target / "suite.json", {}, kind=dict) or {}).get("split") == "measure")
+    if args.selftrain and measured:
         raise bad(f"--selftrain would pseudo-label {ood_dir}: the local estimate is measured on those images (the "
                   f"local suite, or one of the measure reserve). Pseudo-label the competition's files, or a pool of "
-                  f"other images "
-                  f"(python -m competition.score suite --out POOL --fold F ... with F a fold no run holds out), "
-                  f"as --ood-dir")
+                  f"other images (python -m competition.score suite --out POOL --fold F ... with F a fold no run "
+                  f"holds out) as --ood-dir")
     return plan
 
 
