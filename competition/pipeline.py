@@ -224,6 +224,16 @@ def plan_from(args) -> Plan:
                   f"local suite, or one of the measure reserve). Pseudo-label the competition's files, or a pool of "
                   f"other images (python -m competition.score suite --out POOL --fold F ... with F a fold no run "
                   f"holds out) as --ood-dir")
+    # an earlier submission of this name for other files: ensemble would refuse to replace it, after the
+    # prediction stages; say so before them
+    made = read_json(ROOT / "submissions" / f"{name}.json", {}, kind=dict) or {} \
+        if (ROOT / "submissions" / f"{name}.csv").is_file() else {}
+    goal = ROOT / (plan.ood_dir or plan.suite) if plan.ood_dir or plan.suite else None
+    if made.get("ood_dir") and goal and not args.overwrite and \
+            (ROOT / made["ood_dir"]).resolve() != goal.resolve():
+        raise bad(f"submissions/{name}.json is a submission for {made['ood_dir']}, and this one would be for "
+                  f"{goal}: pass --overwrite to replace it, or --name for another (--name also names the runs, "
+                  f"which are then trained anew)")
     return plan
 
 

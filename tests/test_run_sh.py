@@ -81,6 +81,23 @@ def test_selftrain_on_the_measured_images_is_refused_before_any_stage(tmp_path, 
     assert plan.selftrain == 1 and plan.suite == "data/ood-local/digits-n40"
 
 
+def test_a_submission_for_other_files_is_refused_before_any_stage(tmp_path, monkeypatch):
+    # ensemble refuses to replace a submission made for other OOD files; the pipeline says so first
+    from competition import pipeline
+    from competition.files import CompetitionError
+
+    monkeypatch.setattr(pipeline, "ROOT", tmp_path)
+    (tmp_path / "submissions").mkdir()
+    (tmp_path / "submissions" / "digits-demo-p12.json").write_text('{"ood_dir": "/elsewhere/ood"}')
+    assert pipeline.parse(["--dry-run"])[0]  # a JSON without its CSV: an interrupted write, which ensemble redoes
+    (tmp_path / "submissions" / "digits-demo-p12.csv").write_text("id,label\n")
+    with pytest.raises(CompetitionError, match="submission for /elsewhere/ood.*--overwrite"):
+        pipeline.parse(["--dry-run"])
+    assert pipeline.parse(["--dry-run", "--overwrite"])[0].overwrite
+    (tmp_path / "submissions" / "digits-demo-p12.json").write_text('{"ood_dir": "data/ood-local/digits-n40"}')
+    assert pipeline.parse(["--dry-run"])[0].suite == "data/ood-local/digits-n40"  # the same files: a rerun
+
+
 def test_the_plan_names_runs_as_train_does():
     # The pipeline asks the package for run folders (config.resolve + runs.run_name): the folder
     # it predicts from is the one train makes, whatever the preset and overrides.
