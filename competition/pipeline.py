@@ -213,28 +213,31 @@ def plan_from(args) -> Plan:
                 selftrain=args.selftrain, name=name, run_prefix=args.name, retrain=args.retrain,
                 overwrite=args.overwrite, threads=args.threads, overrides=list(args.overrides), balance=balance,
                 copies=copies)
-    # selftrain refuses to pseudo-label the measure reserve (it would train on what the estimate is
-    # measured on): say so now, not after the training stages have run for an hour
-    target = ROOT / ood_dir if ood_dir else None
+    refuse_early(plan)
+    return plan
+
+
+def refuse_early(plan: Plan) -> None:
+    """What a later stage would refuse, said when the plan is made rather than after an hour of training:
+    self-training on the images the local estimate is measured on (selftrain refuses the measure), and
+    a submission of this name already made for other OOD files (ensemble refuses to replace it)."""
+    bad = lambda msg: CompetitionError(f"pipeline: {msg}")  # noqa: E731
+    target = ROOT / plan.ood_dir if plan.ood_dir else None
     measured = target is not None and (
         bool(plan.suite) and target.resolve() == (ROOT / plan.suite).resolve()
         or (read_json(target / "suite.json", {}, kind=dict) or {}).get("split") == "measure")
-    if args.selftrain and measured:
-        raise bad(f"--selftrain would pseudo-label {ood_dir}: the local estimate is measured on those images (the "
-                  f"local suite, or one of the measure reserve). Pseudo-label the competition's files, or a pool of "
-                  f"other images (python -m competition.score suite --out POOL --fold F ... with F a fold no run "
-                  f"holds out) as --ood-dir")
-    # an earlier submission of this name for other files: ensemble would refuse to replace it, after the
-    # prediction stages; say so before them
-    made = read_json(ROOT / "submissions" / f"{name}.json", {}, kind=dict) or {} \
-        if (ROOT / "submissions" / f"{name}.csv").is_file() else {}
+    if plan.selftrain and measured:
+        raise bad(f"--selftrain would pseudo-label {plan.ood_dir}: the local estimate is measured on those images "
+                  f"(the local suite, or one of the measure reserve). Pseudo-label the competition's files, or a "
+                  f"pool of other images (python -m competition.score suite --out POOL --fold F ... with F a fold "
+                  f"no run holds out) as --ood-dir")
+    sub = ROOT / "submissions" / plan.name
+    made = (read_json(Path(f"{sub}.json"), {}, kind=dict) or {}) if Path(f"{sub}.csv").is_file() else {}
     goal = ROOT / (plan.ood_dir or plan.suite) if plan.ood_dir or plan.suite else None
-    if made.get("ood_dir") and goal and not args.overwrite and \
-            (ROOT / made["ood_dir"]).resolve() != goal.resolve():
-        raise bad(f"submissions/{name}.json is a submission for {made['ood_dir']}, and this one would be for "
+    if made.get("ood_dir") and goal and not plan.overwrite and (ROOT / made["ood_dir"]).resolve() != goal.resolve():
+        raise bad(f"submissions/{plan.name}.json is a submission for {made['ood_dir']}, and this one would be for "
                   f"{goal}: pass --overwrite to replace it, or --name for another (--name also names the runs, "
                   f"which are then trained anew)")
-    return plan
 
 
 def steps(plan: Plan) -> tuple[list[tuple[str, list[str]]], str]:
